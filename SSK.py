@@ -1,0 +1,432 @@
+#!/usr/bin/env python3
+"""Semi-supervised k-means on extracted features: step 3 of train -> extract -> SSK (spec sections 1, 9, 10).
+
+Reads ``<save_dir>/<experiment_idx>/features_{train,test}.pt`` (or computes them in memory with
+``--checkpoint_weights``), clusters the training features and writes to ``<save_dir>/<experiment>/``:
+``ssk_results.json``, ``ssk_predictions.pt``, ``ss_kmeans_cluster_centres.pt`` and ``tsne_test.png``.
+
+Protocols (``--ssk-protocol``):
+- ``gcd`` (default, headline): SS-k-means on all training features with labelled points pinned, scored on the
+  unlabelled training images D_U; the test split is assigned to the nearest centre and scored with its own matching.
+- ``reference``: plain k-means on all training features, scored over all training images (the reference's SSK).
+
+    python SSK.py --save_dir results --experiment_idx run --K 100
+    torchrun --nproc_per_node=2 SSK.py --save_dir results --experiment_idx run
+
+Under torchrun every rank clusters a contiguous block of the rows; the result equals the single-process run up to
+float summation order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pickle
+import sys
+import time
+import zipfile
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+from trainer.args import add_compat_args, add_data_args, add_model_args, add_runtime_args, log_ignored_flags
+from utils.checkpoint import atomic_save, atomic_write_text
+from utils.config import parse_args_with_config
+from utils.distributed import all_gather_variable, cleanup, get_rank, get_world_size, init_distributed, is_primary
+from utils.kmeans import KMeansResult, assign_to_centres, contiguous_shard, kmeans, semi_supervised_kmeans
+from utils.logging import setup_logging
+from utils.metrics import MetricVariant, evaluate_clustering
+
+logger = logging.getLogger("SSK")
+
+SPLITS = ("train", "test")
+FEATURE_KEYS = ("features", "labels", "uq_idx", "known_mask", "labelled_mask")
+META_KEYS = ("num_classes", "num_known")
+CENTRES_FILE = "ss_kmeans_cluster_centres.pt"
+RESULTS_FILE = "ssk_results.json"
+PREDICTIONS_FILE = "ssk_predictions.pt"
+TSNE_FILE = "tsne_test.png"
+EVAL_FUNCS = (MetricVariant.V2, MetricVariant.V1, MetricVariant.V2_BALANCED)
+
+
+class Protocol(str, Enum):
+    """Which points are clustered and scored (spec section 1)."""
+
+    GCD = "gcd"
+    REFERENCE = "reference"
+
+
+class SSKInputError(ValueError):
+    """Features, centres or flags that SSK cannot use."""
+
+
+class MissingInputError(FileNotFoundError):
+    """A features or centres file that SSK needs does not exist."""
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The SSK parser; the dataset and model groups matter only when features are computed in memory."""
+    parser = argparse.ArgumentParser(
+        "FaceGCD semi-supervised k-means",
+        add_help=add_help,
+        epilog="Dataset and model flags are used only with --checkpoint_weights (features computed in memory).",
+    )
+    add_data_args(parser)
+    add_model_args(parser)
+    add_runtime_args(parser)
+    group = parser.add_argument_group("Features")
+    group.add_argument(
+        "--save_dir",
+        "--save-dir",
+        dest="save_dir",
+        default="results",
+        help="root of the feature and result folders (default: results)",
+    )
+    group.add_argument(
+        "--experiment_idx",
+        "--experiment-idx",
+        dest="experiment_idx",
+        default="",
+        help="folder under --save_dir holding features_{train,test}.pt (default: --experiment)",
+    )
+    group.add_argument(
+        "--checkpoint_weights",
+        "--checkpoint-weights",
+        dest="checkpoint_weights",
+        default=None,
+        help="compute missing features in memory with this checkpoint (as extract_features.py does)",
+    )
+    group = parser.add_argument_group("SS-k-means")
+    group.add_argument(
+        "--K",
+        type=int,
+        default=None,
+        help="number of clusters (default: the number of identities stored in the features)",
+    )
+    group.add_argument(
+        "--max_kmeans_iter",
+        "--max-kmeans-iter",
+        dest="max_kmeans_iter",
+        type=int,
+        default=500,
+        help="Lloyd iteration cap per restart (default: 500)",
+    )
+    group.add_argument(
+        "--k_means_init",
+        "--k-means-init",
+        dest="k_means_init",
+        type=int,
+        default=10,
+        help="k-means++ restarts; the lowest inertia wins (default: 10)",
+    )
+    group.add_argument(
+        "--tol", type=float, default=1e-4, help="stop when (sum of centre shifts)^2 < tol (default: 1e-4)"
+    )
+    group.add_argument(
+        "--ssk-protocol",
+        "--ssk_protocol",
+        dest="ssk_protocol",
+        default=Protocol.GCD.value,
+        choices=[p.value for p in Protocol],
+        help="gcd: SS-k-means scored on D_U; reference: plain k-means scored on all train images (default: gcd)",
+    )
+    group.add_argument(
+        "--ssk_mode",
+        "--ssk-mode",
+        dest="ssk_mode",
+        default="train",
+        choices=("train", "test"),
+        help=f"test: start one Lloyd run from <save_dir>/<experiment>/{CENTRES_FILE} (default: train)",
+    )
+    group.add_argument(
+        "--no-plots", "--no_plots", dest="no_plots", action="store_true", help=f"skip the t-SNE figure {TSNE_FILE}"
+    )
+    add_compat_args(parser)
+    return parser
+
+
+def _torch_load(path: Path, what: str) -> object:
+    """``torch.load(weights_only=True)`` on CPU; an unreadable file becomes one ``SSKInputError``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise SSKInputError(f"cannot read {what} {path}: {type(err).__name__}: {err}") from err
+
+
+def _load_split(path: Path) -> dict:
+    payload = _torch_load(path, "features file")
+    if not isinstance(payload, dict):
+        raise SSKInputError(f"features file {path} holds a {type(payload).__name__}, expected a dict")
+    return payload
+
+
+def validate_split(payload: dict, source: str) -> dict:
+    """Check one split's dict (keys, dtypes, equal lengths, finite features, meta) and return it.
+
+    Args:
+        payload: ``{"features", "labels", "uq_idx", "known_mask", "labelled_mask", "meta"}``.
+        source: where it came from, for error messages.
+
+    Returns:
+        The same dict, features as float32.
+    """
+    missing = [k for k in (*FEATURE_KEYS, "meta") if k not in payload]
+    if missing:
+        raise SSKInputError(f"{source} lacks the key(s) {', '.join(missing)}; expected {', '.join(FEATURE_KEYS)}, meta")
+    feats = payload["features"]
+    if not isinstance(feats, torch.Tensor) or feats.ndim != 2 or not feats.is_floating_point():
+        raise SSKInputError(f"{source}: 'features' must be a 2-D float tensor (N, D)")
+    n = feats.shape[0]
+    if n == 0:
+        raise SSKInputError(f"{source}: 'features' has no row")
+    lengths = {k: (len(payload[k]) if isinstance(payload[k], torch.Tensor) else None) for k in FEATURE_KEYS}
+    if any(length != n for length in lengths.values()):
+        found = ", ".join(f"{k} {v}" for k, v in lengths.items())
+        raise SSKInputError(f"{source}: mismatched lengths ({found}); every key must have one entry per image")
+    for key, want_bool in (("labels", False), ("uq_idx", False), ("known_mask", True), ("labelled_mask", True)):
+        tensor = payload[key]
+        ok = tensor.dtype == torch.bool if want_bool else not (tensor.is_floating_point() or tensor.dtype == torch.bool)
+        if not ok or tensor.ndim != 1:
+            kind = "bool" if want_bool else "integer"
+            raise SSKInputError(
+                f"{source}: '{key}' must be a 1-D {kind} tensor, got {tensor.dtype} {tuple(tensor.shape)}"
+            )
+    bad = int((~torch.isfinite(feats)).any(dim=1).sum())
+    if bad:
+        raise SSKInputError(f"{source}: 'features' has NaN or infinite values in {bad} of {n} rows")
+    meta = payload["meta"]
+    if not isinstance(meta, dict) or any(k not in meta for k in META_KEYS):
+        raise SSKInputError(f"{source}: 'meta' must be a dict with {', '.join(META_KEYS)}")
+    payload["features"] = feats.float()
+    return payload
+
+
+def _extraction_hint(args: argparse.Namespace, folder: str) -> str:
+    return (
+        f"extract them first: torchrun --nproc_per_node=<GPUs> extract_features.py --dataset {args.dataset} "
+        f"--data-path <DATA> --checkpoint_weights <model_best.pth.tar> --save_dir {args.save_dir} "
+        f"--experiment {folder}, or pass --checkpoint_weights to SSK.py to compute them in memory"
+    )
+
+
+def _compute_features(args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
+    """Features of both splits from ``--checkpoint_weights`` via ``extract_features.compute_split_features``."""
+    import extract_features  # lazy: pulls in the model stack, needed only here
+
+    defaults = vars(extract_features.get_args_parser(add_help=False).parse_args([]))
+    merged = argparse.Namespace(**(defaults | {k: v for k, v in vars(args).items() if k in defaults}))
+    logger.info("computing features in memory with %s", args.checkpoint_weights)
+    return extract_features.compute_split_features(merged, device)
+
+
+def load_features(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, dict], dict[str, str]]:
+    """Both splits from ``<save_dir>/<experiment_idx>/`` (computed in memory when missing and a checkpoint is given).
+
+    Returns:
+        ``({"train": payload, "test": payload}, {"train": source, "test": source})``.
+    """
+    folder = args.experiment_idx or args.experiment
+    paths = {split: Path(args.save_dir) / folder / f"features_{split}.pt" for split in SPLITS}
+    missing = [p for p in paths.values() if not p.is_file()]
+    if missing and args.checkpoint_weights:
+        splits = _compute_features(args, device)
+        sources = {split: f"features computed from {args.checkpoint_weights} ({split})" for split in SPLITS}
+    elif missing:
+        raise MissingInputError(f"features file {missing[0]} not found; {_extraction_hint(args, folder)}")
+    else:
+        splits = {split: _load_split(path) for split, path in paths.items()}
+        sources = {split: str(path) for split, path in paths.items()}
+    splits = {split: validate_split(splits[split], sources[split]) for split in SPLITS}
+    train_dim, test_dim = splits["train"]["features"].shape[1], splits["test"]["features"].shape[1]
+    if train_dim != test_dim:
+        raise SSKInputError(
+            f"feature widths differ: {sources['train']} has D={train_dim}, {sources['test']} D={test_dim}"
+        )
+    stored = splits["train"]["meta"].get("dataset")
+    if stored is not None and args.dataset and str(stored).lower() != str(args.dataset).lower():
+        logger.warning("--dataset %s differs from the features' dataset %s; using the features", args.dataset, stored)
+    return splits, sources
+
+
+def _gather_rows(local: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Concatenate every rank's contiguous block, in rank order (the original row order), on CPU."""
+    return torch.cat(all_gather_variable(local.to(device))).cpu()
+
+
+def cluster_train(
+    args: argparse.Namespace, train: dict, k: int, init_centres: torch.Tensor | None, device: torch.device
+) -> tuple[KMeansResult, torch.Tensor]:
+    """Run (SS-)k-means on this rank's block of the training features.
+
+    Returns:
+        The k-means result and the cluster of every training row (all ranks gathered).
+    """
+    rows = contiguous_shard(train["features"].shape[0])
+    common = dict(
+        n_init=args.k_means_init,
+        max_iter=args.max_kmeans_iter,
+        tol=args.tol,
+        seed=args.seed,
+        init_centres=init_centres,
+        device=device,
+    )
+    if args.ssk_protocol == Protocol.GCD.value:
+        result = semi_supervised_kmeans(
+            train["features"][rows], k, train["labels"][rows], train["labelled_mask"][rows], **common
+        )
+    else:
+        result = kmeans(train["features"][rows], k, **common)
+    return result, _gather_rows(result.labels, device)
+
+
+def _format_acc(value: float | None) -> str:
+    return "  n/a " if value is None else f"{value:.4f}"
+
+
+def report(results: dict, protocol: Protocol) -> str:
+    """Result table and reference-style lines ("SS-K-Means Train ACC Unlabelled_v2: All a | Old o | New n")."""
+    prefix = "SS-K-Means" if protocol is Protocol.GCD else "K-Means"
+    train_name = "Train ACC Unlabelled" if protocol is Protocol.GCD else "Train ACC All"
+    lines = [f"{'set':<24}{'metric':<8}{'All':>8}{'Old':>8}{'New':>8}"]
+    reference_lines = []
+    for key, name in (("train", train_name), ("test", "Test ACC")):
+        block = results[key]
+        for variant in EVAL_FUNCS:
+            acc = block[variant.value]
+            label = f"{key} ({block['set']}, n={block['num_samples']})"
+            lines.append(
+                f"{label:<24}{variant.value:<8}" + "".join(f"{_format_acc(acc[s]):>8}" for s in ("all", "old", "new"))
+            )
+            reference_lines.append(
+                f"{prefix} {name}_{variant.value}: All {_format_acc(acc['all'])} | "
+                f"Old {_format_acc(acc['old'])} | New {_format_acc(acc['new'])}"
+            )
+    return "\n".join(lines + [""] + reference_lines)
+
+
+def _score(labels: torch.Tensor, pred: torch.Tensor, known: torch.Tensor, name: str) -> dict:
+    scores = evaluate_clustering(labels, pred, known, EVAL_FUNCS)
+    return {"set": name, "num_samples": int(labels.numel()), **scores}
+
+
+def _plain(value):
+    """JSON-friendly copy of argument values."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def run(args: argparse.Namespace, device: torch.device) -> dict:
+    """Load, cluster, score and (rank 0) write; returns the results dict."""
+    start = time.perf_counter()
+    protocol = Protocol(args.ssk_protocol)
+    if not (args.experiment_idx or args.experiment):
+        raise SSKInputError("give --experiment_idx (the folder under --save_dir holding the features)")
+    out_dir = Path(args.save_dir) / (args.experiment or args.experiment_idx)
+    splits, sources = load_features(args, device)
+    train, test = splits["train"], splits["test"]
+    meta = train["meta"]
+    k = args.K if args.K is not None else int(meta["num_classes"])
+    num_labelled_classes = int(torch.unique(train["labels"][train["labelled_mask"]]).numel())
+    if k < 1:
+        raise SSKInputError(f"--K {k}: need at least one cluster")
+    if protocol is Protocol.GCD and k < num_labelled_classes:
+        raise SSKInputError(
+            f"--K {k} is smaller than the number of labelled classes M={num_labelled_classes} in "
+            f"{sources['train']}; need K >= M"
+        )
+    if k > train["features"].shape[0]:
+        raise SSKInputError(f"--K {k} exceeds the number of training images ({train['features'].shape[0]})")
+    init_centres = None
+    if args.ssk_mode == "test":
+        centres_path = out_dir / CENTRES_FILE
+        if not centres_path.is_file():
+            raise MissingInputError(f"--ssk_mode test needs {centres_path}; run SSK.py with --ssk_mode train first")
+        init_centres = _torch_load(centres_path, "centres file")
+        if not isinstance(init_centres, torch.Tensor) or init_centres.shape != (k, train["features"].shape[1]):
+            raise SSKInputError(f"{centres_path} must hold a ({k}, {train['features'].shape[1]}) tensor for --K {k}")
+    logger.info(
+        "%s protocol: K=%d, M=%d, %d train / %d test images, world size %d",
+        protocol.value,
+        k,
+        num_labelled_classes,
+        train["features"].shape[0],
+        test["features"].shape[0],
+        get_world_size(),
+    )
+
+    result, train_pred = cluster_train(args, train, k, init_centres, device)
+    test_rows = contiguous_shard(test["features"].shape[0])
+    test_pred = _gather_rows(assign_to_centres(test["features"][test_rows], result.centres, device=device), device)
+    if not is_primary():
+        return {}
+
+    scored = ~train["labelled_mask"] if protocol is Protocol.GCD else torch.ones_like(train["labelled_mask"])
+    results = {
+        "protocol": protocol.value,
+        "mode": args.ssk_mode,
+        "dataset": meta.get("dataset"),
+        "K": k,
+        "M": num_labelled_classes,
+        "n_init": args.k_means_init,
+        "max_iter": args.max_kmeans_iter,
+        "tol": args.tol,
+        "seed": args.seed,
+        "world_size": get_world_size(),
+        "device": str(device),
+        "inertia": result.inertia,
+        "iterations": result.n_iter,
+        "best_restart": result.best_restart,
+        "restart_inertia": result.restart_inertia,
+        "train": _score(
+            train["labels"][scored],
+            train_pred[scored],
+            train["known_mask"][scored],
+            "unlabelled" if protocol is Protocol.GCD else "all",
+        ),
+        "test": _score(test["labels"], test_pred, test["known_mask"], "test"),
+        "features": sources,
+        "args": {k_: _plain(v) for k_, v in vars(args).items()},
+        "seconds": time.perf_counter() - start,
+    }
+    print(report(results, protocol), flush=True)
+    predictions = {
+        "uq_idx": torch.cat([train["uq_idx"], test["uq_idx"]]).long(),
+        "split": torch.cat(
+            [torch.zeros(len(train_pred), dtype=torch.long), torch.ones(len(test_pred), dtype=torch.long)]
+        ),
+        "split_names": list(SPLITS),
+        "label": torch.cat([train["labels"], test["labels"]]).long(),
+        "cluster": torch.cat([train_pred, test_pred]),
+        "labelled": torch.cat([train["labelled_mask"], test["labelled_mask"]]),
+    }
+    atomic_save(result.centres, out_dir / CENTRES_FILE)
+    atomic_save(predictions, out_dir / PREDICTIONS_FILE)
+    atomic_write_text(out_dir / RESULTS_FILE, json.dumps(results, indent=2))
+    if not args.no_plots:
+        from utils.plots import plot_tsne  # lazy: sklearn's t-SNE and matplotlib
+
+        plot_tsne(test["features"], test["known_mask"], out_dir / TSNE_FILE, seed=args.seed)
+    logger.info("wrote %s, %s, %s to %s", RESULTS_FILE, PREDICTIONS_FILE, CENTRES_FILE, out_dir)
+    return results
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run SSK; bad input ends with one error message and exit code 2."""
+    device = init_distributed(args.device)
+    setup_logging(rank=get_rank())
+    log_ignored_flags(args)
+    try:
+        run(args, device)
+    except (SSKInputError, MissingInputError) as err:
+        logger.error("%s", err)
+        return 2
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args_with_config(get_args_parser())))

@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""Embeddings of every train and test image of a benchmark with a trained FaceGCD checkpoint (spec section 9).
+
+Writes ``<save_dir>/<experiment>/features_{train,test}.pt`` (L2-normalised CLS features of the prefixed backbone,
+fixed evaluation prompt, rows in ``uq_idx`` order, no padded duplicates) and ``extraction.json``.
+
+    python extract_features.py --dataset synthfaces_tiny --checkpoint_weights output/train/run/model_best.pth.tar \
+        --save_dir results --experiment run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from model.facegcd import ModelConfig, build_facegcd, infer_model_config
+from trainer.args import (
+    add_compat_args,
+    add_data_args,
+    add_model_args,
+    add_runtime_args,
+    image_size_from_args,
+    log_ignored_flags,
+)
+from trainer.data import load_datasets
+from trainer.features import embed_dataset
+from trainer.precision import resolve_precision
+from utils.checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from utils.config import parse_args_with_config
+from utils.distributed import cleanup, get_rank, get_world_size, init_distributed, is_primary
+from utils.logging import setup_logging
+
+logger = logging.getLogger("extract_features")
+
+# Command-line flags that describe the architecture; the checkpoint's model_config wins over them.
+ARCH_FLAGS = {"arch": "arch", "patch_size": "patch_size", "prefix_length": "prefix_length",
+              "layer_embed": "layer_embed", "initializer": "initializer", "head_out_dim": "head_out_dim"}
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The extraction parser (its data, model and runtime groups are the training ones)."""
+    parser = argparse.ArgumentParser("FaceGCD feature extraction", add_help=add_help)
+    parser.add_argument("-c", "--config", default="", help="YAML file whose keys set parser defaults")
+    add_data_args(parser)
+    add_model_args(parser)
+    add_runtime_args(parser)
+    group = parser.add_argument_group("Extraction")
+    group.add_argument("--checkpoint_weights", "--checkpoint-weights", dest="checkpoint_weights", default=None,
+                       help="trained checkpoint (model_best.pth.tar); without it the untrained model is used")
+    group.add_argument("--save_dir", "--save-dir", dest="save_dir", default="results",
+                       help="output root; features go to <save_dir>/<experiment>/ (default: results)")
+    group.add_argument("--landmark_cnn", "--landmark-cnn", dest="landmark_cnn", action="store_true",
+                       help="landmark front end; the checkpoint's model_config decides (spec section 9)")
+    group.add_argument("--features", choices=("model", "pixels"), default="model",
+                       help="model = prefixed-backbone CLS; pixels = raw-pixel baseline (16x16 RGB) (default: model)")
+    group.add_argument("--save-images", action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("--unsafe-load", action="store_true",
+                       help="load checkpoints with weights_only=False (only for files you trust)")
+    add_compat_args(parser)
+    return parser
+
+
+def _cli_model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(arch=args.arch, patch_size=args.patch_size, img_size=image_size_from_args(args),
+                       prefix_length=args.prefix_length, layer_embed=args.layer_embed, initializer=args.initializer,
+                       head_out_dim=args.head_out_dim, grad_from_block=args.grad_from_block,
+                       eval_prompt=args.eval_prompt, seed=args.seed)
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, ModelConfig, dict]:
+    """Build the model from ``--checkpoint_weights`` (its ``model_config`` wins over disagreeing flags).
+
+    Returns:
+        The model in eval mode, its config and a description of where it came from.
+    """
+    cli_config = _cli_model_config(args)
+    if not args.checkpoint_weights:
+        logger.warning("no --checkpoint_weights: extracting with the untrained model (a baseline)")
+        model = build_facegcd(cli_config, pretrained_weights=args.pretrained_weights,
+                              checkpoint_key=args.checkpoint_key)
+        return model.to(device).eval(), cli_config, {"checkpoint": None}
+    ckpt = load_checkpoint(args.checkpoint_weights, weights_only=not args.unsafe_load)
+    state_dict = ckpt.get("state_dict", ckpt)
+    if "model_config" in ckpt:
+        config = ModelConfig.from_dict(ckpt["model_config"])
+    else:
+        config = infer_model_config(state_dict, cli_config)
+    defaults = get_args_parser(add_help=False).parse_args([])
+    for flag, field in ARCH_FLAGS.items():
+        given, stored = getattr(args, flag), getattr(config, field)
+        if given != getattr(defaults, flag) and given != stored:
+            logger.warning("--%s %s disagrees with the checkpoint's %s; the checkpoint wins", flag, given, stored)
+    if args.landmark_cnn:
+        logger.warning("--landmark_cnn: this checkpoint has no landmark front end; extracting without it")
+    has_conditioner = any(key.startswith("conditioner.") for key in state_dict)
+    pretrained = None if has_conditioner or config.prefix_length == 0 else args.pretrained_weights
+    model = build_facegcd(config, pretrained_weights=pretrained, checkpoint_key=args.checkpoint_key)
+    model.load_model_state(state_dict, allow_missing_conditioner=pretrained is not None)
+    source = {"checkpoint": str(args.checkpoint_weights), "epoch": ckpt.get("epoch")}
+    return model.to(device).eval(), config, source
+
+
+def pixel_features(images: torch.Tensor, side: int = 16) -> torch.Tensor:
+    """Raw-pixel baseline: the normalised image average-pooled to side x side, flattened, L2-normalised."""
+    pooled = torch.nn.functional.adaptive_avg_pool2d(images.float(), side).flatten(1)
+    return torch.nn.functional.normalize(pooled, dim=1)
+
+
+def compute_split_features(args: argparse.Namespace, device: torch.device | None = None) -> dict[str, dict]:
+    """Features of the train and test splits, in the format ``extract_features.py`` writes.
+
+    Returns:
+        ``{"train": {...}, "test": {...}}``; every rank returns the full, gathered splits.
+    """
+    device = device if device is not None else init_distributed(args.device)
+    precision = resolve_precision(args.amp, args.amp_impl, args.amp_dtype, device)
+    if args.features == "pixels":
+        image_size = image_size_from_args(args)
+        embed_fn, config, source = pixel_features, None, {"checkpoint": None}
+    else:
+        model, config, source = load_model(args, device)
+        image_size, embed_fn = config.img_size, model.extract_features
+    datasets = load_datasets(args, image_size)
+    splits = {"train": datasets.train_eval, "test": datasets.test_eval}
+    out: dict[str, dict] = {}
+    for split, dataset in splits.items():
+        start = time.perf_counter()
+        feats = embed_dataset(embed_fn, dataset, device=device, batch_size=args.batch_size,
+                              num_workers=args.workers, autocast=precision.autocast(), desc=f"extract {split}")
+        labelled = datasets.labelled_mask[feats.uq_idx] if split == "train" else torch.zeros_like(feats.labels,
+                                                                                                   dtype=torch.bool)
+        out[split] = {
+            "features": feats.features.float().contiguous(),
+            "labels": feats.labels,
+            "uq_idx": feats.uq_idx,
+            "known_mask": feats.labels < datasets.num_known,
+            "labelled_mask": labelled,
+            "meta": {
+                "dataset": args.dataset,
+                "split": split,
+                "seed": args.seed,
+                "prop_train_labels": args.prop_train_labels,
+                "num_known": datasets.num_known,
+                "num_classes": datasets.num_classes,
+                "checkpoint": source["checkpoint"],
+                "features": args.features,
+                "model_config": dataclasses.asdict(config) if config is not None else None,
+                "precision": precision.describe(),
+                "world_size": get_world_size(),
+                "seconds": time.perf_counter() - start,
+            },
+        }
+        logger.info("%s: %d x %d features", split, *out[split]["features"].shape)
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    """Extract and write the features; returns the exit code."""
+    device = init_distributed(args.device)
+    save_dir = Path(args.save_dir) / (args.experiment or "features")
+    setup_logging(save_dir if is_primary() else None, rank=get_rank())
+    log_ignored_flags(args)
+    features = compute_split_features(args, device)
+    if is_primary():
+        for split, payload in features.items():
+            atomic_save(payload, save_dir / f"features_{split}.pt")
+        description = {split: {k: v for k, v in payload["meta"].items()} | {"rows": len(payload["uq_idx"])}
+                       for split, payload in features.items()}
+        atomic_write_text(save_dir / "extraction.json", json.dumps(description, indent=2, default=str))
+        logger.info("wrote %s", ", ".join(str(save_dir / f"features_{s}.pt") for s in features))
+    cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args_with_config(get_args_parser())))

@@ -1,0 +1,192 @@
+"""Tests for data_loader/synthface.py: determinism, layout, landmarks, presets, CLI and difficulty."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_loader.synthface import (
+    GENERATOR_VERSION,
+    LANDMARK_COLUMNS,
+    SYNTH_PRESETS,
+    ensure_synthfaces,
+    generate_synthfaces,
+    get_args_parser,
+    main,
+    pixel_nearest_neighbour_accuracy,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SMALL = dict(ids=3, train_per_id=3, test_per_id=2, size=112)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _landmarks(root: Path) -> list[dict[str, str]]:
+    with open(root / "landmarks.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_same_seed_gives_identical_bytes_whatever_the_worker_count(tmp_path):
+    generate_synthfaces(tmp_path / "a", seed=5, workers=1, progress=False, **SMALL)
+    generate_synthfaces(tmp_path / "b", seed=5, workers=2, progress=False, **SMALL)
+    generate_synthfaces(tmp_path / "c", seed=6, workers=1, progress=False, **SMALL)
+    a, b, c = (_files(tmp_path / name) for name in "abc")
+    assert a == b
+    assert set(a) == set(c)
+    jpgs = [name for name in a if name.endswith(".jpg")]
+    assert len(jpgs) == 15
+    assert all(a[name] != c[name] for name in jpgs)
+
+
+def test_identity_images_do_not_depend_on_the_number_of_identities(tmp_path):
+    generate_synthfaces(tmp_path / "few", ids=2, train_per_id=2, test_per_id=1, seed=3, progress=False)
+    generate_synthfaces(tmp_path / "more", ids=5, train_per_id=2, test_per_id=1, seed=3, progress=False)
+    few, more = _files(tmp_path / "few"), _files(tmp_path / "more")
+    for name, data in few.items():
+        if name.endswith(".jpg"):
+            assert more[name] == data
+
+
+def test_layout_landmarks_and_meta(tmp_path):
+    root = tmp_path / "tiny"
+    params = SYNTH_PRESETS["synthfaces_tiny"]
+    meta = generate_synthfaces(root, progress=False, **params)
+    ids, n_train, n_test, size = params["ids"], params["train_per_id"], params["test_per_id"], params["size"]
+    names = [f"id_{i:04d}" for i in range(ids)]
+    for split, count in (("train", n_train), ("test", n_test)):
+        assert sorted(p.name for p in (root / split).iterdir()) == names
+        for name in names:
+            files = sorted(p.name for p in (root / split / name).iterdir())
+            assert files == [f"{i:03d}.jpg" for i in range(count)]
+    with Image.open(root / "test" / names[-1] / "001.jpg") as img:
+        assert img.format == "JPEG" and img.mode == "RGB" and img.size == (size, size)
+
+    rows = _landmarks(root)
+    assert list(rows[0]) == ["split", "identity", "file", *LANDMARK_COLUMNS]
+    assert len(rows) == ids * (n_train + n_test)
+    assert {(r["split"], r["identity"], r["file"]) for r in rows} == {
+        (p.parts[-3], p.parts[-2], p.parts[-1]) for p in root.glob("*/*/*.jpg")
+    }
+    points = np.array([[float(r[c]) for c in LANDMARK_COLUMNS] for r in rows]).reshape(-1, 5, 2)
+    assert (points >= 0).all() and (points <= size - 1).all()
+    eye_l, eye_r, nose, mouth_l, mouth_r = points.transpose(1, 0, 2)
+    assert (eye_l[:, 0] < eye_r[:, 0]).all() and (mouth_l[:, 0] < mouth_r[:, 0]).all()
+    assert (np.maximum(eye_l[:, 1], eye_r[:, 1]) < nose[:, 1]).all()
+    assert (nose[:, 1] < np.minimum(mouth_l[:, 1], mouth_r[:, 1])).all()
+    assert len({tuple(p.ravel()) for p in points}) == len(points)
+
+    on_disk = json.loads((root / "meta.json").read_text())
+    assert on_disk == meta
+    assert on_disk["generator"] == "synthfaces" and on_disk["version"] == GENERATOR_VERSION
+    assert on_disk["seed"] == params["seed"]
+    assert on_disk["parameters"] == dict(params, nuisance=1.0)
+    assert on_disk["counts"] == dict(identities=ids, train=ids * n_train, test=ids * n_test, images=len(rows))
+    assert on_disk["identities"] == names
+    assert not [p for p in tmp_path.iterdir() if p.name != "tiny"], "temporary folder left behind"
+
+
+def test_eye_landmarks_hit_the_pupils_without_nuisance(tmp_path):
+    root = tmp_path / "clean"
+    generate_synthfaces(root, ids=6, train_per_id=2, test_per_id=1, size=112, nuisance=0.0, progress=False)
+    for row in _landmarks(root):
+        with Image.open(root / row["split"] / row["identity"] / row["file"]) as img:
+            grey = np.asarray(img.convert("L"), dtype=np.float32)
+        for i in (0, 1):
+            x, y = round(float(row[f"x{i}"])), round(float(row[f"y{i}"]))
+            assert grey[y, x] < 70, f"{row['identity']}/{row['file']}: eye landmark {i} not on a pupil"
+            assert grey[y, x] < grey[y - 6 : y + 7, x - 6 : x + 7].mean() - 30
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        (dict(ids=0), "--ids"),
+        (dict(train_per_id=0), "--train-per-id"),
+        (dict(test_per_id=-1), "--test-per-id"),
+        (dict(size=8), "--size"),
+        (dict(seed=-2), "--seed"),
+        (dict(workers=0), "--workers"),
+        (dict(nuisance=-1.0), "--nuisance"),
+    ],
+)
+def test_bad_parameters_name_the_flag(tmp_path, kwargs, flag):
+    args = dict(ids=2, train_per_id=1, test_per_id=1, progress=False) | kwargs
+    with pytest.raises(ValueError, match=flag):
+        generate_synthfaces(tmp_path / "out", **args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_a_non_empty_output_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="not empty"):
+        generate_synthfaces(tmp_path / "out", ids=1, train_per_id=1, test_per_id=1, progress=False, overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
+
+
+def test_cli_generates_and_rejects_bad_flags(tmp_path):
+    argv = ["--train-per-id", "1", "--test-per-id", "1", "--size", "64", "--no-progress"]
+    assert main(get_args_parser().parse_args(argv + ["--out", str(tmp_path / "cli"), "--ids", "2"])) == 0
+    assert len(list((tmp_path / "cli").glob("*/*/*.jpg"))) == 4
+    cmd = [sys.executable, "-m", "data_loader.synthface", *argv, "--out", str(tmp_path / "bad"), "--ids", "0"]
+    bad = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--ids" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_ensure_synthfaces_is_idempotent_and_regenerates_on_change(tmp_path):
+    root = tmp_path / "synth"
+    assert ensure_synthfaces(root, "synthfaces_tiny", progress=False) == root
+    image = root / "train" / "id_0000" / "000.jpg"
+    stamps = (image.stat().st_mtime_ns, (root / "meta.json").stat().st_mtime_ns)
+    ensure_synthfaces(root, "synthfaces_tiny", progress=False)
+    assert (image.stat().st_mtime_ns, (root / "meta.json").stat().st_mtime_ns) == stamps
+
+    meta = json.loads((root / "meta.json").read_text())
+    meta["parameters"]["ids"] = 2
+    (root / "meta.json").write_text(json.dumps(meta))
+    os.utime(image, ns=(0, 0))
+    ensure_synthfaces(root, "synthfaces_tiny", progress=False)
+    assert json.loads((root / "meta.json").read_text())["parameters"]["ids"] == SYNTH_PRESETS["synthfaces_tiny"]["ids"]
+    assert image.stat().st_mtime_ns != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]
+
+
+def test_ensure_synthfaces_rejects_unknown_presets_and_foreign_folders(tmp_path):
+    with pytest.raises(ValueError, match="synthfaces_quick"):
+        ensure_synthfaces(tmp_path / "x", "synthfaces_huge")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a data set")
+    with pytest.raises(FileExistsError, match="meta.json"):
+        ensure_synthfaces(tmp_path / "other", "synthfaces_tiny", progress=False)
+
+
+def test_pixel_nearest_neighbour_is_above_chance_but_weak(tmp_path):
+    root = tmp_path / "nn"
+    generate_synthfaces(root, ids=30, train_per_id=8, test_per_id=3, seed=0, workers=2, progress=False)
+    accuracy = pixel_nearest_neighbour_accuracy(root)
+    assert 2.0 / 30 < accuracy < 0.5
+
+
+def test_pixel_nearest_neighbour_improves_without_nuisance(tmp_path):
+    params = dict(ids=20, train_per_id=4, test_per_id=2, seed=0, progress=False)
+    generate_synthfaces(tmp_path / "hard", **params)
+    generate_synthfaces(tmp_path / "easy", nuisance=0.0, **params)
+    assert pixel_nearest_neighbour_accuracy(tmp_path / "easy") > pixel_nearest_neighbour_accuracy(tmp_path / "hard")
+
+
+@pytest.mark.slow
+def test_default_benchmark_difficulty_on_100_identities(tmp_path):
+    root = tmp_path / "bench"
+    generate_synthfaces(root, ids=100, train_per_id=20, test_per_id=5, seed=0, workers=2, progress=False)
+    accuracy = pixel_nearest_neighbour_accuracy(root, size=32)
+    assert 0.05 < accuracy <= 0.40

@@ -1,0 +1,233 @@
+"""SSK.py end to end on synthetic feature files: outputs, protocols, test mode, bad input, torchrun."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import SSK
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES, NUM_KNOWN, DIM = 8, 4, 16
+
+
+def make_split(split: str, per_class: int, seed: int) -> dict:
+    """Separated blobs on the unit sphere, shuffled; known = label < 4; half the known train images labelled."""
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.nn.functional.normalize(torch.randn(NUM_CLASSES, DIM, generator=torch.Generator().manual_seed(0)))
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+    labels = labels[torch.randperm(labels.numel(), generator=gen)]
+    feats = torch.nn.functional.normalize(means[labels] + 0.05 * torch.randn(labels.numel(), DIM, generator=gen))
+    known = labels < NUM_KNOWN
+    labelled = known & (torch.rand(labels.numel(), generator=gen) < 0.5) if split == "train" else known & False
+    meta = {"dataset": "synthetic", "split": split, "num_classes": NUM_CLASSES, "num_known": NUM_KNOWN}
+    return {
+        "features": feats,
+        "labels": labels,
+        "uq_idx": torch.arange(labels.numel()),
+        "known_mask": known,
+        "labelled_mask": labelled,
+        "meta": meta,
+    }
+
+
+def write_features(root: Path, name: str = "feats", **overrides) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, per_class, seed in (("train", 30, 1), ("test", 10, 2)):
+        payload = make_split(split, per_class, seed)
+        payload.update(overrides.get(split, {}))
+        torch.save(payload, folder / f"features_{split}.pt")
+    return folder
+
+
+def parse(*argv: str):
+    return SSK.get_args_parser().parse_args(["--device", "cpu", "--k_means_init", "2", *argv])
+
+
+def test_gcd_protocol_end_to_end(tmp_path, capsys):
+    write_features(tmp_path)
+    rc = SSK.main(parse("--save_dir", str(tmp_path), "--experiment_idx", "feats", "--experiment", "out"))
+    assert rc == 0
+    out = tmp_path / "out"
+    results = json.loads((out / SSK.RESULTS_FILE).read_text())
+    assert results["protocol"] == "gcd" and results["K"] == NUM_CLASSES and results["M"] == NUM_KNOWN
+    assert results["world_size"] == 1 and results["n_init"] == 2 and results["max_iter"] == 500
+    assert results["iterations"] >= 1 and results["inertia"] > 0
+    train = make_split("train", 30, 1)
+    assert results["train"]["set"] == "unlabelled"
+    assert results["train"]["num_samples"] == int((~train["labelled_mask"]).sum())
+    for variant in ("v2", "v1", "v2b"):
+        assert results["train"][variant] == {"all": 1.0, "old": 1.0, "new": 1.0}
+        assert results["test"][variant] == {"all": 1.0, "old": 1.0, "new": 1.0}
+    printed = capsys.readouterr().out
+    assert "SS-K-Means Train ACC Unlabelled_v2: All 1.0000 | Old 1.0000 | New 1.0000" in printed
+    assert "SS-K-Means Test ACC_v1: All 1.0000" in printed
+
+    centres = torch.load(out / SSK.CENTRES_FILE, weights_only=True)
+    assert centres.shape == (NUM_CLASSES, DIM)
+    preds = torch.load(out / SSK.PREDICTIONS_FILE, weights_only=True)
+    assert preds["split_names"] == ["train", "test"]
+    n_train, n_test = 30 * NUM_CLASSES, 10 * NUM_CLASSES
+    assert preds["cluster"].shape == (n_train + n_test,)
+    assert int((preds["split"] == 1).sum()) == n_test
+    # labelled training images sit in their class's cluster (cluster j = labelled class j)
+    is_train = preds["split"] == 0
+    lab = preds["labelled"] & is_train
+    assert torch.equal(preds["cluster"][lab], preds["label"][lab])
+    assert (out / SSK.TSNE_FILE).stat().st_size > 0
+    assert not list(out.glob("*.tmp"))
+
+
+def test_reference_protocol_and_test_mode(tmp_path):
+    write_features(tmp_path)
+    common = ("--save_dir", str(tmp_path), "--experiment_idx", "feats", "--no-plots")
+    assert SSK.main(parse(*common, "--ssk-protocol", "reference", "--K", "10")) == 0
+    results = json.loads((tmp_path / "feats" / SSK.RESULTS_FILE).read_text())
+    assert results["protocol"] == "reference" and results["K"] == 10
+    assert results["train"]["set"] == "all" and results["train"]["num_samples"] == 30 * NUM_CLASSES
+    assert not (tmp_path / "feats" / SSK.TSNE_FILE).exists()
+
+    first = torch.load(tmp_path / "feats" / SSK.CENTRES_FILE, weights_only=True)
+    assert SSK.main(parse(*common, "--ssk_mode", "test", "--K", "10", "--ssk_protocol", "reference")) == 0
+    results = json.loads((tmp_path / "feats" / SSK.RESULTS_FILE).read_text())
+    assert results["mode"] == "test" and results["restart_inertia"] == [results["inertia"]]
+    # started from converged centres: one Lloyd pass reproduces them
+    assert torch.allclose(torch.load(tmp_path / "feats" / SSK.CENTRES_FILE, weights_only=True), first, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("small_k", "--K 2 is smaller than the number of labelled classes M=4"),
+        ("lengths", "mismatched lengths (features 240, labels 239"),
+        ("nan", "NaN or infinite values in 1 of 240 rows"),
+        ("missing", "features_train.pt not found; extract them first: torchrun"),
+        ("no_centres", "--ssk_mode test needs"),
+        ("width", "feature widths differ"),
+        ("corrupt", "cannot read features file"),
+    ],
+)
+def test_bad_input_is_one_clear_error(tmp_path, caplog, case, match):
+    argv = ["--save_dir", str(tmp_path), "--experiment_idx", "feats", "--no-plots"]
+    train = make_split("train", 30, 1)
+    overrides = {
+        "lengths": {"train": {"labels": train["labels"][:-1]}},
+        "nan": {"train": {"features": train["features"].clone().index_fill_(0, torch.tensor([3]), float("nan"))}},
+        "width": {"test": {"features": torch.zeros(80, DIM + 1)}},
+    }
+    if case != "missing":
+        write_features(tmp_path, **overrides.get(case, {}))
+    if case == "corrupt":
+        (tmp_path / "feats" / "features_test.pt").write_bytes(b"not a torch file")
+    argv += {"small_k": ["--K", "2"], "no_centres": ["--ssk_mode", "test"]}.get(case, [])
+    assert SSK.main(parse(*argv)) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and match in errors[0]
+    assert not (tmp_path / "feats" / SSK.RESULTS_FILE).exists()
+
+
+def test_missing_features_are_computed_with_checkpoint(tmp_path, monkeypatch):
+    import extract_features
+
+    seen = {}
+
+    def compute_split_features(args, device):
+        seen.update(vars(args))
+        return {"train": make_split("train", 30, 1), "test": make_split("test", 10, 2)}
+
+    monkeypatch.setattr(extract_features, "compute_split_features", compute_split_features)
+    argv = ["--save_dir", str(tmp_path), "--experiment_idx", "none", "--checkpoint_weights", "model_best.pth.tar"]
+    assert SSK.main(parse(*argv, "--dataset", "synthfaces_tiny", "--no-plots")) == 0
+    # a complete extraction namespace (its own defaults) with SSK's values on top
+    defaults = vars(extract_features.get_args_parser(add_help=False).parse_args([]))
+    assert set(defaults) <= set(seen)
+    assert seen["checkpoint_weights"] == "model_best.pth.tar" and seen["dataset"] == "synthfaces_tiny"
+    results = json.loads((tmp_path / "none" / SSK.RESULTS_FILE).read_text())
+    assert results["features"]["train"].startswith("features computed from model_best.pth.tar")
+    assert results["train"]["v2"]["all"] == 1.0
+
+
+def test_reference_command_parses_and_names_the_features_folder(tmp_path, caplog):
+    argv = (
+        "--experiment GCD_base_prefix_gen --dataset youtubefaces_1000 --K 1000 --max_kmeans_iter 500 "
+        "--k_means_init 10 --experiment_idx gcd_youtubefaces_1000_part_fvit_pretrain_prefix10 --save_dir results "
+        "--data-path youtube_faces_1000"
+    ).split()
+    args = SSK.get_args_parser().parse_args(argv)
+    assert (args.K, args.max_kmeans_iter, args.k_means_init, args.ssk_protocol) == (1000, 500, 10, "gcd")
+    args.save_dir = str(tmp_path)
+    assert SSK.main(args) == 2
+    expected = tmp_path / "gcd_youtubefaces_1000_part_fvit_pretrain_prefix10" / "features_train.pt"
+    assert f"features file {expected} not found" in caplog.text
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "SSK.py", "--save_dir", str(tmp_path), "--experiment_idx", "absent", "--device", "cpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "features_train.pt not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_torchrun_matches_single_process(tmp_path):
+    write_features(tmp_path)
+    common = [
+        "--save_dir",
+        str(tmp_path),
+        "--experiment_idx",
+        "feats",
+        "--device",
+        "cpu",
+        "--no-plots",
+        "--k_means_init",
+        "3",
+        "--K",
+        "10",
+    ]
+    assert SSK.main(SSK.get_args_parser().parse_args([*common, "--experiment", "single"])) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "SSK.py",
+        *common,
+        "--experiment",
+        "dist",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = json.loads((tmp_path / "single" / SSK.RESULTS_FILE).read_text())
+    dist = json.loads((tmp_path / "dist" / SSK.RESULTS_FILE).read_text())
+    assert dist["world_size"] == 2
+    for key in ("train", "test", "iterations", "best_restart"):
+        assert dist[key] == single[key], key
+    assert dist["inertia"] == pytest.approx(single["inertia"], rel=1e-5)
+    p_single = torch.load(tmp_path / "single" / SSK.PREDICTIONS_FILE, weights_only=True)
+    p_dist = torch.load(tmp_path / "dist" / SSK.PREDICTIONS_FILE, weights_only=True)
+    assert torch.equal(p_single["cluster"], p_dist["cluster"])
+    assert torch.allclose(
+        torch.load(tmp_path / "single" / SSK.CENTRES_FILE, weights_only=True),
+        torch.load(tmp_path / "dist" / SSK.CENTRES_FILE, weights_only=True),
+        atol=1e-5,
+    )

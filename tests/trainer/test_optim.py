@@ -1,0 +1,108 @@
+"""Tests for trainer/optim.py: optimiser construction, lr scaling rule and the spec 7.2 schedule values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.optim import CosineWarmupScheduler, create_optimizer, resolve_lr
+
+
+def _groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+
+
+def test_sgd_is_nesterov_with_decay_only_on_matrices():
+    model = _model()
+    optimizer = create_optimizer(_groups(model, 2e-5), opt="sgd", lr=0.1)
+    assert isinstance(optimizer, torch.optim.SGD)
+    decay, no_decay = optimizer.param_groups
+    assert decay["nesterov"] and decay["momentum"] == 0.9 and decay["weight_decay"] == 2e-5
+    assert all(p.ndim == 2 for p in decay["params"]) and len(decay["params"]) == 2
+    assert no_decay["weight_decay"] == 0.0 and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(no_decay["params"]) == 4
+
+    # A step with zero gradients leaves 1-D parameters untouched and shrinks the decayed ones.
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b) == (p.ndim == 1)
+
+
+def test_momentum_adamw_and_unknown_names():
+    model = _model()
+    assert not create_optimizer(_groups(model, 1e-4), opt="momentum", lr=0.1).param_groups[0]["nesterov"]
+    adamw = create_optimizer(_groups(model, 0.05), opt="AdamW", lr=1e-3)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[1]["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match=r"'lamb'.*sgd, nesterov, momentum, adamw"):
+        create_optimizer(_groups(model, 1e-4), opt="lamb", lr=0.1)
+
+
+def test_optimizer_rejects_frozen_and_empty_parameters():
+    model = _model()
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="do not require gradients"):
+        create_optimizer(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="no parameters"):
+        create_optimizer([{"params": []}], lr=0.1)
+
+
+def test_resolve_lr_rules():
+    assert resolve_lr(0.05, 0.1, 256, "sgd") == 0.05
+    assert resolve_lr(None, 0.1, 2 * 128, "sgd") == pytest.approx(0.1)
+    assert resolve_lr(None, 0.1, 128, "sgd") == pytest.approx(0.05)
+    assert resolve_lr(None, 1e-3, 1024, "adamw") == pytest.approx(2e-3)  # sqrt(1024 / 256)
+    assert resolve_lr(None, 1e-3, 1024, "adamw", lr_base_scale="linear") == pytest.approx(4e-3)
+    with pytest.raises(ValueError, match="lr-base-scale"):
+        resolve_lr(None, 0.1, 256, "sgd", lr_base_scale="cubic")
+
+
+def test_schedule_matches_spec_values():
+    optimizer = create_optimizer(_groups(_model(), 2e-5), lr=0.1)
+    scheduler = CosineWarmupScheduler(optimizer, base_lr=0.1, epochs=100, warmup_epochs=5, warmup_lr=1e-5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)  # the constructor applies epoch 0
+    expected = {0: 1e-5, 1: 0.020008, 4: 0.080002, 5: 0.099384, 50: 0.05, 99: 2.5e-5}
+    for epoch, lr in expected.items():
+        assert scheduler.lr_at(epoch) == pytest.approx(lr, rel=2e-2 if epoch == 99 else 1e-4), epoch
+    assert scheduler.lr_at(99) == pytest.approx(2.4672e-5, rel=1e-3)
+    assert scheduler.lr_at(100) == 0.0
+    lrs = [scheduler.lr_at(t) for t in range(5, 100)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+    scheduler.step(50)
+    assert scheduler.get_last_lr() == pytest.approx([0.05, 0.05])
+
+
+def test_schedule_state_dict_round_trip_and_group_scale():
+    model = _model()
+    groups = _groups(model, 2e-5)
+    groups[1]["lr_scale"] = 0.5
+    optimizer = create_optimizer(groups, lr=0.1)
+    scheduler = CosineWarmupScheduler(optimizer, base_lr=0.1, epochs=100, min_lr=1e-6)
+    scheduler.step(30)
+    state = scheduler.state_dict()
+
+    optimizer2 = create_optimizer(groups, lr=0.1)
+    resumed = CosineWarmupScheduler(optimizer2, base_lr=0.1, epochs=100, min_lr=1e-6)
+    resumed.load_state_dict(state)
+    assert resumed.last_epoch == 30
+    assert resumed.get_last_lr() == pytest.approx([scheduler.lr_at(30), 0.5 * scheduler.lr_at(30)])
+    assert resumed.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_schedule_rejects_bad_settings():
+    optimizer = create_optimizer(_model().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="warmup-epochs"):
+        CosineWarmupScheduler(optimizer, base_lr=0.1, epochs=3, warmup_epochs=5)
+    with pytest.raises(ValueError, match="epochs"):
+        CosineWarmupScheduler(optimizer, base_lr=0.1, epochs=0)

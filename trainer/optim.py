@@ -1,0 +1,219 @@
+"""Optimiser, learning-rate scaling rule and the per-epoch cosine schedule with linear warm-up (method spec 7.2).
+
+References: timm ``timm/optim/_optim_factory.py`` (``sgd`` = Nesterov SGD), timm ``train.py`` (``--lr-base``
+scaling), timm ``timm/scheduler/cosine_lr.py`` (cosine with warm-up, ``warmup_prefix=False``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_OPTIMIZERS = ("sgd", "nesterov", "momentum", "adamw")
+
+
+def create_optimizer(
+    param_groups: Iterable[dict] | Iterable[torch.nn.Parameter],
+    *,
+    opt: str = "sgd",
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 2e-5,
+    nesterov: bool = True,
+) -> torch.optim.Optimizer:
+    """Build the optimiser over the model's parameter groups.
+
+    ``sgd`` and ``nesterov`` are Nesterov SGD (timm's ``sgd``; ``nesterov=False`` turns it into plain momentum),
+    ``momentum`` is SGD with classic momentum, ``adamw`` is AdamW. A group's own ``weight_decay`` (e.g. 0.0 for 1-D
+    parameters) overrides ``weight_decay``.
+
+    Args:
+        param_groups: ``[{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]`` or
+            plain parameters; every parameter must require gradients.
+        opt: optimiser name (case-insensitive), one of ``SUPPORTED_OPTIMIZERS``.
+        lr: learning rate (the scheduler overwrites it every epoch).
+        momentum: SGD momentum.
+        weight_decay: default weight decay of groups that do not set one.
+        nesterov: Nesterov momentum for ``sgd``.
+
+    Returns:
+        The optimiser.
+    """
+    name = opt.lower()
+    if name not in SUPPORTED_OPTIMIZERS:
+        raise ValueError(f"unknown optimizer --opt {opt!r}; supported: {', '.join(SUPPORTED_OPTIMIZERS)}")
+    if not lr > 0:
+        raise ValueError(f"the learning rate must be positive, got {lr}")
+    groups = list(param_groups)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    groups = [dict(g, params=list(g["params"])) for g in groups]
+    groups = [g for g in groups if g["params"]]
+    params = [p for g in groups for p in g["params"]]
+    if not params:
+        raise ValueError("the optimizer got no parameters: nothing is trainable")
+    frozen = sum(1 for p in params if not p.requires_grad)
+    if frozen:
+        raise ValueError(f"{frozen} parameters given to the optimizer do not require gradients; pass trainable ones")
+
+    if name in ("sgd", "nesterov", "momentum"):
+        use_nesterov = nesterov and name != "momentum"
+        if use_nesterov and momentum <= 0:
+            raise ValueError(f"Nesterov SGD needs momentum > 0, got --momentum {momentum}")
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=use_nesterov)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    logger.info(
+        "optimizer %s: lr %.6g, groups %s",
+        type(optimizer).__name__,
+        lr,
+        [(len(g["params"]), g["weight_decay"]) for g in optimizer.param_groups],
+    )
+    return optimizer
+
+
+def resolve_lr(
+    lr: float | None,
+    lr_base: float,
+    global_batch: int,
+    opt: str,
+    lr_base_size: int = 256,
+    lr_base_scale: str = "",
+) -> float:
+    """The learning rate to use: ``lr`` when given, else ``lr_base`` scaled by the global batch (timm's rule).
+
+    Args:
+        lr: explicit learning rate (``--lr``) or None.
+        lr_base: learning rate at ``lr_base_size`` samples per step (``--lr-base``).
+        global_batch: batch per GPU × world size × gradient-accumulation steps.
+        opt: optimiser name; ``ada*`` and ``lamb`` default to the square-root rule, others to the linear one.
+        lr_base_size: reference batch size of ``lr_base``.
+        lr_base_scale: ``"linear"``, ``"sqrt"`` or ``""`` (choose from ``opt``).
+
+    Returns:
+        The learning rate.
+    """
+    if lr is not None:
+        return float(lr)
+    if global_batch < 1 or lr_base_size < 1:
+        raise ValueError(f"global batch ({global_batch}) and --lr-base-size ({lr_base_size}) must be positive")
+    scale = lr_base_scale or ("sqrt" if any(k in opt.lower() for k in ("ada", "lamb")) else "linear")
+    if scale not in ("linear", "sqrt"):
+        raise ValueError(f"--lr-base-scale must be 'linear', 'sqrt' or empty, got {lr_base_scale!r}")
+    ratio = global_batch / lr_base_size
+    if scale == "sqrt":
+        ratio = math.sqrt(ratio)
+    resolved = lr_base * ratio
+    logger.info("lr %.6g = lr_base %.6g x (%d / %d) [%s rule]", resolved, lr_base, global_batch, lr_base_size, scale)
+    return resolved
+
+
+class CosineWarmupScheduler:
+    """Per-epoch learning rate: linear warm-up, then cosine decay counted from epoch 0 (no warm-up prefix).
+
+    ``lr(t) = warmup_lr + t · (base_lr − warmup_lr) / warmup_epochs`` for ``t < warmup_epochs``, else
+    ``min_lr + ½ · (base_lr − min_lr) · (1 + cos(π t / epochs))``; ``min_lr`` from ``epochs`` on. A group's
+    ``lr_scale`` key, if present, multiplies its learning rate. The constructor applies ``lr(0)``.
+
+    Args:
+        optimizer: the optimiser whose groups are set.
+        base_lr: peak learning rate.
+        epochs: length of the cosine (total epochs).
+        warmup_epochs: number of warm-up epochs (0 for none).
+        warmup_lr: learning rate at epoch 0 of the warm-up.
+        min_lr: floor of the cosine.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        base_lr: float,
+        epochs: int,
+        warmup_epochs: int = 5,
+        warmup_lr: float = 1e-5,
+        min_lr: float = 0.0,
+    ) -> None:
+        if epochs < 1:
+            raise ValueError(f"--epochs must be at least 1, got {epochs}")
+        if not 0 <= warmup_epochs <= epochs:
+            raise ValueError(f"--warmup-epochs must be in [0, --epochs={epochs}], got {warmup_epochs}")
+        self.optimizer = optimizer
+        self.base_lr = float(base_lr)
+        self.epochs = int(epochs)
+        self.warmup_epochs = int(warmup_epochs)
+        self.warmup_lr = float(warmup_lr)
+        self.min_lr = float(min_lr)
+        self.last_epoch = 0
+        self.step(0)
+
+    def lr_at(self, epoch: float) -> float:
+        """Learning rate of epoch ``epoch`` (0-based).
+
+        Args:
+            epoch: the epoch.
+
+        Returns:
+            The learning rate.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be non-negative, got {epoch}")
+        if epoch < self.warmup_epochs:
+            return self.warmup_lr + epoch * (self.base_lr - self.warmup_lr) / self.warmup_epochs
+        if epoch >= self.epochs:
+            return self.min_lr
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * epoch / self.epochs))
+
+    def step(self, epoch: int) -> float:
+        """Set every group's learning rate for ``epoch``.
+
+        Args:
+            epoch: the epoch about to be trained.
+
+        Returns:
+            The (unscaled) learning rate.
+        """
+        lr = self.lr_at(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self.last_epoch = epoch
+        return lr
+
+    def get_last_lr(self) -> list[float]:
+        """Current learning rate of each group."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def _hparams(self) -> dict:
+        return {
+            "base_lr": self.base_lr,
+            "epochs": self.epochs,
+            "warmup_epochs": self.warmup_epochs,
+            "warmup_lr": self.warmup_lr,
+            "min_lr": self.min_lr,
+        }
+
+    def state_dict(self) -> dict:
+        """The schedule's settings and ``last_epoch`` (plain types)."""
+        return self._hparams() | {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``last_epoch`` and apply its learning rate.
+
+        The settings given to the constructor (i.e. the current command line) stay in force; settings that differ
+        from the stored ones are reported with a warning.
+
+        Args:
+            state: a dict from :meth:`state_dict`.
+        """
+        changed = {k: (state[k], v) for k, v in self._hparams().items() if k in state and state[k] != v}
+        if changed:
+            logger.warning(
+                "schedule settings differ from the checkpoint's; using the current ones: %s",
+                ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()),
+            )
+        self.step(int(state["last_epoch"]))

@@ -1,0 +1,114 @@
+"""Distributed helpers that also work without a process group (world size 1).
+
+References: DINOv2 ``dinov2/distributed/__init__.py``, timm ``timm/utils/distributed.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+def is_enabled() -> bool:
+    """True when a default process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """Global rank of this process (0 without a process group)."""
+    return dist.get_rank() if is_enabled() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_enabled() else 1
+
+
+def is_primary() -> bool:
+    """True on the process that logs and writes files."""
+    return get_rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or another launcher) set ``RANK`` and ``WORLD_SIZE``."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: str | None = None, timeout_s: int = 1800) -> torch.device:
+    """Initialise torch.distributed from the torchrun environment and return this process's device.
+
+    Args:
+        device: ``"cuda"``, ``"cpu"`` or None (CUDA when available).
+        timeout_s: collective timeout in seconds.
+
+    Returns:
+        The device this rank computes on. The backend is nccl on CUDA and gloo on CPU; a plain
+        ``python script.py`` (no torchrun environment) runs as world size 1 without a process group.
+    """
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} was requested but CUDA is not available on this machine")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not is_enabled():
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        logger.info("initialised %s process group: rank %d of %d", backend, get_rank(), get_world_size())
+    return dev
+
+
+def cleanup() -> None:
+    """Destroy the process group if one exists."""
+    if is_enabled():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Synchronise all ranks (no-op without a process group)."""
+    if is_enabled():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place SUM all-reduce; returns the tensor (unchanged without a process group)."""
+    if is_enabled() and get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In-place broadcast from ``src``; returns the tensor."""
+    if is_enabled() and get_world_size() > 1:
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Gather tensors whose first dimension differs between ranks.
+
+    Args:
+        tensor: (n_r, ...) on this rank; trailing dimensions and dtype must agree across ranks.
+
+    Returns:
+        The list of every rank's tensor, in rank order (``[tensor]`` without a process group).
+    """
+    world = get_world_size()
+    if world == 1:
+        return [tensor]
+    size = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return [g[:n] for g, n in zip(gathered, counts)]
