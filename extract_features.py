@@ -26,6 +26,7 @@ from trainer.args import (
     add_data_args,
     add_model_args,
     add_runtime_args,
+    explicit_dests,
     image_size_from_args,
     log_ignored_flags,
 )
@@ -92,10 +93,13 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
         config = ModelConfig.from_dict(ckpt["model_config"])
     else:
         config = infer_model_config(state_dict, cli_config)
-    defaults = get_args_parser(add_help=False).parse_args([])
+    explicit = getattr(args, "explicit_flags", None)
+    if explicit is None:
+        defaults = vars(get_args_parser(add_help=False).parse_args([]))
+        explicit = {flag for flag in ARCH_FLAGS if getattr(args, flag) != defaults[flag]}
     for flag, field in ARCH_FLAGS.items():
         given, stored = getattr(args, flag), getattr(config, field)
-        if given != getattr(defaults, flag) and given != stored:
+        if flag in explicit and given != stored:
             logger.warning("--%s %s disagrees with the checkpoint's %s; the checkpoint wins", flag, given, stored)
     if args.landmark_cnn:
         logger.warning("--landmark_cnn: this checkpoint has no landmark front end; extracting without it")
@@ -180,4 +184,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args_with_config(get_args_parser())))
+    cli_args = parse_args_with_config(get_args_parser())
+    cli_args.explicit_flags = sorted(explicit_dests(get_args_parser(), sys.argv[1:]))
+    sys.exit(main(cli_args))

@@ -24,7 +24,12 @@ from typing import Any
 import numpy as np
 import PIL
 
-from data_loader.synthface import GENERATOR_VERSION, generate_synthfaces, pixel_nearest_neighbour_accuracy
+from data_loader.synthface import (
+    GENERATOR_VERSION,
+    generate_synthfaces,
+    pixel_nearest_neighbour_accuracy,
+    synthface_parameters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--data-dir", default=None, help="keep the rendered set in this new folder (default: a temporary folder)"
     )
     parser.add_argument(
-        "--output", default="synthface_difficulty.json", help="results JSON (default: synthface_difficulty.json)"
+        "--output",
+        default="output/synthface_difficulty.json",
+        help="results JSON (default: output/synthface_difficulty.json)",
     )
     return parser
 
@@ -58,7 +65,7 @@ def run_benchmark(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     Returns:
         The results dict.
     """
-    params = dict(
+    params = synthface_parameters(
         ids=args.ids,
         train_per_id=args.train_per_id,
         test_per_id=args.test_per_id,
@@ -66,6 +73,8 @@ def run_benchmark(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         seed=args.seed,
         nuisance=args.nuisance,
     )
+    if args.nn_size < 1:
+        raise ValueError(f"--nn-size must be an integer >= 1, got {args.nn_size}")
     warm = dict(params, ids=max(1, args.warmup_ids), seed=args.seed + 1)
     generate_synthfaces(work_dir / "warmup", workers=1, progress=False, **warm)
     data_dir = Path(args.data_dir) if args.data_dir else work_dir / "data"
@@ -115,4 +124,9 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main(get_args_parser().parse_args()))
+    parser = get_args_parser()
+    cli_args = parser.parse_args()
+    try:
+        sys.exit(main(cli_args))
+    except (ValueError, FileExistsError) as err:
+        parser.error(str(err))

@@ -109,6 +109,8 @@ _GENES = tuple("""
 _G = {name: i for i, name in enumerate(_GENES)}
 _NUM_HAIR_STYLES = 7  # bald, short, bob, long, curly, fringe, bun
 _BEARDS = ("none", "stubble", "full", "goatee", "moustache")
+_BEARD_PROBS = (0.55, 0.12, 0.13, 0.1, 0.1)
+_GLASSES_PROBS = (0.72, 0.14, 0.14)  # none, round, rectangular
 _IDENTITY_SPREAD = 0.13
 _TRAIT_INHERIT_PROB = 0.75
 
@@ -182,8 +184,8 @@ def _prototypes(seed: int) -> tuple[np.ndarray, np.ndarray]:
         [
             rng.integers(0, _NUM_HAIR_STYLES, NUM_PROTOTYPES),
             rng.integers(0, 2, NUM_PROTOTYPES),
-            rng.choice(len(_BEARDS), NUM_PROTOTYPES, p=[0.55, 0.12, 0.13, 0.1, 0.1]),
-            rng.choice(3, NUM_PROTOTYPES, p=[0.7, 0.15, 0.15]),
+            rng.choice(len(_BEARDS), NUM_PROTOTYPES, p=_BEARD_PROBS),
+            rng.choice(3, NUM_PROTOTYPES, p=_GLASSES_PROBS),
         ],
         axis=1,
     )
@@ -199,8 +201,8 @@ def _make_identity(seed: int, identity: int) -> _Identity:
     fresh = (
         int(rng.integers(_NUM_HAIR_STYLES)),
         int(rng.integers(2)),
-        int(rng.choice(len(_BEARDS), p=[0.55, 0.12, 0.13, 0.1, 0.1])),
-        int(rng.choice(3, p=[0.75, 0.125, 0.125])),
+        int(rng.choice(len(_BEARDS), p=_BEARD_PROBS)),
+        int(rng.choice(3, p=_GLASSES_PROBS)),
     )
     inherit = rng.random(4) < _TRAIT_INHERIT_PROB
     traits = [int(proto_traits[k, j]) if inherit[j] else fresh[j] for j in range(4)]
@@ -266,7 +268,9 @@ def _decode_identity(
 @lru_cache(maxsize=None)
 def _unit_circle(n: int, start: float = 0.0, stop: float = 2 * math.pi, closed: bool = False) -> np.ndarray:
     t = np.linspace(start, stop, n, endpoint=closed)
-    return np.stack([np.cos(t), np.sin(t)], axis=1)
+    unit = np.stack([np.cos(t), np.sin(t)], axis=1)
+    unit.flags.writeable = False
+    return unit
 
 
 def _ellipse(cx: float, cy: float, rx: float, ry: float, n: int = 16, angle: float = 0.0) -> np.ndarray:
@@ -623,7 +627,7 @@ def _render_face(
             draw.line(flat, fill=colour, width=max(1, round(width * line_scale)), joint="curve")
     img = img.reduce(2)
     if rng.random() < cfg.blur_prob * strength:
-        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, cfg.blur_max * strength)) * size / 112))
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.25, 1.0)) * cfg.blur_max * strength * size / 112))
     arr = np.asarray(img, dtype=np.float32)
     gx, gy = _grid(size)
     phi = float(rng.uniform(0, 2 * math.pi))
@@ -900,6 +904,8 @@ def pixel_nearest_neighbour_accuracy(root: str | os.PathLike, size: int = 32) ->
     Returns:
         Fraction of test images whose nearest training image has the same identity.
     """
+    if size < 1:
+        raise ValueError(f"pixel_nearest_neighbour_accuracy: size must be >= 1, got {size}")
     root = Path(root)
     train_dir = root / "train"
     if not train_dir.is_dir():

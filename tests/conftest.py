@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from cli_helpers import run_cli
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -24,15 +26,6 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A FaceGCD configuration that trains in seconds on a CPU: ViT-T/16 at 32 px (4 patches + CLS), short prefixes.
-TINY_MODEL_ARGS = [
-    "--arch", "vit_tiny", "--patch_size", "16", "--input-size", "3", "32", "32", "--prefix_length", "2",
-    "--head-out-dim", "256", "--grad-from-block", "0", "--workers", "0", "--seed", "1",
-]
-
-
 @pytest.fixture(scope="session")
 def tiny_faces(tmp_path_factory) -> str:
     """The ``synthfaces_tiny`` preset, generated once per session."""
@@ -45,28 +38,17 @@ def tiny_faces(tmp_path_factory) -> str:
 
 @pytest.fixture
 def run_script():
-    """Run a top-level script (``train.py``, ...) in a subprocess, with torchrun when ``nproc > 1``.
+    """``run_script(script, args, nproc=1, check=True, timeout=600)``: a top-level script in a subprocess."""
+    return run_cli
 
-    Returns a callable ``(script, args, nproc=1, check=True, timeout=600) -> CompletedProcess``.
-    """
-    import socket
-    import subprocess
-    import sys
 
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
+@pytest.fixture(scope="session")
+def tiny_run(tiny_faces, tmp_path_factory) -> dict:
+    """One real 1-epoch training run on the tiny preset with --layer-embed; returns its paths."""
+    from cli_helpers import TINY_MODEL_ARGS
 
-    def run(script: str, args: list[str], nproc: int = 1, check: bool = True, timeout: int = 600):
-        cmd = [sys.executable]
-        if nproc > 1:
-            cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
-        cmd += [os.path.join(ROOT, script), *args]
-        env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=ROOT)
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-        return proc
-
-    return run
+    out = tmp_path_factory.mktemp("train")
+    run_cli("train.py", ["--dataset", "synthfaces_tiny", "--data-path", tiny_faces, *TINY_MODEL_ARGS, "--layer-embed",
+                         "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--opt", "adamw", "--lr", "3e-4",
+                         "--val-kmeans-init", "1", "--output", str(out), "--experiment", "run", "--no-progress"])
+    return {"data": tiny_faces, "dir": out / "run", "checkpoint": out / "run" / "model_best.pth.tar"}

@@ -6,6 +6,7 @@ Flag spellings follow the reference release; where it used underscores, both spe
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 
 logger = logging.getLogger(__name__)
@@ -102,3 +103,12 @@ def image_size_from_args(args: argparse.Namespace) -> int:
     if channels != 3 or height != width:
         raise ValueError(f"--input-size {channels} {height} {width}: expected 3 S S (RGB, square images)")
     return height
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Destinations of the options that ``argv`` sets explicitly (whatever their value)."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    namespace, _ = probe.parse_known_args(argv)
+    return set(vars(namespace))

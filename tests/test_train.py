@@ -1,0 +1,131 @@
+"""Real training runs of train.py on the tiny SynthFaces preset (ViT-T/16 at 32 px, CPU)."""
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import ROOT, TINY_MODEL_ARGS, script_env
+
+
+def _train_args(data: str, out: Path, experiment: str, *extra: str) -> list[str]:
+    return [
+        "--dataset", "synthfaces_tiny", "--data-path", data, *TINY_MODEL_ARGS, "--batch-size", "8",
+        "--warmup-epochs", "0", "--opt", "adamw", "--lr", "3e-4", "--weight-decay", "0.05", "--val-interval", "2", "--val-kmeans-init", "2",
+        "--output", str(out), "--experiment", experiment, "--no-progress", *extra,
+    ]
+
+
+def _epochs(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.distributed
+def test_two_process_training_lowers_the_loss(tiny_faces, tmp_path, run_script):
+    run_script("train.py", _train_args(tiny_faces, tmp_path, "ddp", "--epochs", "6", "--log-wandb"), nproc=2)
+    out = tmp_path / "ddp"
+    records = _epochs(out / "log.jsonl")
+    assert [r["epoch"] for r in records] == list(range(6))
+    first, last = records[0]["train_loss"], (records[-1]["train_loss"] + records[-2]["train_loss"]) / 2
+    assert last < first - 0.1, f"loss did not fall: {first:.4f} -> {last:.4f}"
+    # one global epoch over both ranks: 48 draws / 2 ranks / batch 8 = 3 steps, logged as throughput per epoch
+    for name in ("args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar", "training_curves.png"):
+        assert (out / name).is_file(), name
+    assert list((out / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
+    summary = (out / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("epoch,train_loss,eval_all_acc,eval_old_acc,eval_new_acc,lr")
+    assert len(summary) == 1 + 3  # validations after epochs 1, 3, 5
+    ckpt = torch.load(out / "last.pth.tar", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 5 and ckpt["model_config"]["arch"] == "vit_tiny"
+    assert any(k.startswith("backbone.prefix_generator.") for k in ckpt["state_dict"])
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_faces, tmp_path, run_script):
+    epochs = ["--epochs", "4"]
+    run_script("train.py", _train_args(tiny_faces, tmp_path, "full", *epochs))
+
+    # the same run, killed as soon as its first epoch is on disk, then resumed from last.pth.tar
+    args = _train_args(tiny_faces, tmp_path, "cut", *epochs)
+    proc = subprocess.Popen([sys.executable, str(Path(ROOT) / "train.py"), *args], cwd=ROOT, env=script_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "cut" / "last.pth.tar"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    assert stopped_at < 3, "the run finished before it could be interrupted"
+    run_script("train.py", args + ["--resume", str(last)])
+
+    full, resumed = _weights(tmp_path / "full" / "last.pth.tar"), _weights(last)
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0, msg=key)
+    assert [r["epoch"] for r in _epochs(tmp_path / "cut" / "log.jsonl")][-1] == 3
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_faces, tmp_path, run_script):
+    run_script("train.py", _train_args(tiny_faces, tmp_path, "good", "--epochs", "1"))
+    good = tmp_path / "good" / "last.pth.tar"
+    poisoned = torch.load(good, map_location="cpu", weights_only=True)
+    poisoned["state_dict"]["projection_head.mlp.0.weight"].fill_(float("nan"))
+    torch.save(poisoned, tmp_path / "nan.pth.tar")
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()
+
+    proc = run_script(
+        "train.py",
+        _train_args(tiny_faces, tmp_path, "good", "--epochs", "2", "--initial-checkpoint", str(tmp_path / "nan.pth.tar")),
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "non-finite training loss" in proc.stderr and "epoch 0, step 0" in proc.stderr
+    assert hashlib.sha256(good.read_bytes()).hexdigest() == digest
+
+
+def test_reference_training_command_runs_verbatim(tiny_faces, tmp_path, run_script):
+    """The documented reference command (method spec section 9) with paths pointing at existing things."""
+    from model.facegcd import ModelConfig, build_facegcd
+
+    weights = tmp_path / "checkpoint.pth"
+    backbone = build_facegcd(ModelConfig(arch="vit_tiny", patch_size=16, img_size=32, prefix_length=0)).backbone
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}, weights)
+    reference = (
+        "--pretrained --return-embed --save-images --pin-mem --layer-embed --experiment gcd_synth_prefix10 --amp "
+        "--prefix_tuning --prefix_length 10 --data-path DATA --dataset synthfaces_tiny --amp-impl apex "
+        "--pretrained_weights WEIGHTS --log-wandb --patch_size 16 --input-size 3 32 32"
+    ).replace("DATA", tiny_faces).replace("WEIGHTS", str(weights)).split()
+    # only what the reference command leaves to defaults is shrunk for the CPU: model width, epochs, batch
+    small = ["--arch", "vit_tiny", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8", "--workers", "0",
+             "--head-out-dim", "256", "--val-kmeans-init", "1", "--output", str(tmp_path), "--no-progress"]
+    proc = run_script("train.py", reference + small)
+    assert "apex is not installed" in proc.stderr or "apex found" in proc.stderr
+    assert "compatibility flags accepted without effect: --pretrained, --return_embed" in proc.stderr
+    out = tmp_path / "gcd_synth_prefix10"
+    assert list(out.glob("train-batch-*.jpg"))
+    assert torch.load(out / "last.pth.tar", map_location="cpu", weights_only=True)["model_config"]["layer_embed"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dataset", "no_such_set"], "no_such_set"),
+        (["--amp", "--amp-dtype", "float16"], "--amp-dtype float16"),
+        (["--not-contrastive"], "--not-contrastive"),
+        (["--pretrained_weights", "/nonexistent/weights.pth"], "/nonexistent/weights.pth"),
+    ],
+)
+def test_bad_flags_fail_with_a_clear_message(tiny_faces, tmp_path, run_script, flags, message):
+    proc = run_script("train.py", _train_args(tiny_faces, tmp_path, "bad", "--epochs", "1") + flags, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
