@@ -27,73 +27,49 @@ def resize_size(image_size: int) -> int:
     return int(image_size / CROP_PCT)
 
 
-class TrainTransform:
-    """Resize(int(S/0.875), bicubic) -> RandomCrop(S) -> RandomHorizontalFlip(0.5) -> tensor -> normalise.
+class _PresetTransform:
+    """Resize(int(S/0.875), bicubic) -> crop(S) [-> RandomHorizontalFlip(0.5)] -> tensor -> normalise.
 
     Args:
         image_size: output side S.
+        train: random crop and flip (training) or centre crop (evaluation).
         mean: per-channel normalisation mean.
         std: per-channel normalisation std.
     """
 
     def __init__(
         self,
-        image_size: int = 112,
+        image_size: int,
         *,
+        train: bool,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
         self.image_size = image_size
-        self.transform = T.Compose(
-            [
-                T.Resize(resize_size(image_size), interpolation=T.InterpolationMode.BICUBIC),
-                T.RandomCrop(image_size),
-                T.RandomHorizontalFlip(0.5),
-                T.ToTensor(),
-                T.Normalize(mean, std),
-            ]
-        )
+        resize = T.Resize(resize_size(image_size), interpolation=T.InterpolationMode.BICUBIC)
+        geometry = [T.RandomCrop(image_size), T.RandomHorizontalFlip(0.5)] if train else [T.CenterCrop(image_size)]
+        self.transform = T.Compose([resize, *geometry, T.ToTensor(), T.Normalize(mean, std)])
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        """Returns: the augmented image, (3, S, S) float32."""
+        """Returns: the transformed image, (3, S, S) float32."""
         return self.transform(img)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.transform})"
 
 
-class EvalTransform:
-    """Resize(int(S/0.875), bicubic) -> CenterCrop(S) -> tensor -> normalise.
+class TrainTransform(_PresetTransform):
+    """Training preset: Resize(int(S/0.875), bicubic) -> RandomCrop(S) -> RandomHorizontalFlip -> normalise."""
 
-    Args:
-        image_size: output side S.
-        mean: per-channel normalisation mean.
-        std: per-channel normalisation std.
-    """
+    def __init__(self, image_size: int = 112, **kwargs) -> None:
+        super().__init__(image_size, train=True, **kwargs)
 
-    def __init__(
-        self,
-        image_size: int = 112,
-        *,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
-    ) -> None:
-        self.image_size = image_size
-        self.transform = T.Compose(
-            [
-                T.Resize(resize_size(image_size), interpolation=T.InterpolationMode.BICUBIC),
-                T.CenterCrop(image_size),
-                T.ToTensor(),
-                T.Normalize(mean, std),
-            ]
-        )
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        """Returns: the image, (3, S, S) float32."""
-        return self.transform(img)
+class EvalTransform(_PresetTransform):
+    """Evaluation preset: Resize(int(S/0.875), bicubic) -> CenterCrop(S) -> tensor -> normalise."""
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform})"
+    def __init__(self, image_size: int = 112, **kwargs) -> None:
+        super().__init__(image_size, train=False, **kwargs)
 
 
 class TwoViewTransform:
