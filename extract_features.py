@@ -41,8 +41,14 @@ from utils.logging import setup_logging
 logger = logging.getLogger("extract_features")
 
 # Command-line flags that describe the architecture; the checkpoint's model_config wins over them.
-ARCH_FLAGS = {"arch": "arch", "patch_size": "patch_size", "prefix_length": "prefix_length",
-              "layer_embed": "layer_embed", "initializer": "initializer", "head_out_dim": "head_out_dim"}
+ARCH_FLAGS = {
+    "arch": "arch",
+    "patch_size": "patch_size",
+    "prefix_length": "prefix_length",
+    "layer_embed": "layer_embed",
+    "initializer": "initializer",
+    "head_out_dim": "head_out_dim",
+}
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -53,26 +59,54 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_model_args(parser)
     add_runtime_args(parser)
     group = parser.add_argument_group("Extraction")
-    group.add_argument("--checkpoint_weights", "--checkpoint-weights", dest="checkpoint_weights", default=None,
-                       help="trained checkpoint (model_best.pth.tar); without it the untrained model is used")
-    group.add_argument("--save_dir", "--save-dir", dest="save_dir", default="results",
-                       help="output root; features go to <save_dir>/<experiment>/ (default: results)")
-    group.add_argument("--landmark_cnn", "--landmark-cnn", dest="landmark_cnn", action="store_true",
-                       help="landmark front end; the checkpoint's model_config decides (spec section 9)")
-    group.add_argument("--features", choices=("model", "pixels"), default="model",
-                       help="model = prefixed-backbone CLS; pixels = raw-pixel baseline (16x16 RGB) (default: model)")
+    group.add_argument(
+        "--checkpoint_weights",
+        "--checkpoint-weights",
+        dest="checkpoint_weights",
+        default=None,
+        help="trained checkpoint (model_best.pth.tar); without it the untrained model is used",
+    )
+    group.add_argument(
+        "--save_dir",
+        "--save-dir",
+        dest="save_dir",
+        default="results",
+        help="output root; features go to <save_dir>/<experiment>/ (default: results)",
+    )
+    group.add_argument(
+        "--landmark_cnn",
+        "--landmark-cnn",
+        dest="landmark_cnn",
+        action="store_true",
+        help="landmark front end; the checkpoint's model_config decides (spec section 9)",
+    )
+    group.add_argument(
+        "--features",
+        choices=("model", "pixels"),
+        default="model",
+        help="model = prefixed-backbone CLS; pixels = raw-pixel baseline (16x16 RGB) (default: model)",
+    )
     group.add_argument("--save-images", action="store_true", help=argparse.SUPPRESS)
-    group.add_argument("--unsafe-load", action="store_true",
-                       help="load checkpoints with weights_only=False (only for files you trust)")
+    group.add_argument(
+        "--unsafe-load", action="store_true", help="load checkpoints with weights_only=False (only for files you trust)"
+    )
     add_compat_args(parser)
     return parser
 
 
 def _cli_model_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(arch=args.arch, patch_size=args.patch_size, img_size=image_size_from_args(args),
-                       prefix_length=args.prefix_length, layer_embed=args.layer_embed, initializer=args.initializer,
-                       head_out_dim=args.head_out_dim, grad_from_block=args.grad_from_block,
-                       eval_prompt=args.eval_prompt, seed=args.seed)
+    return ModelConfig(
+        arch=args.arch,
+        patch_size=args.patch_size,
+        img_size=image_size_from_args(args),
+        prefix_length=args.prefix_length,
+        layer_embed=args.layer_embed,
+        initializer=args.initializer,
+        head_out_dim=args.head_out_dim,
+        grad_from_block=args.grad_from_block,
+        eval_prompt=args.eval_prompt,
+        seed=args.seed,
+    )
 
 
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, ModelConfig, dict]:
@@ -84,8 +118,9 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
     cli_config = _cli_model_config(args)
     if not args.checkpoint_weights:
         logger.warning("no --checkpoint_weights: extracting with the untrained model (a baseline)")
-        model = build_facegcd(cli_config, pretrained_weights=args.pretrained_weights,
-                              checkpoint_key=args.checkpoint_key)
+        model = build_facegcd(
+            cli_config, pretrained_weights=args.pretrained_weights, checkpoint_key=args.checkpoint_key
+        )
         return model.to(device).eval(), cli_config, {"checkpoint": None}
     ckpt = load_checkpoint(args.checkpoint_weights, weights_only=not args.unsafe_load)
     state_dict = ckpt.get("state_dict", ckpt)
@@ -136,10 +171,20 @@ def compute_split_features(args: argparse.Namespace, device: torch.device | None
     out: dict[str, dict] = {}
     for split, dataset in splits.items():
         start = time.perf_counter()
-        feats = embed_dataset(embed_fn, dataset, device=device, batch_size=args.batch_size,
-                              num_workers=args.workers, autocast=precision.autocast(), desc=f"extract {split}")
-        labelled = datasets.labelled_mask[feats.uq_idx] if split == "train" else torch.zeros_like(feats.labels,
-                                                                                                   dtype=torch.bool)
+        feats = embed_dataset(
+            embed_fn,
+            dataset,
+            device=device,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            autocast=precision.autocast(),
+            desc=f"extract {split}",
+        )
+        labelled = (
+            datasets.labelled_mask[feats.uq_idx]
+            if split == "train"
+            else torch.zeros_like(feats.labels, dtype=torch.bool)
+        )
         out[split] = {
             "features": feats.features.float().contiguous(),
             "labels": feats.labels,
@@ -175,8 +220,10 @@ def main(args: argparse.Namespace) -> int:
     if is_primary():
         for split, payload in features.items():
             atomic_save(payload, save_dir / f"features_{split}.pt")
-        description = {split: {k: v for k, v in payload["meta"].items()} | {"rows": len(payload["uq_idx"])}
-                       for split, payload in features.items()}
+        description = {
+            split: {k: v for k, v in payload["meta"].items()} | {"rows": len(payload["uq_idx"])}
+            for split, payload in features.items()
+        }
         atomic_write_text(save_dir / "extraction.json", json.dumps(description, indent=2, default=str))
         logger.info("wrote %s", ", ".join(str(save_dir / f"features_{s}.pt") for s in features))
     cleanup()

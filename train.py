@@ -1,14 +1,13 @@
 #!/usr/bin/env python3
 """FaceGCD training: prefix-tuned ViT with a HyperNetwork prefix generator (method spec sections 5, 7, 8, 9).
 
-    python train.py --dataset synthfaces_tiny --arch vit_tiny --patch_size 16 --epochs 2
-    torchrun --nproc_per_node=2 train.py --dataset youtubefaces_1000 --data-path youtube_faces_1000 ...
+python train.py --dataset synthfaces_tiny --arch vit_tiny --patch_size 16 --epochs 2
+torchrun --nproc_per_node=2 train.py --dataset youtubefaces_1000 --data-path youtube_faces_1000 ...
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import sys
@@ -33,7 +32,7 @@ from trainer.data import epoch_seed, load_datasets, make_train_loader
 from trainer.engine import NonFiniteLossError, evaluate, train_one_epoch
 from trainer.optim import CosineWarmupScheduler, create_optimizer, resolve_lr
 from trainer.precision import resolve_precision
-from utils.checkpoint import CheckpointSaver, atomic_save, capture_rng_state, load_checkpoint, restore_rng_state
+from utils.checkpoint import CheckpointSaver, capture_rng_state, load_checkpoint, restore_rng_state
 from utils.config import parse_args_with_config, save_args_yaml
 from utils.distributed import cleanup, get_rank, get_world_size, init_distributed, is_primary
 from utils.logging import JsonlWriter, WandbLogger, setup_logging, update_summary
@@ -54,44 +53,122 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("Losses")
     group.add_argument("--temperature", type=float, default=1.0, help="InfoNCE temperature (default: 1.0)")
-    group.add_argument("--sup_con_weight", "--sup-con-weight", dest="sup_con_weight", type=float, default=0.35,
-                       help="weight of SupCon; InfoNCE gets 1 - this (default: 0.35)")
-    group.add_argument("--contrast_unlabel_only", "--contrast-unlabel-only", dest="contrast_unlabel_only",
-                       action="store_true", help="InfoNCE over unlabelled samples only")
-    group.add_argument("--not-contrastive", "--not_contrastive", dest="not_contrastive", action="store_true",
-                       help="rejected: the reference's non-contrastive path is broken (method spec section 11)")
+    group.add_argument(
+        "--sup_con_weight",
+        "--sup-con-weight",
+        dest="sup_con_weight",
+        type=float,
+        default=0.35,
+        help="weight of SupCon; InfoNCE gets 1 - this (default: 0.35)",
+    )
+    group.add_argument(
+        "--contrast_unlabel_only",
+        "--contrast-unlabel-only",
+        dest="contrast_unlabel_only",
+        action="store_true",
+        help="InfoNCE over unlabelled samples only",
+    )
+    group.add_argument(
+        "--not-contrastive",
+        "--not_contrastive",
+        dest="not_contrastive",
+        action="store_true",
+        help="rejected: the reference's non-contrastive path is broken (method spec section 11)",
+    )
 
     group = parser.add_argument_group("Optimiser and schedule")
     group.add_argument("--opt", default="sgd", help="sgd (Nesterov), momentum or adamw (default: sgd)")
     group.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: from --lr-base)")
-    group.add_argument("--lr-base", "--lr_base", dest="lr_base", type=float, default=0.1,
-                       help="lr per 256 images of global batch (default: 0.1)")
+    group.add_argument(
+        "--lr-base",
+        "--lr_base",
+        dest="lr_base",
+        type=float,
+        default=0.1,
+        help="lr per 256 images of global batch (default: 0.1)",
+    )
     group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    group.add_argument("--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=2e-5,
-                       help="weight decay on >= 2-D parameters (default: 2e-5)")
+    group.add_argument(
+        "--weight-decay",
+        "--weight_decay",
+        dest="weight_decay",
+        type=float,
+        default=2e-5,
+        help="weight decay on >= 2-D parameters (default: 2e-5)",
+    )
     group.add_argument("--epochs", type=int, default=100, help="training epochs (default: 100)")
-    group.add_argument("--warmup-epochs", "--warmup_epochs", dest="warmup_epochs", type=int, default=5,
-                       help="linear warm-up epochs (default: 5)")
-    group.add_argument("--warmup-lr", "--warmup_lr", dest="warmup_lr", type=float, default=1e-5,
-                       help="warm-up start lr (default: 1e-5)")
+    group.add_argument(
+        "--warmup-epochs",
+        "--warmup_epochs",
+        dest="warmup_epochs",
+        type=int,
+        default=5,
+        help="linear warm-up epochs (default: 5)",
+    )
+    group.add_argument(
+        "--warmup-lr",
+        "--warmup_lr",
+        dest="warmup_lr",
+        type=float,
+        default=1e-5,
+        help="warm-up start lr (default: 1e-5)",
+    )
     group.add_argument("--min-lr", "--min_lr", dest="min_lr", type=float, default=0.0, help="cosine floor (default: 0)")
     group.add_argument("--sched", default="cosine", choices=("cosine",), help="lr schedule (default: cosine)")
-    group.add_argument("--grad-accum-steps", "--grad_accum_steps", dest="grad_accum_steps", type=int, default=1,
-                       help="micro-batches per optimiser step (default: 1)")
-    group.add_argument("--clip-grad", "--clip_grad", dest="clip_grad", type=float, default=None,
-                       help="max gradient norm (default: no clipping)")
-    group.add_argument("--sampler", choices=("distributed", "reference"), default="distributed",
-                       help="one global epoch over all ranks, or the reference's full epoch per rank")
+    group.add_argument(
+        "--grad-accum-steps",
+        "--grad_accum_steps",
+        dest="grad_accum_steps",
+        type=int,
+        default=1,
+        help="micro-batches per optimiser step (default: 1)",
+    )
+    group.add_argument(
+        "--clip-grad",
+        "--clip_grad",
+        dest="clip_grad",
+        type=float,
+        default=None,
+        help="max gradient norm (default: no clipping)",
+    )
+    group.add_argument(
+        "--sampler",
+        choices=("distributed", "reference"),
+        default="distributed",
+        help="one global epoch over all ranks, or the reference's full epoch per rank",
+    )
 
     group = parser.add_argument_group("Validation and checkpoints")
-    group.add_argument("-val-interval", "--val-interval", "--val_interval", dest="val_interval", type=int, default=10,
-                       help="validate when (epoch + 1) %% this == 0, and after the last epoch (default: 10)")
-    group.add_argument("--eval_funcs", "--eval-funcs", dest="eval_funcs", nargs="+", default=["v2", "v1"],
-                       choices=("v1", "v2"), help="metric variants; the first selects model_best (default: v2 v1)")
-    group.add_argument("--checkpoint-select", choices=("best", "last"), default="best",
-                       help="model_best.pth.tar = best validation or the last validated epoch (default: best)")
-    group.add_argument("--select-on", choices=("combined", "unlabelled"), default="combined",
-                       help="selection on the mean of D_U and test, or on D_U only (default: combined)")
+    group.add_argument(
+        "-val-interval",
+        "--val-interval",
+        "--val_interval",
+        dest="val_interval",
+        type=int,
+        default=10,
+        help="validate when (epoch + 1) %% this == 0, and after the last epoch (default: 10)",
+    )
+    group.add_argument(
+        "--eval_funcs",
+        "--eval-funcs",
+        dest="eval_funcs",
+        nargs="+",
+        default=["v2", "v1"],
+        choices=("v1", "v2"),
+        help="metric variants; the first selects model_best (default: v2 v1)",
+    )
+    group.add_argument(
+        "--checkpoint-select",
+        choices=("best", "last"),
+        default="best",
+        help="model_best.pth.tar = best validation or the last validated epoch (default: best)",
+    )
+    group.add_argument(
+        "--select-on",
+        choices=("combined", "unlabelled"),
+        default="combined",
+        help="selection on the mean of D_U and test, or on D_U only (default: combined)",
+    )
     group.add_argument("--val-kmeans-init", type=int, default=10, help="validation k-means restarts (default: 10)")
     group.add_argument("--val-kmeans-iter", type=int, default=300, help="validation k-means iterations (default: 300)")
     group.add_argument("--checkpoint-hist", type=int, default=10, help="checkpoint-N files kept (default: 10)")
@@ -99,8 +176,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--resume", default="", help="checkpoint to resume from (model, optimiser, schedule, RNG)")
     group.add_argument("--no-resume-opt", action="store_true", help="with --resume, restore the model only")
     group.add_argument("--initial-checkpoint", default="", help="load model weights only from this checkpoint")
-    group.add_argument("--unsafe-load", action="store_true",
-                       help="load checkpoints with weights_only=False (only for files you trust)")
+    group.add_argument(
+        "--unsafe-load", action="store_true", help="load checkpoints with weights_only=False (only for files you trust)"
+    )
 
     group = parser.add_argument_group("Logging")
     group.add_argument("--log-interval", type=int, default=50, help="steps between log lines (default: 50)")
@@ -181,6 +259,43 @@ def _summary_row(epoch: int, train_stats: dict, results: dict, args: argparse.Na
     return row
 
 
+def _checkpoint_state(epoch, args, model_config, model, optimizer, scheduler, scaler, sampler) -> dict:
+    """Everything ``--resume`` needs, as tensors and plain types (loads with ``weights_only=True``)."""
+    return {
+        "epoch": epoch,
+        "arch": args.arch,
+        "state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "amp_scaler": scaler.state_dict(),
+        "args": vars(args),
+        "model_config": model_config.to_dict(),
+        "metric": None,
+        "rng": capture_rng_state(),
+        "sampler": sampler.state_dict(),
+        "version": CHECKPOINT_VERSION,
+    }
+
+
+def _resume(args, model, optimizer, scheduler, scaler, sampler, saver) -> int:
+    """Restore a ``last.pth.tar``-style checkpoint; returns the epoch to start from.
+
+    With ``--no-resume-opt`` only the model weights are restored and training starts at epoch 0.
+    """
+    ckpt = load_checkpoint(args.resume, weights_only=not args.unsafe_load)
+    model.load_state_dict(ckpt["state_dict"])
+    if args.no_resume_opt:
+        return 0
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["amp_scaler"])
+    sampler.load_state_dict(ckpt["sampler"])
+    restore_rng_state(ckpt["rng"])
+    if saver is not None and ckpt.get("saver"):
+        saver.load_state_dict(ckpt["saver"])
+    return int(ckpt["epoch"]) + 1
+
+
 def main(args: argparse.Namespace) -> int:
     """Run training; returns the process exit code."""
     _check_args(args)
@@ -194,22 +309,30 @@ def main(args: argparse.Namespace) -> int:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     _seed_everything(args.seed)
-    logger.info("device %s, world size %d, precision %s, output %s", device, get_world_size(),
-                precision.describe(), out_dir)
+    logger.info(
+        "device %s, world size %d, precision %s, output %s", device, get_world_size(), precision.describe(), out_dir
+    )
 
     # data
     image_size = image_size_from_args(args)
     datasets = load_datasets(args, image_size)
     loader, sampler, loader_generator = make_train_loader(datasets, args, device)
     eval_sets = {"unlabelled": datasets.unlabelled_eval, "test": datasets.test_eval}
-    logger.info("%s: %d classes (%d known), %d labelled + %d unlabelled training images, %d test images",
-                args.dataset, datasets.num_classes, datasets.num_known, int(datasets.labelled_mask.sum()),
-                len(datasets.unlabelled_eval), len(datasets.test_eval))
+    logger.info(
+        "%s: %d classes (%d known), %d labelled + %d unlabelled training images, %d test images",
+        args.dataset,
+        datasets.num_classes,
+        datasets.num_known,
+        int(datasets.labelled_mask.sum()),
+        len(datasets.unlabelled_eval),
+        len(datasets.test_eval),
+    )
 
     # model
     model_config = model_config_from_args(args)
-    model = build_facegcd(model_config, pretrained_weights=args.pretrained_weights,
-                          checkpoint_key=args.checkpoint_key).to(device)
+    model = build_facegcd(
+        model_config, pretrained_weights=args.pretrained_weights, checkpoint_key=args.checkpoint_key
+    ).to(device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if args.initial_checkpoint:
@@ -218,40 +341,51 @@ def main(args: argparse.Namespace) -> int:
         logger.info("loaded initial weights from %s", args.initial_checkpoint)
     model_without_ddp = model
     if get_world_size() > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=not args.no_ddp_bb)
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=not args.no_ddp_bb
+        )
 
     # optimiser and schedule
     global_batch = args.batch_size * get_world_size() * args.grad_accum_steps
     lr = resolve_lr(args.lr, args.lr_base, global_batch, args.opt)
-    optimizer = create_optimizer(model_without_ddp.get_params_groups(args.weight_decay), opt=args.opt, lr=lr,
-                                 momentum=args.momentum, weight_decay=args.weight_decay)
-    scheduler = CosineWarmupScheduler(optimizer, base_lr=lr, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                                      warmup_lr=args.warmup_lr, min_lr=args.min_lr)
+    optimizer = create_optimizer(
+        model_without_ddp.get_params_groups(args.weight_decay),
+        opt=args.opt,
+        lr=lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+    )
+    scheduler = CosineWarmupScheduler(
+        optimizer,
+        base_lr=lr,
+        epochs=args.epochs,
+        warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr,
+        min_lr=args.min_lr,
+    )
     scaler = precision.grad_scaler()
     saver = CheckpointSaver(out_dir, max_history=args.checkpoint_hist) if is_primary() else None
-    logger.info("global batch %d, lr %.6g, %d trainable parameters", global_batch, lr,
-                sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad))
+    logger.info(
+        "global batch %d, lr %.6g, %d trainable parameters",
+        global_batch,
+        lr,
+        sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad),
+    )
 
     # resume
     start_epoch = 0
     if args.resume:
-        ckpt = load_checkpoint(args.resume, weights_only=not args.unsafe_load)
-        model_without_ddp.load_state_dict(ckpt["state_dict"])
-        if not args.no_resume_opt:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["amp_scaler"])
-            sampler.load_state_dict(ckpt["sampler"])
-            restore_rng_state(ckpt["rng"])
-            if saver is not None and ckpt.get("saver"):
-                saver.load_state_dict(ckpt["saver"])
-            start_epoch = int(ckpt["epoch"]) + 1
+        start_epoch = _resume(args, model_without_ddp, optimizer, scheduler, scaler, sampler, saver)
         logger.info("resumed from %s at epoch %d", args.resume, start_epoch)
 
     # outputs
-    wandb_logger = WandbLogger(args.log_wandb and is_primary(), project="GCD_base_prefix_gen",
-                               name=args.experiment, config=vars(args), output_dir=out_dir)
+    wandb_logger = WandbLogger(
+        args.log_wandb and is_primary(),
+        project="GCD_base_prefix_gen",
+        name=args.experiment,
+        config=vars(args),
+        output_dir=out_dir,
+    )
     jsonl = JsonlWriter(out_dir / "log.jsonl") if is_primary() else None
     if is_primary():
         save_args_yaml(args, out_dir / "args.yaml")
@@ -268,9 +402,18 @@ def main(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         try:
             train_stats = train_one_epoch(
-                model, loader, optimizer, scaler, precision, epoch=epoch, device=device,
-                grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, log_interval=args.log_interval,
-                save_images_dir=out_dir if args.save_images else None, progress=not args.no_progress,
+                model,
+                loader,
+                optimizer,
+                scaler,
+                precision,
+                epoch=epoch,
+                device=device,
+                grad_accum_steps=args.grad_accum_steps,
+                clip_grad=args.clip_grad,
+                log_interval=args.log_interval,
+                save_images_dir=out_dir if args.save_images else None,
+                progress=not args.no_progress,
             )
         except NonFiniteLossError as err:
             logger.error("%s", err)
@@ -285,37 +428,38 @@ def main(args: argparse.Namespace) -> int:
         results = None
         if (epoch + 1) % args.val_interval == 0 or epoch + 1 == args.epochs:
             results = evaluate(
-                model_without_ddp, eval_sets, num_classes=datasets.num_classes, num_known=datasets.num_known,
-                device=device, precision=precision, batch_size=args.batch_size, num_workers=args.workers,
-                n_init=args.val_kmeans_init, max_iter=args.val_kmeans_iter, seed=args.seed,
+                model_without_ddp,
+                eval_sets,
+                num_classes=datasets.num_classes,
+                num_known=datasets.num_known,
+                device=device,
+                precision=precision,
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+                n_init=args.val_kmeans_init,
+                max_iter=args.val_kmeans_iter,
+                seed=args.seed,
                 eval_funcs=tuple(args.eval_funcs),
             )
             record["eval"] = results
             for set_name, per_variant in results.items():
                 for variant, entries in per_variant.items():
-                    logger.info("epoch %d %s %s: All %s | Old %s | New %s", epoch, set_name, variant,
-                                *(_fmt(entries[e]) for e in ("all", "old", "new")))
+                    logger.info(
+                        "epoch %d %s %s: All %s | Old %s | New %s",
+                        epoch,
+                        set_name,
+                        variant,
+                        *(_fmt(entries[e]) for e in ("all", "old", "new")),
+                    )
 
         # checkpointing and logging
         if is_primary():
-            state = {
-                "epoch": epoch,
-                "arch": args.arch,
-                "state_dict": model_without_ddp.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "amp_scaler": scaler.state_dict(),
-                "args": vars(args),
-                "model_config": model_config.to_dict(),
-                "metric": None,
-                "rng": capture_rng_state(),
-                "sampler": sampler.state_dict(),
-                "version": CHECKPOINT_VERSION,
-            }
+            state = _checkpoint_state(
+                epoch, args, model_config, model_without_ddp, optimizer, scheduler, scaler, sampler
+            )
             if results is not None:
                 metric = _selection_metric(results, args) if args.checkpoint_select == "best" else float(epoch)
                 state["metric"] = metric
-                state["saver"] = saver.state_dict()
                 saver.save_checkpoint(state, epoch, metric)
                 row = _summary_row(epoch, train_stats, results, args)
                 update_summary(epoch, row, out_dir / "summary.csv", write_header=not (out_dir / "summary.csv").exists())
@@ -324,11 +468,18 @@ def main(args: argparse.Namespace) -> int:
             state["saver"] = saver.state_dict()
             saver.save_last(state)
             jsonl.write(record)
-            wandb_logger.log({"epoch": epoch, "train_loss": train_stats["loss"], "lr": train_stats["lr"],
-                              "throughput": train_stats["throughput"]}, step=epoch)
+            wandb_logger.log(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_stats["loss"],
+                    "lr": train_stats["lr"],
+                    "throughput": train_stats["throughput"],
+                },
+                step=epoch,
+            )
     wandb_logger.finish()
     if is_primary():
-        logger.info("done: %s", json.dumps({"output": str(out_dir)}))
+        logger.info("done: outputs in %s", out_dir)
     cleanup()
     return 0
 

@@ -9,8 +9,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A FaceGCD configuration that trains in seconds on a CPU: ViT-T/16 at 32 px (4 patches + CLS), short prefixes.
 TINY_MODEL_ARGS = [
-    "--arch", "vit_tiny", "--patch_size", "16", "--input-size", "3", "32", "32", "--prefix_length", "2",
-    "--head-out-dim", "256", "--grad-from-block", "0", "--workers", "0", "--seed", "1",
+    "--arch",
+    "vit_tiny",
+    "--patch_size",
+    "16",
+    "--input-size",
+    "3",
+    "32",
+    "32",
+    "--prefix_length",
+    "2",
+    "--head-out-dim",
+    "256",
+    "--grad-from-block",
+    "0",
+    "--workers",
+    "0",
+    "--seed",
+    "1",
 ]
 
 

@@ -48,7 +48,32 @@ def tiny_run(tiny_faces, tmp_path_factory) -> dict:
     from cli_helpers import TINY_MODEL_ARGS
 
     out = tmp_path_factory.mktemp("train")
-    run_cli("train.py", ["--dataset", "synthfaces_tiny", "--data-path", tiny_faces, *TINY_MODEL_ARGS, "--layer-embed",
-                         "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--opt", "adamw", "--lr", "3e-4",
-                         "--val-kmeans-init", "1", "--output", str(out), "--experiment", "run", "--no-progress"])
+    run_cli(
+        "train.py",
+        [
+            "--dataset",
+            "synthfaces_tiny",
+            "--data-path",
+            tiny_faces,
+            *TINY_MODEL_ARGS,
+            "--layer-embed",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "--opt",
+            "adamw",
+            "--lr",
+            "3e-4",
+            "--val-kmeans-init",
+            "1",
+            "--output",
+            str(out),
+            "--experiment",
+            "run",
+            "--no-progress",
+        ],
+    )
     return {"data": tiny_faces, "dir": out / "run", "checkpoint": out / "run" / "model_best.pth.tar"}

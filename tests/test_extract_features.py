@@ -9,8 +9,23 @@ from cli_helpers import TINY_MODEL_ARGS
 
 
 def _extract(run, save_dir, experiment, *extra):
-    return ["--dataset", "synthfaces_tiny", "--data-path", run["data"], "--checkpoint_weights", str(run["checkpoint"]),
-            "--save_dir", str(save_dir), "--experiment", experiment, "--batch-size", "5", "--workers", "0", *extra]
+    return [
+        "--dataset",
+        "synthfaces_tiny",
+        "--data-path",
+        run["data"],
+        "--checkpoint_weights",
+        str(run["checkpoint"]),
+        "--save_dir",
+        str(save_dir),
+        "--experiment",
+        experiment,
+        "--batch-size",
+        "5",
+        "--workers",
+        "0",
+        *extra,
+    ]
 
 
 def _load(path):
@@ -45,8 +60,12 @@ def test_reference_extraction_command_runs_verbatim_and_checkpoint_config_wins(t
         "--save_dir SAVE --landmark_cnn --pretrained_weights checkpoint.pth --checkpoint_weights CKPT "
         "--patch_size 16 --input-size 3 32 32"
     )
-    args = (reference.replace("DATA", tiny_run["data"]).replace("SAVE", str(tmp_path))
-            .replace("CKPT", str(tiny_run["checkpoint"])).split())
+    args = (
+        reference.replace("DATA", tiny_run["data"])
+        .replace("SAVE", str(tmp_path))
+        .replace("CKPT", str(tiny_run["checkpoint"]))
+        .split()
+    )
     proc = run_script("extract_features.py", args + ["--workers", "0"])
     assert "--prefix_length 10 disagrees with the checkpoint's 2" in proc.stderr
     train = _load(tmp_path / "gcd_synth_pretrain_prefix10" / "features_train.pt")
@@ -58,8 +77,22 @@ def test_ssk_on_extracted_features_and_in_memory_features_agree(tiny_run, tmp_pa
     ssk = ["--max_kmeans_iter", "20", "--k_means_init", "2", "--no-plots", "--save_dir", str(tmp_path)]
     run_script("SSK.py", ["--experiment_idx", "feat", *ssk])
     # no features on disk under this name: SSK computes them from the checkpoint
-    run_script("SSK.py", ["--experiment_idx", "mem", "--checkpoint_weights", str(tiny_run["checkpoint"]),
-                          "--dataset", "synthfaces_tiny", "--data-path", tiny_run["data"], "--workers", "0", *ssk])
+    run_script(
+        "SSK.py",
+        [
+            "--experiment_idx",
+            "mem",
+            "--checkpoint_weights",
+            str(tiny_run["checkpoint"]),
+            "--dataset",
+            "synthfaces_tiny",
+            "--data-path",
+            tiny_run["data"],
+            "--workers",
+            "0",
+            *ssk,
+        ],
+    )
     on_disk = json.loads((tmp_path / "feat" / "ssk_results.json").read_text())
     in_memory = json.loads((tmp_path / "mem" / "ssk_results.json").read_text())
     assert on_disk["train"]["v2"] == in_memory["train"]["v2"] and on_disk["test"]["v2"] == in_memory["test"]["v2"]
@@ -84,8 +117,15 @@ def test_missing_checkpoint_names_the_path(tiny_run, tmp_path, run_script):
 
 
 def test_untrained_and_pixel_baselines_extract(tiny_run, tmp_path, run_script):
-    base = ["--dataset", "synthfaces_tiny", "--data-path", tiny_run["data"], *TINY_MODEL_ARGS, "--save_dir",
-            str(tmp_path)]
+    base = [
+        "--dataset",
+        "synthfaces_tiny",
+        "--data-path",
+        tiny_run["data"],
+        *TINY_MODEL_ARGS,
+        "--save_dir",
+        str(tmp_path),
+    ]
     run_script("extract_features.py", base + ["--experiment", "untrained"])
     run_script("extract_features.py", base + ["--experiment", "pixels", "--features", "pixels"])
     assert _load(tmp_path / "untrained" / "features_train.pt")["features"].shape == (48, 192)

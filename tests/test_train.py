@@ -16,9 +16,31 @@ from cli_helpers import ROOT, TINY_MODEL_ARGS, script_env
 
 def _train_args(data: str, out: Path, experiment: str, *extra: str) -> list[str]:
     return [
-        "--dataset", "synthfaces_tiny", "--data-path", data, *TINY_MODEL_ARGS, "--batch-size", "8",
-        "--warmup-epochs", "0", "--opt", "adamw", "--lr", "3e-4", "--weight-decay", "0.05", "--val-interval", "2", "--val-kmeans-init", "2",
-        "--output", str(out), "--experiment", experiment, "--no-progress", *extra,
+        "--dataset",
+        "synthfaces_tiny",
+        "--data-path",
+        data,
+        *TINY_MODEL_ARGS,
+        "--batch-size",
+        "8",
+        "--warmup-epochs",
+        "0",
+        "--opt",
+        "adamw",
+        "--lr",
+        "3e-4",
+        "--weight-decay",
+        "0.05",
+        "--val-interval",
+        "2",
+        "--val-kmeans-init",
+        "2",
+        "--output",
+        str(out),
+        "--experiment",
+        experiment,
+        "--no-progress",
+        *extra,
     ]
 
 
@@ -56,8 +78,13 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_faces, tmp_pat
 
     # the same run, killed as soon as its first epoch is on disk, then resumed from last.pth.tar
     args = _train_args(tiny_faces, tmp_path, "cut", *epochs)
-    proc = subprocess.Popen([sys.executable, str(Path(ROOT) / "train.py"), *args], cwd=ROOT, env=script_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(ROOT) / "train.py"), *args],
+        cwd=ROOT,
+        env=script_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     last = tmp_path / "cut" / "last.pth.tar"
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
@@ -85,7 +112,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_faces,
 
     proc = run_script(
         "train.py",
-        _train_args(tiny_faces, tmp_path, "good", "--epochs", "2", "--initial-checkpoint", str(tmp_path / "nan.pth.tar")),
+        _train_args(
+            tiny_faces, tmp_path, "good", "--epochs", "2", "--initial-checkpoint", str(tmp_path / "nan.pth.tar")
+        ),
         check=False,
     )
     assert proc.returncode != 0
@@ -101,13 +130,35 @@ def test_reference_training_command_runs_verbatim(tiny_faces, tmp_path, run_scri
     backbone = build_facegcd(ModelConfig(arch="vit_tiny", patch_size=16, img_size=32, prefix_length=0)).backbone
     torch.save({"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}, weights)
     reference = (
-        "--pretrained --return-embed --save-images --pin-mem --layer-embed --experiment gcd_synth_prefix10 --amp "
-        "--prefix_tuning --prefix_length 10 --data-path DATA --dataset synthfaces_tiny --amp-impl apex "
-        "--pretrained_weights WEIGHTS --log-wandb --patch_size 16 --input-size 3 32 32"
-    ).replace("DATA", tiny_faces).replace("WEIGHTS", str(weights)).split()
+        (
+            "--pretrained --return-embed --save-images --pin-mem --layer-embed --experiment gcd_synth_prefix10 --amp "
+            "--prefix_tuning --prefix_length 10 --data-path DATA --dataset synthfaces_tiny --amp-impl apex "
+            "--pretrained_weights WEIGHTS --log-wandb --patch_size 16 --input-size 3 32 32"
+        )
+        .replace("DATA", tiny_faces)
+        .replace("WEIGHTS", str(weights))
+        .split()
+    )
     # only what the reference command leaves to defaults is shrunk for the CPU: model width, epochs, batch
-    small = ["--arch", "vit_tiny", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8", "--workers", "0",
-             "--head-out-dim", "256", "--val-kmeans-init", "1", "--output", str(tmp_path), "--no-progress"]
+    small = [
+        "--arch",
+        "vit_tiny",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--head-out-dim",
+        "256",
+        "--val-kmeans-init",
+        "1",
+        "--output",
+        str(tmp_path),
+        "--no-progress",
+    ]
     proc = run_script("train.py", reference + small)
     assert "apex is not installed" in proc.stderr or "apex found" in proc.stderr
     assert "compatibility flags accepted without effect: --pretrained, --return_embed" in proc.stderr

@@ -18,46 +18,137 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     """Dataset, split and loader flags."""
     group = parser.add_argument_group("Dataset")
     group.add_argument("--dataset", default="synthfaces_tiny", help="registered benchmark name (default: %(default)s)")
-    group.add_argument("--data-path", "--data_path", "--data-dir", dest="data_path", default=None,
-                       help="benchmark root holding train/ and test/ (default: data/<dataset>)")
-    group.add_argument("--prop-train-labels", "--prop_train_labels", dest="prop_train_labels", type=float,
-                       default=0.5, help="fraction of known-class training images that carry labels (default: 0.5)")
-    group.add_argument("--skip-corrupt", action="store_true",
-                       help="skip unreadable images (listed in the log) instead of stopping (default: stop)")
-    group.add_argument("-b", "--batch-size", "--batch_size", dest="batch_size", type=int, default=128,
-                       help="images per process and step (default: 128)")
-    group.add_argument("-j", "--workers", "--num_workers", dest="workers", type=int, default=4,
-                       help="DataLoader worker processes per rank (default: 4)")
-    group.add_argument("--pin-mem", "--pin_mem", dest="pin_mem", action="store_true",
-                       help="pin host memory (only has an effect on CUDA)")
+    group.add_argument(
+        "--data-path",
+        "--data_path",
+        "--data-dir",
+        dest="data_path",
+        default=None,
+        help="benchmark root holding train/ and test/ (default: data/<dataset>)",
+    )
+    group.add_argument(
+        "--prop-train-labels",
+        "--prop_train_labels",
+        dest="prop_train_labels",
+        type=float,
+        default=0.5,
+        help="fraction of known-class training images that carry labels (default: 0.5)",
+    )
+    group.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="skip unreadable images (listed in the log) instead of stopping (default: stop)",
+    )
+    group.add_argument(
+        "-b",
+        "--batch-size",
+        "--batch_size",
+        dest="batch_size",
+        type=int,
+        default=128,
+        help="images per process and step (default: 128)",
+    )
+    group.add_argument(
+        "-j",
+        "--workers",
+        "--num_workers",
+        dest="workers",
+        type=int,
+        default=4,
+        help="DataLoader worker processes per rank (default: 4)",
+    )
+    group.add_argument(
+        "--pin-mem",
+        "--pin_mem",
+        dest="pin_mem",
+        action="store_true",
+        help="pin host memory (only has an effect on CUDA)",
+    )
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Backbone, prefix generator and head flags (method spec section 5)."""
     group = parser.add_argument_group("Model")
-    group.add_argument("--arch", "--model", dest="arch", default="vit_base", choices=ARCHS,
-                       help="ViT variant (default: %(default)s)")
-    group.add_argument("--patch_size", "--patch-size", dest="patch_size", type=int, default=8,
-                       help="ViT patch size (default: 8, the paper's ViT-B/8)")
-    group.add_argument("--input-size", "--input_size", dest="input_size", type=int, nargs=3, default=(3, 112, 112),
-                       metavar=("C", "H", "W"), help="input shape, square images only (default: 3 112 112)")
-    group.add_argument("--prefix_length", "--prefix-length", dest="prefix_length", type=int, default=10,
-                       help="prefix tokens per block; 0 = plain GCD baseline (default: 10)")
-    group.add_argument("--layer-embed", "--layer_embed", dest="layer_embed", action="store_true",
-                       help="HyperNetwork input = [token mean ; layer embedding] (default: off)")
-    group.add_argument("--initializer", choices=("uniform", "zero"), default="uniform",
-                       help="base prompt: fresh U(-1,1) each training forward, or zeros (default: uniform)")
-    group.add_argument("--eval-prompt", "--eval_prompt", dest="eval_prompt", choices=("fixed", "resample"),
-                       default="fixed", help="evaluation base prompt: fixed buffer or reference resampling")
-    group.add_argument("--grad-from-block", "--grad_from_block", dest="grad_from_block", type=int, default=11,
-                       help="train backbone blocks with index >= this; 0 trains all (default: 11)")
-    group.add_argument("--head-out-dim", dest="head_out_dim", type=int, default=65536,
-                       help="width of the DINO head's last layer (default: 65536)")
+    group.add_argument(
+        "--arch", "--model", dest="arch", default="vit_base", choices=ARCHS, help="ViT variant (default: %(default)s)"
+    )
+    group.add_argument(
+        "--patch_size",
+        "--patch-size",
+        dest="patch_size",
+        type=int,
+        default=8,
+        help="ViT patch size (default: 8, the paper's ViT-B/8)",
+    )
+    group.add_argument(
+        "--input-size",
+        "--input_size",
+        dest="input_size",
+        type=int,
+        nargs=3,
+        default=(3, 112, 112),
+        metavar=("C", "H", "W"),
+        help="input shape, square images only (default: 3 112 112)",
+    )
+    group.add_argument(
+        "--prefix_length",
+        "--prefix-length",
+        dest="prefix_length",
+        type=int,
+        default=10,
+        help="prefix tokens per block; 0 = plain GCD baseline (default: 10)",
+    )
+    group.add_argument(
+        "--layer-embed",
+        "--layer_embed",
+        dest="layer_embed",
+        action="store_true",
+        help="HyperNetwork input = [token mean ; layer embedding] (default: off)",
+    )
+    group.add_argument(
+        "--initializer",
+        choices=("uniform", "zero"),
+        default="uniform",
+        help="base prompt: fresh U(-1,1) each training forward, or zeros (default: uniform)",
+    )
+    group.add_argument(
+        "--eval-prompt",
+        "--eval_prompt",
+        dest="eval_prompt",
+        choices=("fixed", "resample"),
+        default="fixed",
+        help="evaluation base prompt: fixed buffer or reference resampling",
+    )
+    group.add_argument(
+        "--grad-from-block",
+        "--grad_from_block",
+        dest="grad_from_block",
+        type=int,
+        default=11,
+        help="train backbone blocks with index >= this; 0 trains all (default: 11)",
+    )
+    group.add_argument(
+        "--head-out-dim",
+        dest="head_out_dim",
+        type=int,
+        default=65536,
+        help="width of the DINO head's last layer (default: 65536)",
+    )
     group.add_argument("--freeze", nargs="*", default=(), help="extra parameter-name prefixes to freeze")
-    group.add_argument("--pretrained_weights", "--pretrained-weights", dest="pretrained_weights", default=None,
-                       help="DINO/timm backbone weights (local file; nothing is downloaded)")
-    group.add_argument("--checkpoint_key", "--checkpoint-key", dest="checkpoint_key", default="teacher",
-                       help="key of the state dict inside a DINO checkpoint (default: teacher)")
+    group.add_argument(
+        "--pretrained_weights",
+        "--pretrained-weights",
+        dest="pretrained_weights",
+        default=None,
+        help="DINO/timm backbone weights (local file; nothing is downloaded)",
+    )
+    group.add_argument(
+        "--checkpoint_key",
+        "--checkpoint-key",
+        dest="checkpoint_key",
+        default="teacher",
+        help="key of the state dict inside a DINO checkpoint (default: teacher)",
+    )
     group.add_argument("--grad-checkpointing", action="store_true", help="per-block activation checkpointing")
 
 
@@ -67,27 +158,82 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     group.add_argument("--seed", type=int, default=42, help="global seed (default: 42)")
     group.add_argument("--amp", action="store_true", help="mixed precision with torch.amp")
-    group.add_argument("--amp-dtype", "--amp_dtype", dest="amp_dtype", choices=("float16", "bfloat16"),
-                       default="float16", help="autocast dtype (default: float16; CPU accepts bfloat16 only)")
-    group.add_argument("--amp-impl", "--amp_impl", dest="amp_impl", choices=("native", "apex"), default="native",
-                       help="native = torch.amp; apex = the reference's O0 setting, i.e. FP32 (default: native)")
+    group.add_argument(
+        "--amp-dtype",
+        "--amp_dtype",
+        dest="amp_dtype",
+        choices=("float16", "bfloat16"),
+        default="float16",
+        help="autocast dtype (default: float16; CPU accepts bfloat16 only)",
+    )
+    group.add_argument(
+        "--amp-impl",
+        "--amp_impl",
+        dest="amp_impl",
+        choices=("native", "apex"),
+        default="native",
+        help="native = torch.amp; apex = the reference's O0 setting, i.e. FP32 (default: native)",
+    )
     group.add_argument("--experiment", default="", help="run name; folder under the output root")
 
 
 def add_compat_args(parser: argparse.ArgumentParser) -> None:
     """Flags kept only so that the reference commands run verbatim; they have no effect (logged once)."""
     group = parser.add_argument_group("Compatibility (accepted, no effect)")
-    for flag in ("--pretrained", "--return-embed", "--prefix_tuning", "--sync-bn", "--dist-bn-off",
-                 "--synchronize-step", "--no-prefetcher", "--torchscript", "--channels-last", "--use-multi-epochs-loader"):
+    for flag in (
+        "--pretrained",
+        "--return-embed",
+        "--prefix_tuning",
+        "--sync-bn",
+        "--dist-bn-off",
+        "--synchronize-step",
+        "--no-prefetcher",
+        "--torchscript",
+        "--channels-last",
+        "--use-multi-epochs-loader",
+    ):
         group.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    for flag in ("--color-jitter", "--aa", "--reprob", "--remode", "--recount", "--mixup", "--cutmix", "--smoothing",
-                 "--drop", "--drop-path", "--dist-bn", "--local_rank", "--local-rank"):
+    for flag in (
+        "--color-jitter",
+        "--aa",
+        "--reprob",
+        "--remode",
+        "--recount",
+        "--mixup",
+        "--cutmix",
+        "--smoothing",
+        "--drop",
+        "--drop-path",
+        "--dist-bn",
+        "--local_rank",
+        "--local-rank",
+    ):
         group.add_argument(flag, default=None, help=argparse.SUPPRESS)
 
 
-COMPAT_FLAGS = ("pretrained", "return_embed", "prefix_tuning", "sync_bn", "dist_bn_off", "synchronize_step",
-                "no_prefetcher", "torchscript", "channels_last", "use_multi_epochs_loader", "color_jitter", "aa",
-                "reprob", "remode", "recount", "mixup", "cutmix", "smoothing", "drop", "drop_path", "dist_bn")
+COMPAT_FLAGS = (
+    "pretrained",
+    "return_embed",
+    "prefix_tuning",
+    "sync_bn",
+    "dist_bn_off",
+    "synchronize_step",
+    "no_prefetcher",
+    "torchscript",
+    "channels_last",
+    "use_multi_epochs_loader",
+    "color_jitter",
+    "aa",
+    "reprob",
+    "remode",
+    "recount",
+    "mixup",
+    "cutmix",
+    "smoothing",
+    "drop",
+    "drop_path",
+    "dist_bn",
+)
 
 
 def log_ignored_flags(args: argparse.Namespace) -> None:

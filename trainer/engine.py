@@ -76,7 +76,8 @@ def train_one_epoch(
 
         final_micro_step = (step + 1) % grad_accum_steps == 0
         sync_ctx = (
-            model.no_sync() if isinstance(model, DistributedDataParallel) and not final_micro_step
+            model.no_sync()
+            if isinstance(model, DistributedDataParallel) and not final_micro_step
             else contextlib.nullcontext()
         )
         with sync_ctx:
@@ -172,8 +173,14 @@ def evaluate(
     results: dict[str, dict[str, dict[str, float | None]]] = {}
     for name, dataset in eval_sets.items():
         shard = embed_dataset(
-            model.extract_features, dataset, device=device, batch_size=batch_size, num_workers=num_workers,
-            autocast=precision.autocast(), gather=False, desc=f"features {name}",
+            model.extract_features,
+            dataset,
+            device=device,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            autocast=precision.autocast(),
+            gather=False,
+            desc=f"features {name}",
         )
         fit = kmeans(shard.features, num_classes, n_init=n_init, max_iter=max_iter, tol=tol, seed=seed)
         predictions = torch.cat(all_gather_variable(fit.labels.to(device))).cpu()

@@ -71,8 +71,14 @@ def embed_dataset(
         ``Features`` with float32 features.
     """
     shard = Subset(dataset, shard_indices(len(dataset)))
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", drop_last=False)
+    loader = DataLoader(
+        shard,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+    )
     feats, labels, indices = [], [], []
     for images, label, uq_idx in tqdm(loader, desc=desc, disable=not is_primary(), leave=False):
         with autocast if autocast is not None else contextlib.nullcontext():

@@ -1,6 +1,6 @@
 """Side-by-side table of several SSK runs (``ssk_results.json``), e.g. the quickstart's model and baselines.
 
-    python -m utils.report results/quickstart/pixels results/quickstart/trained --names pixels trained
+python -m utils.report results/quickstart/pixels results/quickstart/trained --names pixels trained
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ def format_table(rows: list[tuple[str, dict]], variant: str = "v2") -> str:
     def cell(value: float | None) -> str:
         return f"{100 * value:6.1f}" if value is not None else "   n/a"
 
-    header = f"{'features':<22}" + "".join(
-        f"| {title.replace('v2', variant):<22}" for _, title in SPLITS
-    )
+    header = f"{'features':<22}" + "".join(f"| {title.replace('v2', variant):<22}" for _, title in SPLITS)
     sub = f"{'':<22}" + "| {:>6}{:>8}{:>8} ".format("All", "Old", "New") * len(SPLITS)
     lines = [header, sub, "-" * len(sub)]
     for name, results in rows:
