@@ -111,6 +111,22 @@ def gcd_loss(
             f"gcd_loss: {z.shape[0]} feature rows, {labels.numel()} labels and {labelled_mask.numel()} mask entries;"
             " expected 2B rows and B labels / mask entries"
         )
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        return _gcd_loss_fp32(
+            z.float(), labels, labelled_mask, sup_con_weight, temperature, sup_con_temperature, contrast_unlabel_only
+        )
+
+
+def _gcd_loss_fp32(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    labelled_mask: torch.Tensor,
+    sup_con_weight: float,
+    temperature: float,
+    sup_con_temperature: float,
+    contrast_unlabel_only: bool,
+) -> dict[str, torch.Tensor]:
+    """Body of `gcd_loss`, called with autocast off so the similarity logits are float32."""
     loss_unsup = info_nce_loss(z, temperature, mask=~labelled_mask if contrast_unlabel_only else None)
     loss = (1.0 - sup_con_weight) * loss_unsup
     has_labelled = bool(labelled_mask.any())
