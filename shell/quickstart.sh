@@ -15,7 +15,7 @@ RES=results/quickstart
 rm -rf "$OUT" "$RES"
 # A small prefix ViT trained from scratch (no pretrained weights exist offline): ViT-T/16 at 64 px.
 MODEL=(--arch vit_tiny --patch_size 16 --input-size 3 64 64 --prefix_length 4 --head-out-dim 2048 --grad-from-block 0)
-COMMON=(--dataset "$DATASET" --data-path "$DATA" --workers 0 --no-progress)
+COMMON=(--dataset "$DATASET" --data-path "$DATA" --workers 0)
 SSK=(--dataset "$DATASET" --save_dir "$RES" --max_kmeans_iter 100 --k_means_init 3)
 
 echo "== data: $DATASET in $DATA"
@@ -29,7 +29,8 @@ echo "== baselines: k-means on raw pixels and on the untrained backbone"
 
 echo "== training FaceGCD from scratch"
 "$PY" train.py "${COMMON[@]}" "${MODEL[@]}" --opt adamw --lr 4e-4 --weight-decay 0.05 --warmup-epochs 3 --epochs 12 \
-  --batch-size 64 --clip-grad 1.0 --amp --amp-dtype bfloat16 --val-interval 1000 --val-kmeans-init 1 --output "$OUT" --experiment trained
+  --batch-size 64 --clip-grad 1.0 --amp --amp-dtype bfloat16 --val-interval 1000 --val-kmeans-init 1 --no-progress \
+  --output "$OUT" --experiment trained
 "$PY" extract_features.py "${COMMON[@]}" --checkpoint_weights "$OUT/trained/model_best.pth.tar" --save_dir "$RES" \
   --experiment trained
 "$PY" SSK.py "${SSK[@]}" --experiment_idx trained
