@@ -29,6 +29,7 @@ from trainer.args import (
     explicit_dests,
     image_size_from_args,
     log_ignored_flags,
+    model_config_from_args,
 )
 from trainer.data import load_datasets
 from trainer.features import embed_dataset
@@ -94,28 +95,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _cli_model_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(
-        arch=args.arch,
-        patch_size=args.patch_size,
-        img_size=image_size_from_args(args),
-        prefix_length=args.prefix_length,
-        layer_embed=args.layer_embed,
-        initializer=args.initializer,
-        head_out_dim=args.head_out_dim,
-        grad_from_block=args.grad_from_block,
-        eval_prompt=args.eval_prompt,
-        seed=args.seed,
-    )
-
-
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, ModelConfig, dict]:
     """Build the model from ``--checkpoint_weights`` (its ``model_config`` wins over disagreeing flags).
 
     Returns:
         The model in eval mode, its config and a description of where it came from.
     """
-    cli_config = _cli_model_config(args)
+    cli_config = model_config_from_args(args)
     if not args.checkpoint_weights:
         logger.warning("no --checkpoint_weights: extracting with the untrained model (a baseline)")
         model = build_facegcd(

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from model.facegcd import ModelConfig, build_facegcd
+from model.facegcd import build_facegcd
 from trainer.args import (
     add_compat_args,
     add_data_args,
@@ -27,6 +27,7 @@ from trainer.args import (
     add_runtime_args,
     image_size_from_args,
     log_ignored_flags,
+    model_config_from_args,
 )
 from trainer.data import epoch_seed, load_datasets, make_train_loader
 from trainer.engine import NonFiniteLossError, evaluate, train_one_epoch
@@ -188,26 +189,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group.add_argument("--no-ddp-bb", action="store_true", help="DDP broadcast_buffers=False")
     add_compat_args(parser)
     return parser
-
-
-def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
-    """The architecture part of the arguments, stored in every checkpoint."""
-    return ModelConfig(
-        arch=args.arch,
-        patch_size=args.patch_size,
-        img_size=image_size_from_args(args),
-        prefix_length=args.prefix_length,
-        layer_embed=args.layer_embed,
-        initializer=args.initializer,
-        head_out_dim=args.head_out_dim,
-        grad_from_block=args.grad_from_block,
-        eval_prompt=args.eval_prompt,
-        seed=args.seed,
-        freeze=tuple(args.freeze),
-        temperature=args.temperature,
-        sup_con_weight=args.sup_con_weight,
-        contrast_unlabel_only=args.contrast_unlabel_only,
-    )
 
 
 def _check_args(args: argparse.Namespace) -> None:

@@ -9,6 +9,8 @@ import argparse
 import copy
 import logging
 
+from model.facegcd import ModelConfig
+
 logger = logging.getLogger(__name__)
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base")
@@ -258,3 +260,26 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
         action.default = argparse.SUPPRESS
     namespace, _ = probe.parse_known_args(argv)
     return set(vars(namespace))
+
+
+def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    """The ``ModelConfig`` described by the model flags (and the loss flags, where the parser has them)."""
+    losses = {
+        name: getattr(args, name)
+        for name in ("temperature", "sup_con_weight", "contrast_unlabel_only")
+        if hasattr(args, name)
+    }
+    return ModelConfig(
+        arch=args.arch,
+        patch_size=args.patch_size,
+        img_size=image_size_from_args(args),
+        prefix_length=args.prefix_length,
+        layer_embed=args.layer_embed,
+        initializer=args.initializer,
+        head_out_dim=args.head_out_dim,
+        grad_from_block=args.grad_from_block,
+        eval_prompt=args.eval_prompt,
+        seed=args.seed,
+        freeze=tuple(args.freeze),
+        **losses,
+    )
