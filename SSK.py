@@ -289,15 +289,17 @@ def report(results: dict, protocol: Protocol) -> str:
     """Result table and reference-style lines ("SS-K-Means Train ACC Unlabelled_v2: All a | Old o | New n")."""
     prefix = "SS-K-Means" if protocol is Protocol.GCD else "K-Means"
     train_name = "Train ACC Unlabelled" if protocol is Protocol.GCD else "Train ACC All"
-    lines = [f"{'set':<24}{'metric':<8}{'All':>8}{'Old':>8}{'New':>8}"]
+    labels = {key: f"{key} ({results[key]['set']}, n={results[key]['num_samples']})" for key in ("train", "test")}
+    width = max(len("set"), *map(len, labels.values())) + 2
+    lines = [f"{'set':<{width}}{'metric':<8}{'All':>8}{'Old':>8}{'New':>8}"]
     reference_lines = []
     for key, name in (("train", train_name), ("test", "Test ACC")):
         block = results[key]
         for variant in EVAL_FUNCS:
             acc = block[variant.value]
-            label = f"{key} ({block['set']}, n={block['num_samples']})"
             lines.append(
-                f"{label:<24}{variant.value:<8}" + "".join(f"{_format_acc(acc[s]):>8}" for s in ("all", "old", "new"))
+                f"{labels[key]:<{width}}{variant.value:<8}"
+                + "".join(f"{_format_acc(acc[s]):>8}" for s in ("all", "old", "new"))
             )
             reference_lines.append(
                 f"{prefix} {name}_{variant.value}: All {_format_acc(acc['all'])} | "

@@ -31,7 +31,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from model import FaceGCD, ModelConfig, build_facegcd
+from model import FaceGCD, ModelConfig, PrefixAttention, build_facegcd
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="prefix model with checkpointing off, on, or both as two variants (default: both)",
     )
     parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype (default: none)")
+    parser.add_argument(
+        "--fused-cpu-attention",
+        action="store_true",
+        help="train with PyTorch's fused attention kernel on the CPU too (default: the explicit one, see "
+        "model.prefix_attention.PrefixAttention.explicit_cpu_training)",
+    )
     parser.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: 0)")
@@ -213,6 +219,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--amp float16 needs CUDA; use bfloat16 on CPU")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    PrefixAttention.explicit_cpu_training = not args.fused_cpu_attention
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -21,11 +21,18 @@ logger = logging.getLogger(__name__)
 class PrefixAttention(Attention):
     """timm multi-head self-attention whose keys and values can be extended by per-image prefixes.
 
-    Parameters (`qkv`, `proj`) are timm's and therefore DINO's. Without a prefix the parent forward runs unchanged,
-    so a prefix-free model is exactly timm's ViT. With a prefix (2, B, H, P, e) the keys and values become
-    concat(P_K, k) and concat(P_V, v) along the token axis, (B, H, P + T, e); the queries stay (B, H, T, e), so T
-    tokens come out. Prefixes are cast to the dtype of the queries (the autocast dtype under autocast).
+    Parameters (`qkv`, `proj`) are timm's and therefore DINO's. Without a prefix the parent forward runs unchanged
+    (except in CPU training, see `explicit_cpu_training`), so a prefix-free model is exactly timm's ViT. With a
+    prefix (2, B, H, P, e) the keys and values become concat(P_K, k) and concat(P_V, v) along the token axis,
+    (B, H, P + T, e); the queries stay (B, H, T, e), so T tokens come out. Prefixes are cast to the dtype of the
+    queries (the autocast dtype under autocast).
     """
+
+    # PyTorch's fused CPU attention is slow to back-propagate through for the short sequences of face ViTs: on the
+    # CPU with autograd recording, the explicit product-softmax-product is faster (ViT-T/16 at 64 px, 128 views,
+    # bf16 autocast, 2 threads: training step 0.66 s -> 0.48 s; `benchmarks/prefix_overhead.py --fused-cpu-attention`
+    # measures the fused variant). CUDA and inference always use the fused kernel.
+    explicit_cpu_training: bool = True
 
     def forward(
         self,
@@ -45,7 +52,8 @@ class PrefixAttention(Attention):
         Returns:
             Tokens (B, T, D).
         """
-        if prefix is None:
+        explicit = self.explicit_cpu_training and x.device.type == "cpu" and torch.is_grad_enabled()
+        if prefix is None and (is_causal or not explicit):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if is_causal:
             raise ValueError("PrefixAttention: is_causal is not supported together with a prefix")
@@ -54,12 +62,21 @@ class PrefixAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, T, e) each
         q, k = self.q_norm(q), self.k_norm(k)
-        prefix_k, prefix_v = prefix.to(q.dtype).unbind(0)  # (B, H, P, e) each
-        k = torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2)
-        v = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0
-        )
+        if prefix is not None:
+            prefix_k, prefix_v = prefix.to(q.dtype).unbind(0)  # (B, H, P, e) each
+            k = torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2)
+        if explicit:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if attn_mask is not None and attn_mask.dtype == torch.bool:
+                attn = attn.masked_fill(~attn_mask, float("-inf"))
+            elif attn_mask is not None:
+                attn = attn + attn_mask
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        else:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0
+            )
         x = x.transpose(1, 2).reshape(B, N, -1)
         x = self.norm(x)
         if gate is not None:

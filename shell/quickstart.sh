@@ -28,7 +28,7 @@ echo "== baselines: k-means on raw pixels and on the untrained backbone"
 "$PY" SSK.py "${SSK[@]}" --experiment_idx untrained --no-plots
 
 echo "== training FaceGCD from scratch"
-"$PY" train.py "${COMMON[@]}" "${MODEL[@]}" --opt adamw --lr 4e-4 --weight-decay 0.05 --warmup-epochs 3 --epochs 24 \
+"$PY" train.py "${COMMON[@]}" "${MODEL[@]}" --opt adamw --lr 2e-4 --weight-decay 0.05 --warmup-epochs 3 --epochs 32 \
   --batch-size 64 --clip-grad 1.0 --amp --amp-dtype bfloat16 --val-interval 1000 --val-kmeans-init 1 --no-progress \
   --output "$OUT" --experiment trained
 "$PY" extract_features.py "${COMMON[@]}" --checkpoint_weights "$OUT/trained/model_best.pth.tar" --save_dir "$RES" \

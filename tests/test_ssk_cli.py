@@ -68,6 +68,10 @@ def test_gcd_protocol_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "SS-K-Means Train ACC Unlabelled_v2: All 1.0000 | Old 1.0000 | New 1.0000" in printed
     assert "SS-K-Means Test ACC_v1: All 1.0000" in printed
+    table = [line for line in printed.splitlines() if line.startswith(("set ", "train (", "test ("))]
+    assert len(table) == 1 + 2 * len(SSK.EVAL_FUNCS)
+    assert len({line.index(" 1.0000") for line in table[1:]}) == 1  # the All column lines up under its header
+    assert len({len(line) for line in table}) == 1
 
     centres = torch.load(out / SSK.CENTRES_FILE, weights_only=True)
     assert centres.shape == (NUM_CLASSES, DIM)

@@ -101,6 +101,36 @@ def test_prefix_attention_matches_explicit_softmax():
     assert not torch.allclose(attn(x, prefix=prefix), attn(x), atol=1e-3)
 
 
+@pytest.mark.parametrize("with_prefix", [True, False])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_explicit_cpu_training_kernel_equals_fused(monkeypatch, with_prefix, mask_kind):
+    """The CPU-training attention path gives the fused kernel's outputs and gradients (inputs and weights)."""
+    torch.manual_seed(0)
+    attn = PrefixAttention(32, num_heads=4, qkv_bias=True).train()
+    x = torch.randn(3, 5, 32)
+    prefix = torch.randn(2, 3, 4, 2, 8) if with_prefix else None
+    keys = 5 + (2 if with_prefix else 0)
+    mask = {
+        None: None,
+        "bool": torch.rand(3, 1, 5, keys) > 0.3,
+        "float": torch.randn(3, 1, 5, keys),
+    }[mask_kind]
+    if mask is not None and mask.dtype == torch.bool:
+        mask[..., 0] = True  # every query keeps a key
+    results = []
+    for explicit in (True, False):
+        monkeypatch.setattr(PrefixAttention, "explicit_cpu_training", explicit)
+        attn.zero_grad(set_to_none=True)
+        x_in = x.clone().requires_grad_(True)
+        p_in = prefix.clone().requires_grad_(True) if with_prefix else None
+        out = attn(x_in, attn_mask=mask, prefix=p_in)
+        out.square().sum().backward()
+        results.append([out, x_in.grad, attn.qkv.weight.grad] + ([p_in.grad] if with_prefix else []))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert results[0][1].abs().sum() > 0
+
+
 def test_grad_checkpointing_gives_same_gradients(tiny_backbone):
     torch.manual_seed(0)
     model = tiny_backbone
