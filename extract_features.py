@@ -103,7 +103,8 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
     """
     cli_config = model_config_from_args(args)
     if not args.checkpoint_weights:
-        logger.warning("no --checkpoint_weights: extracting with the untrained model (a baseline)")
+        logger.warning("no --checkpoint_weights: extracting with the untrained model (a baseline, seeded by --seed)")
+        torch.manual_seed(args.seed)
         model = build_facegcd(
             cli_config, pretrained_weights=args.pretrained_weights, checkpoint_key=args.checkpoint_key
         )

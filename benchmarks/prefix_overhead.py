@@ -67,10 +67,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype (default: none)")
     parser.add_argument(
-        "--fused-cpu-attention",
-        action="store_true",
-        help="train with PyTorch's fused attention kernel on the CPU too (default: the explicit one, see "
-        "model.prefix_attention.PrefixAttention.explicit_cpu_training)",
+        "--cpu-attention",
+        choices=("auto", "explicit", "fused"),
+        default="auto",
+        help="attention kernel for CPU training (default: auto, see "
+        "model.prefix_attention.PrefixAttention.cpu_training_kernel)",
     )
     parser.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: torch's)")
@@ -219,7 +220,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--amp float16 needs CUDA; use bfloat16 on CPU")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    PrefixAttention.explicit_cpu_training = not args.fused_cpu_attention
+    PrefixAttention.cpu_training_kernel = args.cpu_attention
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -22,17 +22,29 @@ class PrefixAttention(Attention):
     """timm multi-head self-attention whose keys and values can be extended by per-image prefixes.
 
     Parameters (`qkv`, `proj`) are timm's and therefore DINO's. Without a prefix the parent forward runs unchanged
-    (except in CPU training, see `explicit_cpu_training`), so a prefix-free model is exactly timm's ViT. With a
+    (except in low-precision CPU training, see `cpu_training_kernel`), so a prefix-free model is timm's ViT. With a
     prefix (2, B, H, P, e) the keys and values become concat(P_K, k) and concat(P_V, v) along the token axis,
     (B, H, P + T, e); the queries stay (B, H, T, e), so T tokens come out. Prefixes are cast to the dtype of the
     queries (the autocast dtype under autocast).
     """
 
-    # PyTorch's fused CPU attention is slow to back-propagate through for the short sequences of face ViTs: on the
-    # CPU with autograd recording, the explicit product-softmax-product is faster (ViT-T/16 at 64 px, 128 views,
-    # bf16 autocast, 2 threads: training step 0.66 s -> 0.48 s; `benchmarks/prefix_overhead.py --fused-cpu-attention`
-    # measures the fused variant). CUDA and inference always use the fused kernel.
-    explicit_cpu_training: bool = True
+    # Kernel for CPU training: "auto" (explicit product-softmax-product under a low-precision autocast, the fused
+    # `scaled_dot_product_attention` otherwise), "explicit" or "fused". PyTorch's fused CPU kernel is slow to
+    # back-propagate through in bfloat16: explicit/fused forward+backward time 0.38-0.63 at 17-197 tokens (ViT-T and
+    # ViT-S widths, 2 threads), but 0.92-1.23 in float32, where "auto" keeps the fused kernel. On CUDA and without
+    # autograd the fused kernel always runs. Measured by `python -m benchmarks.cpu_attention`.
+    cpu_training_kernel: str = "auto"
+
+    def uses_explicit_kernel(self, x: torch.Tensor) -> bool:
+        """Whether attention over `x` runs the explicit kernel (CPU training only, see `cpu_training_kernel`)."""
+        if self.cpu_training_kernel not in ("auto", "explicit", "fused"):
+            raise ValueError(f"cpu_training_kernel must be auto, explicit or fused, got {self.cpu_training_kernel!r}")
+        if x.device.type != "cpu" or not torch.is_grad_enabled() or self.cpu_training_kernel == "fused":
+            return False
+        if self.cpu_training_kernel == "explicit":
+            return True
+        autocast_low = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.float32
+        return autocast_low or x.dtype in (torch.bfloat16, torch.float16)
 
     def forward(
         self,
@@ -52,7 +64,7 @@ class PrefixAttention(Attention):
         Returns:
             Tokens (B, T, D).
         """
-        explicit = self.explicit_cpu_training and x.device.type == "cpu" and torch.is_grad_enabled()
+        explicit = self.uses_explicit_kernel(x)
         if prefix is None and (is_causal or not explicit):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if is_causal:

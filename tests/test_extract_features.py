@@ -127,6 +127,12 @@ def test_untrained_and_pixel_baselines_extract(tiny_run, tmp_path, run_script):
         str(tmp_path),
     ]
     run_script("extract_features.py", base + ["--experiment", "untrained"])
+    run_script("extract_features.py", base + ["--experiment", "untrained_again"])
+    run_script("extract_features.py", base + ["--experiment", "untrained_seed2", "--seed", "2"])
     run_script("extract_features.py", base + ["--experiment", "pixels", "--features", "pixels"])
-    assert _load(tmp_path / "untrained" / "features_train.pt")["features"].shape == (48, 192)
+    untrained = _load(tmp_path / "untrained" / "features_train.pt")["features"]
+    assert untrained.shape == (48, 192)
+    # the untrained baseline is a seeded random model: reproducible for a --seed, different across seeds
+    assert torch.equal(untrained, _load(tmp_path / "untrained_again" / "features_train.pt")["features"])
+    assert not torch.allclose(untrained, _load(tmp_path / "untrained_seed2" / "features_train.pt")["features"])
     assert _load(tmp_path / "pixels" / "features_train.pt")["features"].shape == (48, 3 * 16 * 16)

@@ -118,8 +118,8 @@ def test_explicit_cpu_training_kernel_equals_fused(monkeypatch, with_prefix, mas
     if mask is not None and mask.dtype == torch.bool:
         mask[..., 0] = True  # every query keeps a key
     results = []
-    for explicit in (True, False):
-        monkeypatch.setattr(PrefixAttention, "explicit_cpu_training", explicit)
+    for kernel in ("explicit", "fused"):
+        monkeypatch.setattr(PrefixAttention, "cpu_training_kernel", kernel)
         attn.zero_grad(set_to_none=True)
         x_in = x.clone().requires_grad_(True)
         p_in = prefix.clone().requires_grad_(True) if with_prefix else None
@@ -129,6 +129,26 @@ def test_explicit_cpu_training_kernel_equals_fused(monkeypatch, with_prefix, mas
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert results[0][1].abs().sum() > 0
+
+
+def test_cpu_training_kernel_choice(monkeypatch):
+    """auto: explicit only for CPU training under a low-precision autocast; fused in float32 and without autograd."""
+    attn = PrefixAttention(32, num_heads=4)
+    x = torch.randn(2, 5, 32)
+    assert not attn.uses_explicit_kernel(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attn.uses_explicit_kernel(x)
+        with torch.no_grad():
+            assert not attn.uses_explicit_kernel(x)
+    assert attn.uses_explicit_kernel(x.bfloat16())
+    monkeypatch.setattr(PrefixAttention, "cpu_training_kernel", "explicit")
+    assert attn.uses_explicit_kernel(x)
+    monkeypatch.setattr(PrefixAttention, "cpu_training_kernel", "fused")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not attn.uses_explicit_kernel(x)
+    monkeypatch.setattr(PrefixAttention, "cpu_training_kernel", "flash")
+    with pytest.raises(ValueError, match="cpu_training_kernel"):
+        attn.uses_explicit_kernel(x)
 
 
 def test_grad_checkpointing_gives_same_gradients(tiny_backbone):
