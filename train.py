@@ -222,18 +222,22 @@ def _selection_metric(results: dict, args: argparse.Namespace) -> float:
     return float(value) if value is not None else 0.0
 
 
-def _summary_row(epoch: int, train_stats: dict, results: dict, args: argparse.Namespace) -> dict:
-    """The reference's summary columns (combined values of the selection variant), then every set and variant."""
+def _summary_row(epoch: int, train_stats: dict, results: dict | None, args: argparse.Namespace) -> dict:
+    """The reference's summary columns (combined values of the selection variant), then every set and variant.
+
+    Epochs without validation (`results` None) get empty accuracy cells.
+    """
     variant = args.eval_funcs[0]
+    combined = results["combined"][variant] if results is not None else {}
     row = {
         "epoch": epoch,
         "train_loss": train_stats["loss"],
-        "eval_all_acc": results["combined"][variant]["all"],
-        "eval_old_acc": results["combined"][variant]["old"],
-        "eval_new_acc": results["combined"][variant]["new"],
+        "eval_all_acc": combined.get("all"),
+        "eval_old_acc": combined.get("old"),
+        "eval_new_acc": combined.get("new"),
         "lr": train_stats["lr"],
     }
-    for set_name, per_variant in results.items():
+    for set_name, per_variant in (results or {}).items():
         for var, entries in per_variant.items():
             for entry, value in entries.items():
                 row[f"{set_name}_{var}_{entry}"] = value
@@ -442,9 +446,10 @@ def main(args: argparse.Namespace) -> int:
                 metric = _selection_metric(results, args) if args.checkpoint_select == "best" else float(epoch)
                 state["metric"] = metric
                 saver.save_checkpoint(state, epoch, metric)
-                row = _summary_row(epoch, train_stats, results, args)
-                update_summary(epoch, row, out_dir / "summary.csv", write_header=not (out_dir / "summary.csv").exists())
-                plot_training_curves(out_dir / "summary.csv", out_dir / "training_curves.png")
+            row = _summary_row(epoch, train_stats, results, args)
+            update_summary(epoch, row, out_dir / "summary.csv", write_header=not (out_dir / "summary.csv").exists())
+            plot_training_curves(out_dir / "summary.csv", out_dir / "training_curves.png")
+            if results is not None:
                 wandb_logger.log(row, step=epoch)
             state["saver"] = saver.state_dict()
             saver.save_last(state)

@@ -1,5 +1,6 @@
 """Real training runs of train.py on the tiny SynthFaces preset (ViT-T/16 at 32 px, CPU)."""
 
+import csv
 import hashlib
 import json
 import signal
@@ -66,7 +67,10 @@ def test_two_process_training_lowers_the_loss(tiny_faces, tmp_path, run_script):
     assert list((out / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
     summary = (out / "summary.csv").read_text().splitlines()
     assert summary[0].startswith("epoch,train_loss,eval_all_acc,eval_old_acc,eval_new_acc,lr")
-    assert len(summary) == 1 + 3  # validations after epochs 1, 3, 5
+    rows = list(csv.DictReader(summary))
+    assert [int(r["epoch"]) for r in rows] == list(range(6))  # every epoch's loss, for the training curve
+    assert [r["eval_all_acc"] != "" for r in rows] == [False, True] * 3  # validations after epochs 1, 3, 5
+    assert all(float(r["train_loss"]) > 0 for r in rows)
     ckpt = torch.load(out / "last.pth.tar", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 5 and ckpt["model_config"]["arch"] == "vit_tiny"
     assert any(k.startswith("backbone.prefix_generator.") for k in ckpt["state_dict"])

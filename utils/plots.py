@@ -101,7 +101,8 @@ def plot_training_curves(summary_csv_path: str | Path, out_png: str | Path) -> P
     ax_loss.set_ylabel("train loss")
     ax_loss.set_title("training loss")
     for key, name in (("eval_all_acc", "All"), ("eval_old_acc", "Old"), ("eval_new_acc", "New")):
-        ax_acc.plot(cols["epoch"], cols[key], marker="o", label=name)
+        validated = np.isfinite(cols[key])  # epochs without validation have empty cells
+        ax_acc.plot(cols["epoch"][validated], cols[key][validated], marker="o", label=name)
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("clustering accuracy")
     ax_acc.set_title("validation accuracy")
