@@ -1,9 +1,10 @@
 """GCD datasets for every registered benchmark: one implementation driven by :mod:`data_loader.registry`.
 
 ``build_gcd_datasets`` lists the benchmark root (image folders, or CASIA's RecordIO pair), checks it before any
-training starts, applies the class split and draws the labelled subset (method spec section 2.3), and returns the
-training set D_L ++ D_U plus the evaluation views. Every item carries its ``uq_idx`` (position in its split's listing:
-sorted classes, then sorted file names), so results gathered from several ranks can be put back in order.
+training starts (image verification is done once per tree and recorded, :mod:`data_loader.verification`), applies
+the class split and draws the labelled subset (docs/method.md, section 2.6), and returns the training set D_L ++ D_U
+plus the evaluation views. Every item carries its ``uq_idx`` (position in its split's listing: sorted classes, then
+sorted file names), so results gathered from several ranks can be put back in order.
 
 References: GCD (Vaze et al.) ``data/get_datasets.py`` and ``data/data_utils.py`` (MergedDataset, labelled draw);
 DINOv2 ``dinov2/data/adapters.py`` (samples carry their index).
@@ -17,7 +18,6 @@ import os
 import pickle
 import random
 from collections.abc import Hashable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -27,17 +27,16 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from data_loader.recordio import RecordIOReader
 from data_loader.registry import BenchmarkSpec, DatasetError, KnownRule, Layout, get_spec
 from data_loader.transforms import EvalTransform, TrainTransform, TwoViewTransform
+from data_loader.verification import DECODE_ERRORS, VerifyGroup, find_corrupt, folder_group, recordio_group
 from utils.distributed import is_primary
 
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 _MAX_NAMED = 5
 
 
@@ -86,7 +85,7 @@ def casia_split(
     train_fraction: float = 0.8,
     source: str = "source",
 ) -> list[tuple[Hashable, list, list]]:
-    """CASIA benchmark selection (method spec 2.2), identical on every rank.
+    """CASIA benchmark selection (docs/method.md, section 2.3), identical on every rank.
 
     One ``random.Random(seed)`` stream: ``sample`` ``num_ids`` of the identities with >= ``min_images`` images (in
     ascending order), then per drawn identity shuffle its items (ascending) and put the first
@@ -158,8 +157,18 @@ class FileImageSource:
         try:
             with Image.open(self.paths[i]) as img:
                 return img.convert("RGB")
-        except _DECODE_ERRORS as err:
+        except DECODE_ERRORS as err:
             raise DatasetError(f"cannot read image {self.paths[i]}: {err}") from err
+
+    def verify_groups(self, root: Path) -> list[VerifyGroup]:
+        """The images grouped by folder, as the verification record stores them (one ``stat`` per file)."""
+        by_folder: dict[str, list[int]] = {}
+        for i, path in enumerate(self.paths):
+            by_folder.setdefault(os.path.dirname(path), []).append(i)
+        return [
+            folder_group(root, folder, [os.path.basename(self.paths[i]) for i in positions], positions)
+            for folder, positions in by_folder.items()
+        ]
 
     def subset(self, keep: np.ndarray) -> FileImageSource:
         """The source restricted to listing positions ``keep`` (in that order)."""
@@ -193,6 +202,10 @@ class RecordImageSource:
     def load(self, i: int) -> Image.Image:
         """Decode image ``i`` to RGB (errors name the file and key)."""
         return self.reader.read_image(self.keys[i])
+
+    def verify_groups(self, root: Path) -> list[VerifyGroup]:
+        """One group, the RecordIO pair, as the verification record stores it."""
+        return [recordio_group(root, self.reader.rec_path, self.reader.idx_path, self.keys)]
 
     def subset(self, keep: np.ndarray) -> RecordImageSource:
         """The source restricted to listing positions ``keep`` (in that order)."""
@@ -404,8 +417,38 @@ def _load_pickle_split(spec: BenchmarkSpec, file_name: str, split_dir: Path | No
         raise DatasetError(f"class-split file {path} lacks {err}; expected a dict with keys {expected}") from err
 
 
+def _resolve_num_known(spec: BenchmarkSpec, root: Path, num_classes: int, fixed: int, requested: int | None) -> int:
+    """N_old: ``requested`` (default N // 2) where the caller chooses it, else the benchmark's ``fixed`` value.
+
+    Raises:
+        DatasetError: ``requested`` is out of 1..N-1, or differs from a fixed value (both named).
+    """
+    if requested is not None and (not isinstance(requested, int) or isinstance(requested, bool)):
+        raise DatasetError(f"--num-known must be an integer, got {requested!r}")
+    if spec.num_known_from_caller:
+        if requested is None:
+            return num_classes // 2
+        if not 1 <= requested < num_classes:
+            raise DatasetError(
+                f"--num-known {requested} is out of range for {spec.name} at {root}: it has {num_classes} identity "
+                f"folders, so --num-known must be in 1..{num_classes - 1}"
+            )
+        return requested
+    if requested is not None and requested != fixed:
+        raise DatasetError(
+            f"--num-known {requested} contradicts {spec.name}, whose number of known classes is fixed at {fixed}; "
+            "drop --num-known, or read your own split with --dataset identity_folders"
+        )
+    return fixed
+
+
 def _class_order(
-    spec: BenchmarkSpec, root: Path, num_classes: int, osr_split_dir: Path | None, use_ssb_splits: bool
+    spec: BenchmarkSpec,
+    root: Path,
+    num_classes: int,
+    osr_split_dir: Path | None,
+    use_ssb_splits: bool,
+    num_known: int | None,
 ) -> tuple[list[int], int]:
     """The benchmark's class indices ordered {known..., unknown...}, and the number of known ones."""
     if spec.known_rule == KnownRule.PICKLE or (use_ssb_splits and spec.ssb_split_file is not None):
@@ -416,9 +459,9 @@ def _class_order(
             raise DatasetError(
                 f"class-split file {file_name} must partition classes 0..{num_classes - 1}; it lists {len(order)}"
             )
-        return order, len(known)
-    num_known = spec.num_known if spec.num_known is not None else num_classes // 2
-    return list(range(num_classes)), num_known
+        return order, _resolve_num_known(spec, root, num_classes, len(known), num_known)
+    fixed = spec.num_known if spec.num_known is not None else num_classes // 2
+    return list(range(num_classes)), _resolve_num_known(spec, root, num_classes, fixed, num_known)
 
 
 def _list_recordio(spec: BenchmarkSpec, root: Path, progress: bool) -> tuple[_Listing, _Listing, list[str]]:
@@ -444,41 +487,18 @@ def _list_recordio(spec: BenchmarkSpec, root: Path, progress: bool) -> tuple[_Li
     return train, test, class_names
 
 
-def _find_corrupt(source: ImageSource, progress: bool, what: str) -> list[tuple[int, str]]:
-    """Open every image's header (PIL ``verify``); returns (position, error) of the unreadable ones."""
-
-    def check(i: int) -> str | None:
-        try:
-            source.verify(i)
-        except _DECODE_ERRORS as err:
-            return f"{type(err).__name__}: {err}"
-        return None
-
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
-        results = list(
-            tqdm(
-                pool.map(check, range(len(source)), chunksize=64),
-                total=len(source),
-                desc=f"verifying {what}",
-                disable=not progress,
-                mininterval=2.0,
-            )
-        )
-    return [(i, err) for i, err in enumerate(results) if err is not None]
-
-
-def _drop_corrupt(listing: _Listing, skip_corrupt: bool, progress: bool, what: str) -> _Listing:
-    bad = _find_corrupt(listing.source, progress, what)
+def _drop_corrupt(listing: _Listing, bad: Mapping[int, str], skip_corrupt: bool, what: str) -> _Listing:
+    """The listing without its unreadable images ``bad`` (position -> error); an error unless ``skip_corrupt``."""
     if not bad:
         return listing
-    named = [f"{listing.source.describe(i)} ({err})" for i, err in bad]
+    named = [f"{listing.source.describe(i)} ({err})" for i, err in bad.items()]
     if not skip_corrupt:
         raise DatasetError(
             f"{len(bad)} unreadable or corrupt image(s) in the {what} split: {_few(named, 3)}; "
             "fix or remove them, or pass skip_corrupt=True (--skip-corrupt) to leave them out"
         )
     logger.warning("skipping %d corrupt %s image(s):\n  %s", len(bad), what, "\n  ".join(named))
-    keep = np.setdiff1d(np.arange(len(listing.source)), [i for i, _ in bad])
+    keep = np.setdiff1d(np.arange(len(listing.source)), list(bad))
     return listing.subset(keep)
 
 
@@ -490,17 +510,23 @@ def _check_every_class_present(listing: _Listing, num_classes: int, class_names:
 
 
 def _read_benchmark(
-    spec: BenchmarkSpec, root: Path, split_dir: Path | None, use_ssb_splits: bool, progress: bool
+    spec: BenchmarkSpec,
+    root: Path,
+    split_dir: Path | None,
+    use_ssb_splits: bool,
+    num_known: int | None,
+    progress: bool,
 ) -> tuple[_Listing, _Listing, list[str], int]:
-    """List both splits and apply the class split.
+    """List both splits and apply the class split (``num_known``: the caller's N_old, None = the benchmark's).
 
     Returns:
         (train listing, test listing, class names, num_known); labels are remapped so that class c is
         ``class_names[c]`` and labels < num_known are the known classes.
     """
     if spec.layout == Layout.FACE_RECORDIO_OR_FOLDERS and (root / "train.rec").exists():
+        known = _resolve_num_known(spec, root, spec.num_classes, spec.num_known, num_known)
         train, test, class_names = _list_recordio(spec, root, progress)
-        return train, test, class_names, spec.num_known
+        return train, test, class_names, known
 
     train_dir, test_dir = _split_dirs(spec, root)
     all_classes = list_class_dirs(train_dir)
@@ -509,7 +535,7 @@ def _read_benchmark(
         raise DatasetError(f"{train_dir} has {len(all_classes)} class folder(s); a GCD benchmark needs at least 2")
     chosen = _choose_classes(spec, root, train_dir, all_classes)
     num_classes = len(chosen)
-    order, num_known = _class_order(spec, root, num_classes, split_dir, use_ssb_splits)
+    order, num_known = _class_order(spec, root, num_classes, split_dir, use_ssb_splits, num_known)
     # folder index -> rank among the chosen folders -> position in {known..., unknown...}
     remap = np.full(len(all_classes), -1, dtype=np.int64)
     remap[[chosen[c] for c in order]] = np.arange(num_classes)
@@ -520,7 +546,7 @@ def _read_benchmark(
 
 
 def labelled_subset(train_labels: np.ndarray, num_known: int, prop_train_labels: float, seed: int = 0) -> np.ndarray:
-    """The labelled mask D_L over the train listing (method spec 2.3), a function of the seed only.
+    """The labelled mask D_L over the train listing (docs/method.md, section 2.6), a function of the seed only.
 
     Over the known-class training images in listing order, ``RandomState(seed).choice(n_known,
     int(prop_train_labels * n_known), replace=False)`` picks the labelled ones.
@@ -549,6 +575,7 @@ def build_gcd_datasets(
     image_size: int = 112,
     prop_train_labels: float = 0.5,
     seed: int = 0,
+    num_known: int | None = None,
     skip_corrupt: bool = False,
     verify_images: bool = True,
     osr_split_dir: str | os.PathLike | None = None,
@@ -556,14 +583,22 @@ def build_gcd_datasets(
 ) -> GCDDatasets:
     """Read, check and split a benchmark (identical on every rank: it depends on seeds only).
 
+    Under torch.distributed this is a collective (every rank calls it): the primary rank verifies the images, the
+    others wait for its record of the verification (:mod:`data_loader.verification`).
+
     Args:
         name: registered dataset name (case-insensitive).
         data_path: the benchmark root.
         image_size: side S of the transformed images.
         prop_train_labels: fraction of the known-class training images in D_L.
         seed: seed of the labelled draw (``np.random.RandomState(seed)``).
-        skip_corrupt: leave unreadable images out (logged) instead of raising.
-        verify_images: open every image header (PIL ``verify``) up front; decoding errors during training always
+        num_known: N_old, the known classes being the first ``num_known`` in sorted folder order. None = the
+            benchmark's (N // 2 unless it fixes another value); only ``identity_folders`` accepts other values, in
+            1..N-1.
+        skip_corrupt: leave unreadable images out (logged) instead of raising; the record of the verification keeps
+            which images were bad, so later runs skip the same ones.
+        verify_images: check every image header (PIL ``verify``) up front, once per data tree: images recorded as
+            verified with unchanged size and mtime are not opened again. Decoding errors during training always
             raise an error naming the file.
         osr_split_dir: folder of the class-split pickles (herbarium_19, ``use_ssb_splits``); default ``data_path``.
         use_ssb_splits: use the Semantic Shift Benchmark splits for cub, scars and aircraft.
@@ -572,8 +607,9 @@ def build_gcd_datasets(
         The :class:`GCDDatasets`.
 
     Raises:
-        DatasetError: unknown name, missing or inconsistent folders, wrong class count, empty class folder, corrupt
-            image (unless ``skip_corrupt``), truncated RecordIO, missing class-split file.
+        DatasetError: unknown name, missing or inconsistent folders, wrong class count, ``num_known`` out of range or
+            contradicting the benchmark, empty class folder, corrupt image (unless ``skip_corrupt``), truncated
+            RecordIO, missing class-split file.
     """
     spec = get_spec(name)
     if not 0.0 < prop_train_labels <= 1.0:
@@ -582,12 +618,13 @@ def build_gcd_datasets(
     root = Path(data_path)
     progress = is_primary()
     split_dir = Path(osr_split_dir) if osr_split_dir is not None else None
-    train, test, class_names, num_known = _read_benchmark(spec, root, split_dir, use_ssb_splits, progress)
+    train, test, class_names, num_known = _read_benchmark(spec, root, split_dir, use_ssb_splits, num_known, progress)
     num_classes = len(class_names)
 
     if verify_images:
-        train = _drop_corrupt(train, skip_corrupt, progress, "train")
-        test = _drop_corrupt(test, skip_corrupt, progress, "test")
+        bad_train, bad_test = find_corrupt(root, [train.source, test.source], progress=progress)
+        train = _drop_corrupt(train, bad_train, skip_corrupt, "train")
+        test = _drop_corrupt(test, bad_test, skip_corrupt, "test")
     _check_every_class_present(train, num_classes, class_names, "train")
     _check_every_class_present(test, num_classes, class_names, "test")
 

@@ -2,7 +2,9 @@
 
 A spec states where the images live (the root layout), how many classes the benchmark has, how they split into
 known and unknown classes, and, for benchmarks the framework selects itself (CASIA from RecordIO), the selection
-rules of method spec section 2. Names are case-insensitive; ``casiafaces_*`` are aliases of ``casia_*``.
+rules of docs/method.md, section 2. Names are case-insensitive; ``casiafaces_*`` are aliases of ``casia_*``.
+``identity_folders`` reads any identity-folder tree of your own faces: N comes from its folders and the number of
+known identities from the caller.
 
 References: timm ``timm/models/_registry.py`` (registry with a helpful error), DINOv2 ``dinov2/data/loaders.py``.
 """
@@ -44,8 +46,11 @@ class BenchmarkSpec:
     Args:
         name: canonical registry name.
         layout: root layout (:class:`Layout`).
-        num_classes: N, the number of classes; None = taken from the folders (SynthFaces without its generator).
+        num_classes: N, the number of classes; None = taken from the folders (identity_folders, SynthFaces without
+            its generator).
         num_known: N_old, the number of known classes; None = N // 2.
+        num_known_from_caller: N_old is chosen by the caller (``num_known``, ``--num-known``; default N // 2)
+            instead of being fixed by the benchmark.
         test_dirs: accepted names of the test split folder, first existing one wins.
         known_rule: how the known classes are chosen (:class:`KnownRule`).
         split_file: class-split pickle for ``KnownRule.PICKLE`` (keys 'Old' and 'New'), looked up in ``osr_split_dir``.
@@ -66,6 +71,7 @@ class BenchmarkSpec:
     layout: Layout
     num_classes: int | None
     num_known: int | None = None
+    num_known_from_caller: bool = False
     test_dirs: tuple[str, ...] = ("test",)
     known_rule: KnownRule = KnownRule.FIRST
     split_file: str | None = None
@@ -123,6 +129,16 @@ def _face_specs() -> list[BenchmarkSpec]:
                 description=f"CASIA-WebFace, {n} identities drawn from train.rec/train.idx or prepared folders",
             )
         )
+    specs.append(
+        BenchmarkSpec(
+            name="identity_folders",
+            layout=Layout.FACE_FOLDERS,
+            num_classes=None,
+            num_known_from_caller=True,
+            description="your own faces: any <data-path>/train/<id>/ + test/<id>/ tree; N from the folders, "
+            "known = the first --num-known identities in sorted order (default N // 2)",
+        )
+    )
     for preset in ("synthfaces_tiny", "synthfaces_quick"):
         specs.append(
             BenchmarkSpec(
@@ -192,7 +208,7 @@ def get_spec(name: str) -> BenchmarkSpec:
         name: dataset name, case-insensitive; ``casiafaces_N`` is accepted for ``casia_N``.
 
     Returns:
-        The benchmark's spec (``num_known`` filled in).
+        The benchmark's spec (``num_known`` filled in where N is fixed).
 
     Raises:
         DatasetError: the name is not registered; the message lists the valid names.

@@ -41,6 +41,7 @@ def _error(*args, **kwargs) -> str:
 def test_unknown_dataset_name_lists_valid_ones(tmp_path):
     message = _error("ytf_500", tmp_path)
     assert "ytf_500" in message and "youtubefaces_500" in message and "casia_1000" in message
+    assert "identity_folders" in message
 
 
 def test_missing_root_train_or_test(tmp_path):
@@ -76,6 +77,17 @@ def test_empty_identity_folder(tmp_path):
     (root / "test" / "c" / "notes.txt").write_text("not an image")
     message = _error("tiny4", root)
     assert str(root / "test" / "c") in message and "no images" in message
+
+
+def test_num_known_out_of_range_or_contradicting_the_benchmark(tmp_path):
+    root = _write_tree(tmp_path)  # 4 identities
+    for bad in (0, 4, -1):
+        message = _error("identity_folders", root, num_known=bad)
+        assert f"--num-known {bad}" in message and "1..3" in message and str(root) in message
+    assert "--num-known must be an integer" in _error("identity_folders", root, num_known=1.5)
+    message = _error("tiny4", root, num_known=3)
+    assert "--num-known 3" in message and "tiny4" in message and "fixed at 2" in message
+    assert build_gcd_datasets("tiny4", root, image_size=S, num_known=2).num_known == 2
 
 
 def test_corrupt_image_is_named_or_skipped(tmp_path, caplog):

@@ -1,18 +1,23 @@
 """GCD datasets on small generated trees: listing order, class split, labelled subset, items and transforms."""
 
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from cli_helpers import ROOT, free_port, script_env
 from data_loader import build_gcd_datasets
 from data_loader.recordio import write_recordio
 from data_loader.registry import DATASET_REGISTRY, BenchmarkSpec, KnownRule, Layout
 from data_loader.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, TwoViewTransform
 
 S = 16  # image size used in these tests (resize to int(16 / 0.875) = 18, crop 16)
+DIST_WORKER = Path(__file__).with_name("_datasets_dist_worker.py")
 
 
 def _write_tree(root, classes, n_train, n_test, size=20):
@@ -76,19 +81,69 @@ def test_items_carry_views_labels_and_uq_idx(tiny):
     assert batch[3].dtype == torch.bool
 
 
-def test_no_rank_dependence_and_seed_dependence(tiny, monkeypatch):
-    first = build_gcd_datasets("tiny4", tiny, image_size=S, verify_images=False)
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    second = build_gcd_datasets("tiny4", tiny, image_size=S, verify_images=False)
-    assert torch.equal(first.labelled_mask, second.labelled_mask)
-    assert first.train.uq_idx.tolist() == second.train.uq_idx.tolist()
-    other = build_gcd_datasets("tiny4", tiny, image_size=S, seed=1, verify_images=False)
+def test_labelled_draw_depends_on_the_seed_only(tiny):
+    first = build_gcd_datasets("tiny4", tiny, image_size=S)
+    again = build_gcd_datasets("tiny4", tiny, image_size=S)
+    assert torch.equal(first.labelled_mask, again.labelled_mask)
+    assert first.train.uq_idx.tolist() == again.train.uq_idx.tolist()
+    other = build_gcd_datasets("tiny4", tiny, image_size=S, seed=1)
     expected = np.sort(np.random.RandomState(1).choice(10, 5, replace=False))
     assert torch.nonzero(other.labelled_mask).flatten().tolist() == expected.tolist()
-    full = build_gcd_datasets("tiny4", tiny, image_size=S, prop_train_labels=1.0, verify_images=False)
+    full = build_gcd_datasets("tiny4", tiny, image_size=S, prop_train_labels=1.0)
     assert full.labelled_mask.tolist() == [True] * 10 + [False] * 10
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_two_ranks_build_the_same_benchmark_and_only_rank_0_verifies(tmp_path):
+    root, out = tmp_path / "faces", tmp_path / "out"
+    out.mkdir()
+    _write_tree(root, ["d_id", "a_id", "c_id", "b_id", "e_id"], n_train=4, n_test=2)
+    bad = root / "test" / "c_id" / "img_1.jpg"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(DIST_WORKER),
+        str(root),
+        str(out),
+        str(bad),
+    ]
+    env = dict(script_env(), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # the first build: rank 0 opened every image once, rank 1 none; both built the same benchmark
+    assert ranks[0]["opened"] == 5 * (4 + 2) and ranks[1]["opened"] == 0
+    for key in ("labelled_mask", "train_labels", "test_labels", "train_order", "unlabelled_order"):
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    for key in ("train_paths", "class_names", "num_known"):
+        assert ranks[0][key] == ranks[1][key], key
+    # ... which is the one a single process builds
+    single = build_gcd_datasets("identity_folders", root, image_size=S, num_known=2, verify_images=False)
+    assert torch.equal(ranks[0]["labelled_mask"], single.labelled_mask)
+    assert ranks[0]["train_order"].tolist() == single.train.uq_idx.tolist()
+    assert ranks[0]["class_names"] == ["a_id", "b_id", "c_id", "d_id", "e_id"] == single.class_names
+    # the second build: rank 0 re-verified only the changed folder and both ranks stop with the same error
+    assert ranks[0]["opened_second"] == 2 and ranks[1]["opened_second"] == 0
+    assert str(bad) in ranks[0]["error"] and ranks[0]["error"] == ranks[1]["error"]
+
+
+def test_identity_folders_take_n_from_the_tree_and_num_known_from_the_caller(tmp_path):
+    _write_tree(tmp_path, ["zoe", "ann", "max", "bob", "eve"], n_train=2, n_test=1)
+    ds = build_gcd_datasets("identity_folders", tmp_path, image_size=S)
+    assert ds.spec.name == "identity_folders"
+    assert ds.class_names == ["ann", "bob", "eve", "max", "zoe"]
+    assert (ds.num_classes, ds.num_known) == (5, 2)  # N // 2
+    assert ds.train_labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    ds = build_gcd_datasets("Identity_Folders", tmp_path, image_size=S, num_known=4)
+    assert ds.num_known == 4
+    # known = ann, bob, eve, max: the labelled draw runs over their 8 train images
+    expected = np.sort(np.random.RandomState(0).choice(8, 4, replace=False))
+    assert torch.nonzero(ds.labelled_mask).flatten().tolist() == expected.tolist()
+    assert build_gcd_datasets("identity_folders", tmp_path, image_size=S, num_known=1).num_known == 1
 
 
 def test_pickle_class_split_remaps_known_classes_first(tmp_path, monkeypatch):

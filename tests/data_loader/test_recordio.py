@@ -1,4 +1,5 @@
-"""RecordIO reader and writer: round trip, multi-part records, header scan and truncated files."""
+"""RecordIO reader and writer: a file written byte by byte from the format, round trip, multi-part records, header
+scan and truncated files."""
 
 import io
 import pickle
@@ -26,6 +27,100 @@ def _write_faces(tmp_path, labels):
     rec, idx = tmp_path / "train.rec", tmp_path / "train.idx"
     assert write_recordio(rec, idx, items) == len(labels) + 1
     return rec, idx
+
+
+def _golden_record(payload: bytes) -> bytes:
+    """One record written from the format: uint32 magic 0xced7230a, uint32 length word (cflag 0 in the top 3 bits,
+    the length in the low 29), the payload, zero padding to a multiple of 4 bytes."""
+    return struct.pack("<II", 0xCED7230A, len(payload)) + payload + b"\0" * (-len(payload) % 4)
+
+
+def _golden_multipart(payload: bytes, split_at: int) -> bytes:
+    """A record whose payload holds the magic at the 4-aligned ``split_at``: part 1 (cflag 1) before it, part 3
+    (cflag 3) after it; the magic itself is left out and stands between the parts."""
+    head, tail = payload[:split_at], payload[split_at + 4 :]
+    assert split_at % 4 == 0 and payload[split_at : split_at + 4] == struct.pack("<I", 0xCED7230A)
+    first = struct.pack("<II", 0xCED7230A, (1 << 29) | len(head)) + head
+    return first + struct.pack("<II", 0xCED7230A, (3 << 29) | len(tail)) + tail + b"\0" * (-len(tail) % 4)
+
+
+def _golden_payload(flag: int, label: float, id1: int, id2: int, labels: tuple = (), data: bytes = b"") -> bytes:
+    """Payload: the IfQQ header (uint32 flag, float32 label, uint64 id, uint64 id2), ``flag`` float32 labels, data."""
+    assert len(labels) == flag
+    return struct.pack("<IfQQ", flag, label, id1, id2) + struct.pack(f"<{flag}f", *labels) + data
+
+
+MAGIC_DATA = b"abcd" + struct.pack("<I", 0xCED7230A) + b"xyz"  # after the 24-byte header the magic sits at 28
+
+
+def _write_golden(tmp_path, id2: int = 99):
+    """insightface layout by hand: meta record 0 (label[0] = 4, one past the last image key), image records 1 and 2
+    (scalar label; label array of 2), record 3 split around the magic its payload holds."""
+    records = [
+        _golden_record(_golden_payload(2, 0.0, 0, 0, (4.0, 5.0))),
+        _golden_record(_golden_payload(0, 7.0, 1, 0, data=_jpeg(1))),
+        _golden_record(_golden_payload(2, 0.0, 2, id2, (11.0, 0.5), data=_jpeg(2))),
+        _golden_multipart(_golden_payload(0, 9.0, 3, 0, data=MAGIC_DATA), split_at=28),
+    ]
+    offsets = np.cumsum([0] + [len(r) for r in records[:-1]]).tolist()
+    rec, idx = tmp_path / "golden.rec", tmp_path / "golden.idx"
+    rec.write_bytes(b"".join(records))
+    idx.write_text("".join(f"{key}\t{offset}\n" for key, offset in enumerate(offsets)))
+    return rec, idx, offsets
+
+
+def test_reader_decodes_a_record_file_written_byte_by_byte(tmp_path):
+    rec, idx, _ = _write_golden(tmp_path)
+    reader = RecordIOReader(rec, idx)
+    assert reader.image_keys() == [1, 2, 3]  # from the meta record's label[0]
+    meta = reader.read_header(0)
+    assert (meta.flag, meta.labels) == (2, (4.0, 5.0))
+    header, data = reader.read(1)
+    assert (header.flag, header.label, header.id, header.id2, data) == (0, 7.0, 1, 0, _jpeg(1))
+    header, data = reader.read(2)
+    assert (header.flag, header.labels, header.id, header.id2, data) == (2, (11.0, 0.5), 2, 99, _jpeg(2))
+    assert reader.read_header(2) == header
+    header, data = reader.read(3)
+    assert (header.label, header.id, data) == (9.0, 3, MAGIC_DATA)
+    assert reader.read_header(3) == header
+    assert reader.scan_identities() == {7: [1], 11: [2], 9: [3]}
+    expected = np.asarray(Image.open(io.BytesIO(_jpeg(2))).convert("RGB"))
+    assert np.array_equal(np.asarray(reader.read_image(2)), expected)
+
+
+def test_writer_produces_the_golden_bytes(tmp_path):
+    rec, idx, _ = _write_golden(tmp_path, id2=0)  # our writer stores id = key and id2 = 0
+    items = [(0, [4.0, 5.0], b""), (1, 7.0, _jpeg(1)), (2, [11.0, 0.5], _jpeg(2)), (3, 9.0, MAGIC_DATA)]
+    write_recordio(tmp_path / "ours.rec", tmp_path / "ours.idx", items)
+    assert (tmp_path / "ours.rec").read_bytes() == rec.read_bytes()
+    assert (tmp_path / "ours.idx").read_text() == idx.read_text()
+
+
+def test_bad_magic_and_truncated_length_name_the_file_and_offset(tmp_path):
+    rec, idx, offsets = _write_golden(tmp_path)
+    golden = rec.read_bytes()
+    raw = bytearray(golden)
+    raw[offsets[2] : offsets[2] + 4] = b"\0\0\0\0"
+    rec.write_bytes(bytes(raw))
+    with pytest.raises(DatasetError) as info:
+        RecordIOReader(rec, idx).read(2)
+    message = str(info.value)
+    assert str(rec) in message and f"offset {offsets[2]}" in message and "magic" in message
+    raw = bytearray(golden)
+    struct.pack_into("<I", raw, offsets[2] + 4, 1 << 20)  # a length running past the end of the file
+    rec.write_bytes(bytes(raw))
+    with pytest.raises(DatasetError) as info:
+        RecordIOReader(rec, idx).read(2)
+    message = str(info.value)
+    assert str(rec) in message and f"offset {offsets[2]}" in message and "truncated" in message
+    rec.write_bytes(golden[: offsets[2] + 40])  # the file ends inside record 2's JPEG
+    with pytest.raises(DatasetError, match="key 3 points at byte offset"):
+        RecordIOReader(rec, idx)
+    idx.write_text("".join(f"{key}\t{offset}\n" for key, offset in enumerate(offsets[:3])))
+    with pytest.raises(DatasetError) as info:
+        RecordIOReader(rec, idx).read(2)
+    message = str(info.value)
+    assert str(rec) in message and f"offset {offsets[2]}" in message and "truncated" in message
 
 
 def test_round_trip_images_labels_and_identity_scan(tmp_path):

@@ -20,8 +20,15 @@ GENERIC = {
 def test_every_benchmark_is_listed():
     names = list_datasets()
     assert names == sorted(names)
-    for name in FACE_NAMES + list(GENERIC) + ["synthfaces_tiny", "synthfaces_quick"]:
+    for name in FACE_NAMES + list(GENERIC) + ["synthfaces_tiny", "synthfaces_quick", "identity_folders"]:
         assert name in names
+
+
+def test_identity_folders_take_n_from_the_folders_and_n_old_from_the_caller():
+    spec = get_spec("IDENTITY_FOLDERS")
+    assert spec.layout == Layout.FACE_FOLDERS and spec.known_rule == KnownRule.FIRST
+    assert (spec.num_classes, spec.num_known, spec.num_known_from_caller) == (None, None, True)
+    assert not any(get_spec(name).num_known_from_caller for name in list_datasets() if name != "identity_folders")
 
 
 @pytest.mark.parametrize("name", FACE_NAMES)
@@ -65,5 +72,5 @@ def test_unknown_name_lists_valid_names():
     assert isinstance(info.value, DatasetError)
     message = str(info.value)
     assert "youtubefaces_123" in message
-    for name in ("youtubefaces_500", "casia_2000", "cifar100", "casiafaces_1000"):
+    for name in ("youtubefaces_500", "casia_2000", "cifar100", "casiafaces_1000", "identity_folders"):
         assert name in message

@@ -1,0 +1,366 @@
+"""Image verification done once per data tree, kept in a small record and reused while the files are unchanged.
+
+Opening every image header (PIL ``verify``) of a benchmark with a quarter of a million images takes minutes; doing it
+on every rank of every script is wasted time. :func:`find_corrupt` verifies a benchmark root once and writes a record
+(compact JSON) of what it checked, in groups:
+
+- an image folder (``train/<class>``): a fingerprint (SHA-1 over each image file's name, size and mtime) and the
+  unreadable files with their errors;
+- a RecordIO pair: a fingerprint of the ``.rec`` and ``.idx`` sizes and mtimes, the record keys verified so far (as
+  ranges) and the unreadable keys.
+
+A later run verifies only the folders whose fingerprint changed (a file added, removed, resized or touched) and the
+record keys not verified yet; the rest, including which images were bad, comes from the record, so skipping corrupt
+images gives the same result every time. The record lives next to the data (``<root>/.facegcd_verified.json``) when
+the root is writable, else under ``$XDG_CACHE_HOME/facegcd/verified/`` (default ``~/.cache``) in a file named by a
+hash of the absolute root. Under torch.distributed the primary rank verifies and writes; the other ranks wait at a
+barrier and then read the record, so every rank must call :func:`find_corrupt`.
+
+A file rewritten with the same size and mtime is not noticed here; a decoding error while loading it still stops the
+run with the file's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from data_loader.registry import DatasetError
+from utils.checkpoint import atomic_write_text
+from utils.distributed import barrier, get_rank, get_world_size, is_primary
+
+logger = logging.getLogger(__name__)
+
+RECORD_FILE = ".facegcd_verified.json"
+RECORD_VERSION = 1
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+@dataclass
+class VerifyGroup:
+    """Images verified and recorded together: one image folder, or the images of one RecordIO pair.
+
+    Args:
+        name: record key, the folder or ``.rec`` path relative to the root ('/'-separated).
+        fingerprint: changes whenever an image of the group may have changed.
+        items: id of each image, stable across runs (file name, or record key as text).
+        positions: listing position of each image in its source.
+        keyed: True = only the listed items are verified and the record keeps which ones (RecordIO); False = the
+            fingerprint covers every image of the group (folders).
+    """
+
+    name: str
+    fingerprint: str
+    items: list[str]
+    positions: list[int]
+    keyed: bool = False
+
+
+class VerifiableSource(Protocol):
+    """An image source that can be verified: its images are addressed by listing position."""
+
+    def verify(self, i: int) -> None:
+        """Parse image ``i``'s header; raises one of ``DECODE_ERRORS`` when it is not a readable image."""
+
+    def describe(self, i: int) -> str:
+        """Where image ``i`` comes from (for messages)."""
+
+    def verify_groups(self, root: Path) -> list[VerifyGroup]:
+        """The source's images grouped as the record stores them."""
+
+
+def _digest(lines: Iterable[str]) -> str:
+    sha = hashlib.sha1()
+    for line in lines:
+        sha.update(line.encode("utf-8", "surrogateescape"))
+    return sha.hexdigest()
+
+
+def _relative(path: str | os.PathLike, root: Path) -> str:
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def folder_group(root: Path, folder: str, names: Sequence[str], positions: Sequence[int]) -> VerifyGroup:
+    """The group of one image folder, fingerprinted by each file's name, size and mtime (one ``stat`` per file).
+
+    Args:
+        root: the benchmark root.
+        folder: the folder holding the images.
+        names: the image file names, in listing order.
+        positions: listing position of each file in its source.
+    """
+    lines = []
+    for name in names:
+        st = os.stat(os.path.join(folder, name))
+        lines.append(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n")
+    return VerifyGroup(_relative(folder, root), _digest(lines), list(names), list(positions))
+
+
+def recordio_group(root: Path, rec_path: Path, idx_path: Path, keys: Sequence[int]) -> VerifyGroup:
+    """The group of the images ``keys`` of a RecordIO pair, fingerprinted by the sizes and mtimes of both files.
+
+    Args:
+        root: the benchmark root.
+        rec_path: the ``.rec`` file.
+        idx_path: the ``.idx`` file.
+        keys: record keys in listing order.
+    """
+    lines = []
+    for path in (rec_path, idx_path):
+        st = os.stat(path)
+        lines.append(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n")
+    return VerifyGroup(
+        _relative(rec_path, root), _digest(lines), [str(k) for k in keys], list(range(len(keys))), keyed=True
+    )
+
+
+def cache_dir() -> Path:
+    """Folder for records of roots that cannot be written: ``$XDG_CACHE_HOME/facegcd/verified`` (``~/.cache``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "facegcd" / "verified"
+
+
+def record_locations(root: str | os.PathLike) -> list[Path]:
+    """Where the record of ``root`` is kept, in order of preference: next to the data, then the user cache."""
+    real = os.path.realpath(root)
+    key = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    return [Path(real) / RECORD_FILE, cache_dir() / f"{key}.json"]
+
+
+def _valid_entry(entry: object) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("fingerprint"), str):
+        return False
+    bad = entry.get("bad")
+    if not isinstance(bad, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in bad.items()):
+        return False
+    keys = entry.get("keys", [])
+    return isinstance(keys, list) and all(
+        isinstance(r, list) and len(r) == 2 and all(isinstance(k, int) for k in r) and r[0] <= r[1] for r in keys
+    )
+
+
+def _read_record(path: Path, root: str) -> dict[str, dict]:
+    """The groups of the record at ``path``; empty when it is missing, unreadable, or not a record of ``root``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        logger.warning("ignoring the verification record %s, which cannot be read: %s", path, err)
+        return {}
+    if not isinstance(data, dict) or data.get("version") != RECORD_VERSION or not isinstance(data.get("groups"), dict):
+        logger.warning("ignoring the verification record %s: not a version %d record", path, RECORD_VERSION)
+        return {}
+    # a record next to the data describes that tree wherever it is mounted; a cache file must name the root
+    if path.parent != Path(root) and data.get("root") != root:
+        return {}
+    groups = {name: entry for name, entry in data["groups"].items() if _valid_entry(entry)}
+    if len(groups) != len(data["groups"]):
+        logger.warning("ignoring %d malformed entries of %s", len(data["groups"]) - len(groups), path)
+    return groups
+
+
+def _merge_ranges(ranges: Iterable[Sequence[int]]) -> list[list[int]]:
+    """Inclusive ``[first, last]`` key ranges merged into the fewest disjoint ones, ascending."""
+    merged: list[list[int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    return merged
+
+
+def _in_ranges(keys: np.ndarray, ranges: list[list[int]]) -> np.ndarray:
+    """Bool mask: which ``keys`` lie in one of the disjoint ascending ``ranges``."""
+    if not ranges:
+        return np.zeros(len(keys), dtype=bool)
+    bounds = np.asarray(ranges, dtype=np.int64)
+    j = np.searchsorted(bounds[:, 0], keys, side="right") - 1
+    return (j >= 0) & (keys <= bounds[np.maximum(j, 0), 1])
+
+
+class _Plan:
+    """The record's entries for the groups of one build, and the images they do not cover yet.
+
+    Args:
+        records: the groups of each record location, in order of preference.
+        groups: per source, its groups.
+    """
+
+    def __init__(self, records: list[dict[str, dict]], groups: list[list[VerifyGroup]]) -> None:
+        self.entries: dict[str, dict] = {}
+        self.todo: list[tuple[int, int, str, str]] = []  # (source, position, group, item)
+        self.keyed = {group.name for source_groups in groups for group in source_groups if group.keyed}
+        new: set[str] = set()
+        for s, source_groups in enumerate(groups):
+            for group in source_groups:
+                if group.name not in self.entries:
+                    self.entries[group.name], is_new = self._entry(records, group)
+                    if is_new:
+                        new.add(group.name)
+                entry = self.entries[group.name]
+                if group.keyed:
+                    keys = np.fromiter(map(int, group.items), dtype=np.int64, count=len(group.items))
+                    pending = np.flatnonzero(~_in_ranges(keys, entry["keys"])).tolist()
+                elif group.name in new:
+                    pending = range(len(group.items))
+                else:
+                    pending = []
+                self.todo += [(s, group.positions[j], group.name, group.items[j]) for j in pending]
+
+    @staticmethod
+    def _entry(records: list[dict[str, dict]], group: VerifyGroup) -> tuple[dict, bool]:
+        """A copy of the first recorded entry of ``group`` with its current fingerprint, else a new entry; and
+        whether it is new."""
+        for record in records:
+            entry = record.get(group.name)
+            if entry is not None and entry["fingerprint"] == group.fingerprint:
+                keys = {"keys": _merge_ranges(entry.get("keys", []))} if group.keyed else {}
+                return {"fingerprint": group.fingerprint, "bad": dict(entry["bad"]), **keys}, False
+        return {"fingerprint": group.fingerprint, "bad": {}, **({"keys": []} if group.keyed else {})}, True
+
+    def bad_positions(self, groups: list[list[VerifyGroup]]) -> list[dict[int, str]]:
+        """Per source, ``{position: error}`` of the images the entries mark unreadable."""
+        result: list[dict[int, str]] = []
+        for source_groups in groups:
+            bad: dict[int, str] = {}
+            for group in source_groups:
+                recorded = self.entries[group.name]["bad"]
+                bad.update((p, recorded[i]) for i, p in zip(group.items, group.positions) if i in recorded)
+            result.append(dict(sorted(bad.items())))
+        return result
+
+
+def _verify(sources: Sequence[VerifiableSource], plan: _Plan, progress: bool) -> None:
+    """Verify the images the plan lacks and enter the results (bad images, verified keys) into its entries."""
+
+    def check(job: tuple[int, int, str, str]) -> str | None:
+        try:
+            sources[job[0]].verify(job[1])
+        except DECODE_ERRORS as err:
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+        errors = list(
+            tqdm(
+                pool.map(check, plan.todo, chunksize=64),
+                total=len(plan.todo),
+                desc="verifying images",
+                disable=not progress,
+                mininterval=2.0,
+            )
+        )
+    checked: dict[str, list[list[int]]] = {}
+    for (_, _, name, item), err in zip(plan.todo, errors):
+        entry = plan.entries[name]
+        if err is not None:
+            entry["bad"][item] = err
+        if name in plan.keyed:
+            checked.setdefault(name, []).append([int(item), int(item)])
+    for name, ranges in checked.items():
+        plan.entries[name]["keys"] = _merge_ranges(plan.entries[name]["keys"] + ranges)
+
+
+def _save(root: str, locations: list[Path], records: list[dict[str, dict]], entries: dict[str, dict]) -> Path | None:
+    """Write the record (with the other groups found in any location) to the first location that can be written."""
+    groups: dict[str, dict] = {}
+    for record in reversed(records):
+        groups.update(record)
+    groups.update(entries)
+    text = json.dumps({"version": RECORD_VERSION, "root": root, "groups": groups}, separators=(",", ":"))
+    for path in locations:
+        try:
+            atomic_write_text(path, text)
+            path.chmod(0o644)
+            return path
+        except OSError as err:
+            logger.debug("cannot write the verification record to %s: %s", path, err)
+    return None
+
+
+def _verify_and_record(root: Path, sources: Sequence[VerifiableSource], progress: bool) -> list[dict[int, str]]:
+    real, locations = os.path.realpath(root), record_locations(root)
+    groups = [source.verify_groups(root) for source in sources]
+    records = [_read_record(path, real) for path in locations]
+    plan = _Plan(records, groups)
+    total = sum(len(g.items) for source_groups in groups for g in source_groups)
+    if not plan.todo:
+        logger.info("all %d images of %s are recorded as verified; skipping verification", total, root)
+        return plan.bad_positions(groups)
+    logger.info(
+        "verifying %d of the %d images of %s (%d recorded as verified before)",
+        len(plan.todo),
+        total,
+        root,
+        total - len(plan.todo),
+    )
+    _verify(sources, plan, progress)
+    written = _save(real, locations, records, plan.entries)
+    if written is not None:
+        logger.info("recorded the image verification of %s in %s", root, written)
+    elif get_world_size() > 1:
+        raise DatasetError(
+            f"cannot write the image verification record of {root} to {' or '.join(map(str, locations))}; the other "
+            "ranks read it from there: make the data root or $XDG_CACHE_HOME writable"
+        )
+    else:
+        logger.warning("cannot write the image verification record of %s; the next run verifies again", root)
+    return plan.bad_positions(groups)
+
+
+def _read_recorded(root: Path, sources: Sequence[VerifiableSource]) -> list[dict[int, str]]:
+    real, locations = os.path.realpath(root), record_locations(root)
+    groups = [source.verify_groups(root) for source in sources]
+    plan = _Plan([_read_record(path, real) for path in locations], groups)
+    if plan.todo:
+        s, p, _, _ = plan.todo[0]
+        raise DatasetError(
+            f"rank {get_rank()}: the image verification record of {root} does not cover {len(plan.todo)} image(s), "
+            f"e.g. {sources[s].describe(p)}. Rank 0 verifies the images and writes the record to "
+            f"{' or '.join(map(str, locations))}: it failed (see its error) or wrote where this rank cannot read; "
+            "give every rank the same writable data root or $XDG_CACHE_HOME"
+        )
+    return plan.bad_positions(groups)
+
+
+def find_corrupt(
+    root: str | os.PathLike, sources: Sequence[VerifiableSource], *, progress: bool
+) -> list[dict[int, str]]:
+    """The unreadable images of ``sources``, verifying only what the record of ``root`` does not cover.
+
+    A collective under torch.distributed: the primary rank verifies and writes the record, the other ranks wait at a
+    barrier and then read it (they never open an image).
+
+    Args:
+        root: the benchmark root (where the record is kept, and what group names are relative to).
+        sources: the image sources to check (e.g. the train and test listings).
+        progress: show a tqdm bar while verifying.
+
+    Returns:
+        Per source, ``{listing position: error}`` of the unreadable images, ascending.
+
+    Raises:
+        DatasetError: on a non-primary rank, the record does not cover every image (the primary failed or wrote
+            where this rank cannot read); on the primary of several ranks, the record cannot be written.
+    """
+    root = Path(root)
+    if not is_primary():
+        barrier()
+        return _read_recorded(root, sources)
+    try:
+        return _verify_and_record(root, sources, progress)
+    finally:
+        barrier()
