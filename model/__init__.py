@@ -3,19 +3,22 @@
 Importing the package registers the `vit_tiny`, `vit_small` and `vit_base` entrypoints with timm.
 """
 
-from model.conditioner import FrozenConditioner
-from model.facegcd import FaceGCD, ModelConfig, build_facegcd, infer_model_config
-from model.head import DINOHead, WeightNormLinear
-from model.losses import gcd_loss, info_nce_loss, supcon_loss
-from model.prefix_attention import PrefixAttention, PrefixBlock
-from model.prefix_generator import PrefixGenerator, PrefixHyperNet
-from model.vit import (
+from model.timm_version import check_timm_version
+
+check_timm_version()  # before any timm import: a clear message instead of an ImportError deep inside timm
+
+from model.conditioner import FrozenConditioner  # noqa: E402
+from model.facegcd import FaceGCD, ModelConfig, build_facegcd, infer_model_config  # noqa: E402
+from model.head import DINOHead, WeightNormLinear  # noqa: E402
+from model.losses import gcd_loss, info_nce_loss, supcon_loss  # noqa: E402
+from model.prefix_attention import PrefixAttention, PrefixBlock  # noqa: E402
+from model.prefix_generator import PrefixGenerator, PrefixHyperNet  # noqa: E402
+from model.vit import (  # noqa: E402
     CheckpointError,
     PrefixViT,
     create_backbone,
     list_backbones,
     load_pretrained_backbone,
-    read_checkpoint,
 )
 
 __all__ = [
@@ -37,6 +40,5 @@ __all__ = [
     "infer_model_config",
     "list_backbones",
     "load_pretrained_backbone",
-    "read_checkpoint",
     "supcon_loss",
 ]

@@ -22,11 +22,22 @@ from model.head import DINOHead
 from model.losses import gcd_loss
 from model.prefix_generator import EVAL_PROMPTS, INITIALIZERS, PrefixGenerator
 from model.vit import BACKBONE_ARCHS, PrefixViT, create_backbone, load_pretrained_backbone
+from utils.checkpoint import CheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
 _WIDTH_TO_ARCH = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
 _EVAL_PROMPT_BUFFERS = ("backbone.prefix_generator.eval_prompt_key", "backbone.prefix_generator.eval_prompt_value")
+# ModelConfig fields that fix parameter shapes or names: a checkpoint fits a built model only if they agree.
+_SHAPE_FIELDS = (
+    "arch",
+    "patch_size",
+    "img_size",
+    "prefix_length",
+    "layer_embed",
+    "head_out_dim",
+    "hypernet_hidden_dim",
+)
 
 
 @dataclass
@@ -41,6 +52,7 @@ class ModelConfig:
         layer_embed: HyperNets with a concatenated layer embedding (`--layer-embed`).
         initializer: Training base prompt, "uniform" (U(-1, 1)) or "zero".
         head_out_dim: DINO head output width (65536).
+        hypernet_hidden_dim: Hidden width of every HyperNet's weight and bias generators (1024).
         grad_from_block: First trained block; <= 0 trains all blocks.
         eval_prompt: "fixed" (seeded, saved prompt) or "resample" (reference behaviour).
         seed: Seed of the fixed evaluation prompt.
@@ -58,6 +70,7 @@ class ModelConfig:
     layer_embed: bool = False
     initializer: str = "uniform"
     head_out_dim: int = 65536
+    hypernet_hidden_dim: int = 1024
     grad_from_block: int = 11
     eval_prompt: str = "fixed"
     seed: int = 0
@@ -79,6 +92,7 @@ class ModelConfig:
             (self.initializer in INITIALIZERS, f"initializer {self.initializer!r} (expected one of {INITIALIZERS})"),
             (self.eval_prompt in EVAL_PROMPTS, f"eval_prompt {self.eval_prompt!r} (expected one of {EVAL_PROMPTS})"),
             (self.head_out_dim > 0, f"head_out_dim {self.head_out_dim} (expected > 0)"),
+            (self.hypernet_hidden_dim > 0, f"hypernet_hidden_dim {self.hypernet_hidden_dim} (expected > 0)"),
             (0.0 <= self.sup_con_weight <= 1.0, f"sup_con_weight {self.sup_con_weight} (expected in [0, 1])"),
             (self.temperature > 0 and self.sup_con_temperature > 0, "temperatures must be > 0"),
         ]
@@ -152,6 +166,7 @@ class FaceGCD(nn.Module):
                 initializer=cfg.initializer,
                 eval_prompt=cfg.eval_prompt,
                 seed=cfg.seed,
+                hidden_dim=cfg.hypernet_hidden_dim,
             )
             self.conditioner = FrozenConditioner(
                 backbone, first_trainable_block=cfg.first_trainable_block, layer_embed=cfg.layer_embed
@@ -312,8 +327,7 @@ class FaceGCD(nn.Module):
             allow_missing_conditioner: Whether missing `conditioner.*` keys are acceptable (True when the model
                 was built from `--pretrained_weights`).
         """
-        state_dict = {re.sub(r"^module\.", "", k): v for k, v in state_dict.items()}
-        result = self.load_state_dict(state_dict, strict=False)
+        result = self.load_state_dict(_strip_module(state_dict), strict=False)
         missing_prompt = [k for k in result.missing_keys if k in _EVAL_PROMPT_BUFFERS]
         missing_cond = [k for k in result.missing_keys if k.startswith("conditioner.")]
         other = [k for k in result.missing_keys if k not in missing_prompt and k not in missing_cond]
@@ -332,7 +346,11 @@ class FaceGCD(nn.Module):
 
 
 def build_facegcd(
-    cfg: ModelConfig, pretrained_weights: Optional[Union[str, Path]] = None, checkpoint_key: str = "teacher"
+    cfg: ModelConfig,
+    pretrained_weights: Optional[Union[str, Path]] = None,
+    checkpoint_key: str = "teacher",
+    *,
+    weights_only: bool = True,
 ) -> FaceGCD:
     """Build the backbone, load pretrained weights (if given) and assemble the FaceGCD model.
 
@@ -340,6 +358,7 @@ def build_facegcd(
         cfg: Model configuration.
         pretrained_weights: DINO/timm/FaceGCD checkpoint for the backbone; None = random init (with a warning).
         checkpoint_key: Entry of a full DINO checkpoint (`teacher` or `student`).
+        weights_only: Safe loading of `pretrained_weights`; False for `--unsafe-load`.
 
     Returns:
         The model (on CPU).
@@ -348,7 +367,7 @@ def build_facegcd(
     if pretrained_weights is None:
         logger.warning("no --pretrained_weights given: the backbone is randomly initialised")
     else:
-        load_pretrained_backbone(backbone, pretrained_weights, checkpoint_key)
+        load_pretrained_backbone(backbone, pretrained_weights, checkpoint_key, weights_only=weights_only)
     model = FaceGCD(cfg, backbone)
     n_train = sum(p.numel() for p in model.trainable_parameters())
     n_total = sum(p.numel() for p in model.parameters())
@@ -379,7 +398,18 @@ def infer_model_config(state_dict: dict[str, torch.Tensor], defaults: ModelConfi
     Returns:
         The inferred config.
     """
-    sd = {re.sub(r"^module\.", "", k): v for k, v in state_dict.items()}
+    inferred = _infer_fields(state_dict, defaults)
+    for name, value in inferred.items():
+        if getattr(defaults, name) != value:
+            logger.warning(
+                "checkpoint has %s=%r, the flags say %r: using the checkpoint's", name, value, getattr(defaults, name)
+            )
+    return dataclasses.replace(defaults, **inferred)
+
+
+def _infer_fields(state_dict: dict[str, torch.Tensor], defaults: ModelConfig) -> dict[str, Any]:
+    """The ModelConfig fields that a state dict's parameter shapes determine (see `infer_model_config`)."""
+    sd = _strip_module(state_dict)
     required = ("backbone.patch_embed.proj.weight", "backbone.pos_embed")
     missing = [k for k in required if k not in sd]
     if missing:
@@ -397,6 +427,9 @@ def infer_model_config(state_dict: dict[str, torch.Tensor], defaults: ModelConfi
         "img_size": grid * patch,
         "layer_embed": any("layer_embedding" in k for k in sd),
     }
+    hypernet = "backbone.prefix_generator.key_down_prefix_hypernet.weight_generator.0.weight"
+    if hypernet in sd:
+        inferred["hypernet_hidden_dim"] = sd[hypernet].shape[0]
     if "projection_head.last_layer.weight_v" in sd:
         inferred["head_out_dim"] = sd["projection_head.last_layer.weight_v"].shape[0]
     has_generator = any(k.startswith("backbone.prefix_generator.") for k in sd)
@@ -406,9 +439,76 @@ def infer_model_config(state_dict: dict[str, torch.Tensor], defaults: ModelConfi
         raise ValueError("the checkpoint has a prefix generator but prefix_length is 0; pass --prefix_length")
     elif "backbone.prefix_generator.eval_prompt_key" in sd:
         inferred["prefix_length"] = sd["backbone.prefix_generator.eval_prompt_key"].shape[0]
-    for name, value in inferred.items():
-        if getattr(defaults, name) != value:
-            logger.warning(
-                "checkpoint has %s=%r, the flags say %r: using the checkpoint's", name, value, getattr(defaults, name)
+    return inferred
+
+
+def _strip_module(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the leading `module.` that DDP-wrapped (reference) checkpoints carry."""
+    return {re.sub(r"^module\.", "", k): v for k, v in state_dict.items()}
+
+
+def load_facegcd_checkpoint(
+    path: Union[str, Path],
+    target: Union[ModelConfig, FaceGCD],
+    *,
+    pretrained_weights: Optional[Union[str, Path]] = None,
+    checkpoint_key: str = "teacher",
+    weights_only: bool = True,
+) -> tuple[FaceGCD, dict[str, Any]]:
+    """Load a trained FaceGCD or reference checkpoint (`--checkpoint_weights`, `--initial-checkpoint`).
+
+    The state dict is the file's `state_dict` entry (or the file itself), `module.` prefixes stripped. Reference
+    checkpoints may lack the evaluation prompt (drawn from the seed) and the conditioner copies (kept from the
+    pretrained backbone, so `pretrained_weights` is then required); see `FaceGCD.load_model_state`.
+
+    Args:
+        path: Checkpoint file.
+        target: A config to build the model from (the checkpoint's `model_config`, or the fields inferred from
+            its shapes, win over it; extraction), or an already built model to load into (`--initial-checkpoint`);
+            a checkpoint whose architecture differs from that model is an error.
+        pretrained_weights: DINO backbone weights (`--pretrained_weights`). When building, they are read only for
+            a checkpoint without conditioner copies; a built model must have been built from them (they are not
+            read again), which is what allows the copies to be missing.
+        checkpoint_key: Entry of a full DINO checkpoint in `pretrained_weights`.
+        weights_only: Safe loading; False for `--unsafe-load`.
+
+    Returns:
+        The model (on the device it was on; CPU if built) and the checkpoint dict (`epoch`, ...).
+    """
+    ckpt = load_checkpoint(path, weights_only=weights_only)
+    state_dict = ckpt.get("state_dict", ckpt)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(
+            f"{path} holds no FaceGCD state dict (entries: {sorted(ckpt)[:10]}); expected a train.py checkpoint "
+            "such as model_best.pth.tar (DINO backbone weights go to --pretrained_weights)"
+        )
+    state_dict = _strip_module(state_dict)
+    if isinstance(target, FaceGCD):
+        model = target
+        stored = ckpt.get("model_config") or _infer_fields(state_dict, model.cfg)
+        mismatched = [
+            f"{name} {stored[name]!r} (model: {getattr(model.cfg, name)!r})"
+            for name in _SHAPE_FIELDS
+            if name in stored and stored[name] != getattr(model.cfg, name)
+        ]
+        if mismatched:
+            raise CheckpointError(
+                f"{path} does not fit the model built from the flags: the checkpoint has {', '.join(mismatched)}; "
+                "pass matching model flags"
             )
-    return dataclasses.replace(defaults, **inferred)
+        allow_missing_conditioner = pretrained_weights is not None
+    else:
+        if "model_config" in ckpt:
+            config = ModelConfig.from_dict(ckpt["model_config"])
+        else:
+            config = infer_model_config(state_dict, target)
+        has_conditioner = any(k.startswith("conditioner.") for k in state_dict)
+        pretrained = None if has_conditioner or config.prefix_length == 0 else pretrained_weights
+        model = build_facegcd(config, pretrained, checkpoint_key, weights_only=weights_only)
+        allow_missing_conditioner = pretrained is not None
+    try:
+        model.load_model_state(state_dict, allow_missing_conditioner=allow_missing_conditioner)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+    logger.info("loaded model weights from %s (epoch %s)", path, ckpt.get("epoch", "not stored"))
+    return model, ckpt

@@ -8,7 +8,6 @@ References:
     - FaceGCD (Oh & Choi, BMVC 2025, arXiv 2507.22353): per-layer key/value prefixes.
 """
 
-import argparse
 import logging
 import math
 from pathlib import Path
@@ -21,6 +20,7 @@ from timm.models import checkpoint, model_entrypoint, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from model.prefix_attention import PrefixAttention, PrefixBlock
+from utils.checkpoint import CheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +30,6 @@ _STATE_DICT_KEYS = ("state_dict", "model")
 _STRIPPED_PREFIXES = ("module.", "backbone.")
 # Parts of a PrefixViT that are not pretrained ViT weights (owned by the FaceGCD model).
 _NON_BACKBONE_PREFIXES = ("prefix_generator.",)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is unreadable or does not fit the model."""
 
 
 class PrefixViT(VisionTransformer):
@@ -191,25 +187,6 @@ def create_backbone(arch: str, *, patch_size: int = 8, img_size: int = 112) -> P
     return model_entrypoint(arch)(patch_size=patch_size, img_size=img_size)
 
 
-def read_checkpoint(path: Union[str, Path]) -> Any:
-    """Load a checkpoint file safely (`weights_only=True`), allowing DINO's `argparse.Namespace` arguments.
-
-    Args:
-        path: Checkpoint file.
-
-    Returns:
-        The unpickled object (tensors on CPU).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {path} with torch.load(weights_only=True): {err}") from err
-
-
 def _strip_prefixes(key: str) -> str:
     """Remove leading `module.` / `backbone.` wrappers (DDP, DINO's MultiCropWrapper, our FaceGCD layout)."""
     stripped = True
@@ -226,7 +203,7 @@ def select_state_dict(obj: Any, checkpoint_key: str = "teacher") -> dict[str, to
     """Pick the state dict from a loaded checkpoint: `obj[checkpoint_key]`, else `state_dict`/`model`, else `obj`.
 
     Args:
-        obj: Object returned by `read_checkpoint`.
+        obj: Object returned by `utils.checkpoint.load_checkpoint`.
         checkpoint_key: Preferred entry (DINO: `teacher` or `student`).
 
     Returns:
@@ -302,25 +279,32 @@ def _resample_pos_embed(pos_embed: torch.Tensor, model: PrefixViT) -> torch.Tens
         num_prefix_tokens=num_prefix,
         interpolation="bicubic",
         antialias=False,
-        align_corners=False,
     )
 
 
 def load_pretrained_backbone(
-    model: PrefixViT, path: Union[str, Path], checkpoint_key: str = "teacher"
+    model: PrefixViT, path: Union[str, Path], checkpoint_key: str = "teacher", *, weights_only: bool = True
 ) -> dict[str, list[str]]:
-    """Load pretrained ViT weights (DINO checkpoint, timm state dict or a FaceGCD checkpoint) into the backbone.
+    """Load pretrained ViT weights into the backbone (`--pretrained_weights`).
+
+    Accepts a DINO training checkpoint (`checkpoint.pth`: `student`/`teacher` with `module.`/`backbone.` prefixes,
+    `head.*` ignored), a backbone-only state dict (`dino_vitbase8_pretrain.pth`, timm) or a FaceGCD checkpoint.
 
     Args:
         model: Target backbone; its `prefix_generator` (if any) is left untouched.
-        path: Checkpoint file (`--pretrained_weights`); nothing is ever downloaded.
+        path: Checkpoint file; nothing is ever downloaded.
         checkpoint_key: Entry holding the weights in a full DINO checkpoint (`teacher` or `student`).
+        weights_only: Safe loading; False (`--unsafe-load`) for trusted files holding other pickled objects.
 
     Returns:
         {"loaded": keys loaded, "ignored": checkpoint keys the backbone lacks}.
     """
-    state_dict = select_state_dict(read_checkpoint(path), checkpoint_key)
-    filtered = filter_backbone_state_dict(state_dict, model)
+    obj = load_checkpoint(path, weights_only=weights_only)
+    try:
+        state_dict = select_state_dict(obj, checkpoint_key)
+        filtered = filter_backbone_state_dict(state_dict, model)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from err
     result = model.load_state_dict(filtered, strict=False)
     leftover = [k for k in result.missing_keys if not k.startswith(_NON_BACKBONE_PREFIXES)]
     if leftover or result.unexpected_keys:

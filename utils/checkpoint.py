@@ -77,17 +77,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file is unreadable, refused by ``weights_only=True`` loading, or does not fit the model."""
+
+
+# Classes allowed on top of torch's weights-only defaults: DINO and the reference store ``args`` as a Namespace.
+SAFE_GLOBALS = (argparse.Namespace,)
+
+
 def load_checkpoint(
     path: str | os.PathLike, *, weights_only: bool = True, map_location: str | torch.device = "cpu"
 ) -> dict:
-    """Load a checkpoint dict with clear errors.
+    """Read a checkpoint file: the one reader for every checkpoint the scripts load.
 
-    ``argparse.Namespace`` is allow-listed, so reference checkpoints that stored ``args`` as a Namespace load with
-    ``weights_only=True``.
+    Handles our training checkpoints, reference ``model_best.pth.tar`` files, DINO training ``checkpoint.pth``
+    files (``student``/``teacher``/``optimizer``/``args``/...) and backbone-only state dicts such as
+    ``dino_vitbase8_pretrain.pth``. ``argparse.Namespace`` is allow-listed, so files that store ``args`` as a
+    Namespace load with ``weights_only=True``.
 
     Args:
         path: checkpoint file.
-        weights_only: restrict unpickling to tensors, plain types and allow-listed classes.
+        weights_only: restrict unpickling to tensors, plain types and ``SAFE_GLOBALS``; False (``--unsafe-load``)
+            runs arbitrary pickled code, so use it only for files you trust.
         map_location: where tensors are loaded (CPU by default).
 
     Returns:
@@ -95,31 +106,42 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: ``path`` does not exist or is not a file.
-        RuntimeError: the file is unreadable, corrupt, holds objects not allowed with ``weights_only=True``, or is
-            not a dict.
+        CheckpointError: the file is unreadable, corrupt, holds objects not allowed with ``weights_only=True`` (the
+            message names them and ``--unsafe-load``), or is not a dict.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if not os.access(path, os.R_OK):
-        raise RuntimeError(f"checkpoint {path} is not readable: check the file's permissions")
+        raise CheckpointError(f"checkpoint {path} is not readable: check the file's permissions")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             obj = torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as e:
         detail = _unpickling_detail(e)
         if "Unsupported global" in detail:
-            raise RuntimeError(
-                f"checkpoint {path} holds objects that are not allowed with weights_only=True (only tensors, plain "
-                f"types and argparse.Namespace are); re-save it with plain types, or load it with "
-                f"weights_only=False only if you trust its source. {detail}"
+            refused = _refused_globals(path, detail)
+            raise CheckpointError(
+                f"checkpoint {path} holds {', '.join(refused) or detail}, which torch.load(weights_only=True) "
+                f"refuses (it allows tensors, plain types and argparse.Namespace). If you trust the file, pass "
+                f"--unsafe-load to load it with weights_only=False"
             ) from e
         raise _corrupt_error(path, detail) from e
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
         raise _corrupt_error(path, f"{type(e).__name__}: {e}") from e
     if not isinstance(obj, dict):
-        raise RuntimeError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+def _refused_globals(path: Path, detail: str) -> list[str]:
+    """Names of the pickled globals that weights-only loading refuses: all of them for zip-format files (torch's
+    scan), else the first one, taken from torch's error message."""
+    allowed = {f"{cls.__module__}.{cls.__qualname__}" for cls in SAFE_GLOBALS}
+    try:
+        return [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
+    except (ValueError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile):  # legacy (non-zip) format
+        return re.findall(r"Unsupported global: GLOBAL (\S+)", detail)
 
 
 def _unpickling_detail(error: pickle.UnpicklingError) -> str:
@@ -128,8 +150,8 @@ def _unpickling_detail(error: pickle.UnpicklingError) -> str:
     return f"WeightsUnpickler error: {' '.join(match.group(1).split())}" if match else str(error).strip()
 
 
-def _corrupt_error(path: Path, detail: str) -> RuntimeError:
-    return RuntimeError(
+def _corrupt_error(path: Path, detail: str) -> CheckpointError:
+    return CheckpointError(
         f"cannot read checkpoint {path} ({path.stat().st_size} bytes): the file is probably truncated or corrupt "
         f"(an interrupted write or incomplete copy) or not a torch checkpoint. {detail}"
     )

@@ -196,3 +196,18 @@ def test_build_from_pretrained_file(make_config, tiny_backbone_template, tmp_pat
     report = load_pretrained_backbone(backbone, tmp_path / "facegcd.pth.tar")
     assert any(k.startswith("projection_head.") for k in report["ignored"])
     torch.testing.assert_close(backbone.norm.weight, source["norm.weight"])
+
+
+def test_hypernet_hidden_width_sets_the_generator_shapes_and_is_inferred(make_model, make_config):
+    model = make_model(hypernet_hidden_dim=32)
+    generator = model.backbone.prefix_generator
+    for name in ("key_down", "key_up", "value_down", "value_up"):
+        hypernet = getattr(generator, f"{name}_prefix_hypernet")
+        assert hypernet.weight_generator[0].out_features == 32 and hypernet.bias_generator[2].in_features == 32
+    # the default width is the paper's 1024
+    assert make_model().backbone.prefix_generator.key_down_prefix_hypernet.weight_generator[0].out_features == 1024
+    assert infer_model_config(model.state_dict(), make_config()).hypernet_hidden_dim == 32
+    # a config stored before the field existed loads with the paper's width
+    assert ModelConfig.from_dict({k: v for k, v in make_config().to_dict().items() if k != "hypernet_hidden_dim"})
+    with pytest.raises(ValueError, match="hypernet_hidden_dim"):
+        make_config(hypernet_hidden_dim=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 import random
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from utils.checkpoint import (
+    CheckpointError,
     CheckpointSaver,
     atomic_save,
     atomic_write_text,
@@ -61,10 +63,11 @@ def test_load_missing_and_corrupt_files_give_clear_errors(tmp_path):
         load_checkpoint(garbage)
 
 
-def test_weights_only_rejects_foreign_objects_with_hint(tmp_path):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_weights_only_rejects_foreign_objects_naming_them_and_unsafe_load(tmp_path, zip_format):
     path = tmp_path / "foreign.pth"
-    torch.save({"path": __import__("pathlib").PurePosixPath("/x")}, path)
-    with pytest.raises(RuntimeError, match=r"foreign\.pth.*not allowed with weights_only=True"):
+    torch.save({"path": pathlib.PurePosixPath("/x")}, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(CheckpointError, match=r"foreign\.pth holds pathlib\.PurePosixPath, .*pass --unsafe-load"):
         load_checkpoint(path)
     assert str(load_checkpoint(path, weights_only=False)["path"]) == "/x"
 
