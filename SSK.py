@@ -1,17 +1,25 @@
 #!/usr/bin/env python3
-"""Semi-supervised k-means on extracted features: step 3 of train -> extract -> SSK (spec sections 1, 9, 10).
+"""Semi-supervised k-means on extracted features: step 3 of train -> extract -> SSK (docs/method.md, sections 1, 11-12).
 
 Reads ``<save_dir>/<experiment_idx>/features_{train,test}.pt`` (or computes them in memory with
-``--checkpoint_weights``), clusters the training features and writes to ``<save_dir>/<experiment>/``:
-``ssk_results.json``, ``ssk_predictions.pt``, ``ss_kmeans_cluster_centres.pt`` and ``tsne_test.png``.
+``--checkpoint_weights``), clusters the training features and writes, next to the features it used,
+``<save_dir>/<experiment_idx>/ssk/<experiment>/``: ``ssk_results.json``, ``ssk_predictions.pt``,
+``ss_kmeans_cluster_centres.pt`` and ``tsne_test.png``. ``--experiment`` names the SSK run within that features
+folder (``default`` when not given; without ``--experiment_idx`` it names the features folder and the run is
+``default``), so runs on different features never overwrite each other, whatever their ``--experiment``.
+
+The centres file is a dict: the (K, D) ``centres``, ``K``, ``D``, the ``protocol`` and a fingerprint of the training
+features they were fitted on (path, rows, sha256 of the float32 bytes). ``--ssk_mode test`` starts from the centres
+of the same run folder and refuses them when that fingerprint or the protocol does not match the features being
+clustered; a bare (K, D) tensor (the reference's format) is used with a warning, since its origin cannot be checked.
 
 Protocols (``--ssk-protocol``):
 - ``gcd`` (default, headline): SS-k-means on all training features with labelled points pinned, scored on the
   unlabelled training images D_U; the test split is assigned to the nearest centre and scored with its own matching.
 - ``reference``: plain k-means on all training features, scored over all training images (the reference's SSK).
 
-    python SSK.py --save_dir results --experiment_idx run --K 100
-    torchrun --nproc_per_node=2 SSK.py --save_dir results --experiment_idx run
+    python SSK.py --save_dir results --experiment_idx run --K 100              # -> results/run/ssk/default/
+    torchrun --nproc_per_node=2 SSK.py --save_dir results --experiment_idx run --experiment k100
 
 Under torchrun every rank clusters a contiguous block of the rows; the result equals the single-process run up to
 float summation order.
@@ -20,6 +28,7 @@ float summation order.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import pickle
@@ -31,13 +40,23 @@ from pathlib import Path
 
 import torch
 
-from trainer.args import add_compat_args, add_data_args, add_model_args, add_runtime_args, log_ignored_flags
+from data_loader import DatasetError
+from trainer.args import (
+    add_compat_args,
+    add_data_args,
+    add_model_args,
+    add_runtime_args,
+    explicit_dests,
+    log_ignored_flags,
+)
+from trainer.data import DataConfigError, apply_data_config
 from utils.checkpoint import atomic_save, atomic_write_text
 from utils.config import parse_args_with_config
 from utils.distributed import all_gather_variable, cleanup, get_rank, get_world_size, init_distributed, is_primary
 from utils.kmeans import KMeansResult, assign_to_centres, contiguous_shard, kmeans, semi_supervised_kmeans
 from utils.logging import setup_logging
 from utils.metrics import MetricVariant, evaluate_clustering
+from utils.report import DEFAULT_RUN, RESULTS_FILE, SSK_SUBDIR, ReportInputError, ssk_run_dir
 
 logger = logging.getLogger("SSK")
 
@@ -45,14 +64,14 @@ SPLITS = ("train", "test")
 FEATURE_KEYS = ("features", "labels", "uq_idx", "known_mask", "labelled_mask")
 META_KEYS = ("num_classes", "num_known")
 CENTRES_FILE = "ss_kmeans_cluster_centres.pt"
-RESULTS_FILE = "ssk_results.json"
+CENTRES_KEYS = ("centres", "K", "D", "protocol", "features")
 PREDICTIONS_FILE = "ssk_predictions.pt"
 TSNE_FILE = "tsne_test.png"
 EVAL_FUNCS = (MetricVariant.V2, MetricVariant.V1, MetricVariant.V2_BALANCED)
 
 
 class Protocol(str, Enum):
-    """Which points are clustered and scored (spec section 1)."""
+    """Which points are clustered and scored (docs/method.md, section 1)."""
 
     GCD = "gcd"
     REFERENCE = "reference"
@@ -71,7 +90,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "FaceGCD semi-supervised k-means",
         add_help=add_help,
-        epilog="Dataset and model flags are used only with --checkpoint_weights (features computed in memory).",
+        epilog=(
+            f"Outputs go to <save_dir>/<experiment_idx>/{SSK_SUBDIR}/<experiment>/ ({RESULTS_FILE}, "
+            f"{PREDICTIONS_FILE}, {CENTRES_FILE}, {TSNE_FILE}): --experiment names the SSK run on those features "
+            f"('{DEFAULT_RUN}' when not given). Dataset and model flags are used only with --checkpoint_weights "
+            "(features computed in memory)."
+        ),
     )
     add_data_args(parser)
     add_model_args(parser)
@@ -82,14 +106,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--save-dir",
         dest="save_dir",
         default="results",
-        help="root of the feature and result folders (default: results)",
+        help=f"root of the features folders; SSK results go inside them, under {SSK_SUBDIR}/ (default: results)",
     )
     group.add_argument(
         "--experiment_idx",
         "--experiment-idx",
         dest="experiment_idx",
         default="",
-        help="folder under --save_dir holding features_{train,test}.pt (default: --experiment)",
+        help=(
+            "folder under --save_dir holding features_{train,test}.pt; the run's outputs go to its "
+            f"{SSK_SUBDIR}/<experiment>/ (default: --experiment, the run then being '{DEFAULT_RUN}')"
+        ),
     )
     group.add_argument(
         "--checkpoint_weights",
@@ -97,6 +124,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         dest="checkpoint_weights",
         default=None,
         help="compute missing features in memory with this checkpoint (as extract_features.py does)",
+    )
+    group.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="load --checkpoint_weights and --pretrained_weights with weights_only=False (only for files you trust)",
     )
     group = parser.add_argument_group("SS-k-means")
     group.add_argument(
@@ -138,7 +170,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         dest="ssk_mode",
         default="train",
         choices=("train", "test"),
-        help=f"test: start one Lloyd run from <save_dir>/<experiment>/{CENTRES_FILE} (default: train)",
+        help=(
+            f"test: start one Lloyd run from the run folder's {CENTRES_FILE}, which must have been fitted on the "
+            "same training features with the same protocol (default: train)"
+        ),
     )
     group.add_argument(
         "--no-plots", "--no_plots", dest="no_plots", action="store_true", help=f"skip the t-SNE figure {TSNE_FILE}"
@@ -203,7 +238,7 @@ def validate_split(payload: dict, source: str) -> dict:
     return payload
 
 
-def _extraction_hint(args: argparse.Namespace, folder: str) -> str:
+def _extraction_hint(args: argparse.Namespace, folder: Path) -> str:
     return (
         f"extract them first: torchrun --nproc_per_node=<GPUs> extract_features.py --dataset {args.dataset} "
         f"--data-path <DATA> --checkpoint_weights <model_best.pth.tar> --save_dir {args.save_dir} "
@@ -217,8 +252,104 @@ def _compute_features(args: argparse.Namespace, device: torch.device) -> dict[st
 
     defaults = vars(extract_features.get_args_parser(add_help=False).parse_args([]))
     merged = argparse.Namespace(**(defaults | {k: v for k, v in vars(args).items() if k in defaults}))
+    if hasattr(args, "explicit_flags"):
+        merged.explicit_flags = args.explicit_flags
     logger.info("computing features in memory with %s", args.checkpoint_weights)
     return extract_features.compute_split_features(merged, device)
+
+
+def features_dir(args: argparse.Namespace) -> Path:
+    """The features folder ``<save_dir>/<experiment_idx>`` (``--experiment`` when ``--experiment_idx`` is empty)."""
+    folder = args.experiment_idx or args.experiment
+    if not folder:
+        raise SSKInputError("give --experiment_idx (the folder under --save_dir holding the features)")
+    return Path(args.save_dir) / folder
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """This run's output folder: ``<save_dir>/<experiment_idx>/ssk/<experiment or "default">/``.
+
+    Without ``--experiment_idx``, ``--experiment`` names the features folder and the run is ``default``.
+    """
+    run = (args.experiment if args.experiment_idx else "") or DEFAULT_RUN
+    try:
+        return ssk_run_dir(features_dir(args), run)
+    except ReportInputError as err:
+        raise SSKInputError(f"--experiment {args.experiment!r}: {err}") from err
+
+
+def features_fingerprint(features: torch.Tensor, source: str) -> dict:
+    """What identifies a features tensor: its source, its shape and the sha256 of its float32 bytes.
+
+    Args:
+        features: (N, D) features.
+        source: where they came from (a file path or a description).
+
+    Returns:
+        ``{"path": source, "rows": N, "dim": D, "sha256": hex digest}``.
+    """
+    data = features.detach().to("cpu", torch.float32).contiguous().numpy()
+    rows, dim = data.shape
+    return {"path": source, "rows": rows, "dim": dim, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _describe(fingerprint: dict) -> str:
+    return f"{fingerprint['path']} ({fingerprint['rows']} x {fingerprint['dim']}, sha256 {fingerprint['sha256']})"
+
+
+def _checked_centres(centres: object, k: int, dim: int, path: Path) -> torch.Tensor:
+    if not isinstance(centres, torch.Tensor) or centres.shape != (k, dim) or not centres.is_floating_point():
+        shape = tuple(centres.shape) if isinstance(centres, torch.Tensor) else type(centres).__name__
+        raise SSKInputError(f"{path} must hold ({k}, {dim}) float centres for --K {k}, found {shape}")
+    if not bool(torch.isfinite(centres).all()):
+        raise SSKInputError(f"{path}: the centres have NaN or infinite values")
+    return centres.float()
+
+
+def load_centres(path: Path, fingerprint: dict, k: int, protocol: Protocol) -> torch.Tensor:
+    """The centres in ``path`` after checking that they were fitted on the features ``fingerprint`` describes.
+
+    Args:
+        path: a centres file written by ``--ssk_mode train`` (a dict), or a bare (K, D) tensor.
+        fingerprint: :func:`features_fingerprint` of the training features being clustered.
+        k: the number of clusters of this run.
+        protocol: this run's protocol; the centres must have been fitted with the same one.
+
+    Returns:
+        The (K, D) float32 centres.
+    """
+    if not path.is_file():
+        raise MissingInputError(f"--ssk_mode test needs {path}; run SSK.py with --ssk_mode train first")
+    payload = _torch_load(path, "centres file")
+    if isinstance(payload, torch.Tensor):
+        centres = _checked_centres(payload, k, fingerprint["dim"], path)
+        logger.warning(
+            "%s is a bare tensor (old format): its origin cannot be checked against %s",
+            path,
+            _describe(fingerprint),
+        )
+        return centres
+    if not isinstance(payload, dict) or any(key not in payload for key in CENTRES_KEYS):
+        found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+        raise SSKInputError(
+            f"{path} holds {found}; expected a dict with {', '.join(CENTRES_KEYS)} (written by --ssk_mode train) "
+            "or a bare (K, D) tensor"
+        )
+    fitted = payload["features"]
+    if not isinstance(fitted, dict) or any(key not in fitted for key in fingerprint):
+        raise SSKInputError(f"{path}: 'features' must be a dict with {', '.join(fingerprint)}")
+    if any(fitted[key] != fingerprint[key] for key in ("rows", "dim", "sha256")):
+        raise SSKInputError(
+            f"{path} was fitted on other features: {_describe(fitted)}, not the features being clustered, "
+            f"{_describe(fingerprint)}; run --ssk_mode train on these features first"
+        )
+    if payload["protocol"] != protocol.value:
+        raise SSKInputError(
+            f"{path} was fitted with --ssk-protocol {payload['protocol']}, this run uses {protocol.value}"
+        )
+    if fitted["path"] != fingerprint["path"]:
+        logger.info("%s was fitted on identical features at %s", path, fitted["path"])
+    return _checked_centres(payload["centres"], k, fingerprint["dim"], path)
 
 
 def load_features(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, dict], dict[str, str]]:
@@ -227,14 +358,16 @@ def load_features(args: argparse.Namespace, device: torch.device) -> tuple[dict[
     Returns:
         ``({"train": payload, "test": payload}, {"train": source, "test": source})``.
     """
-    folder = args.experiment_idx or args.experiment
-    paths = {split: Path(args.save_dir) / folder / f"features_{split}.pt" for split in SPLITS}
+    folder = features_dir(args)
+    paths = {split: folder / f"features_{split}.pt" for split in SPLITS}
     missing = [p for p in paths.values() if not p.is_file()]
     if missing and args.checkpoint_weights:
         splits = _compute_features(args, device)
         sources = {split: f"features computed from {args.checkpoint_weights} ({split})" for split in SPLITS}
     elif missing:
-        raise MissingInputError(f"features file {missing[0]} not found; {_extraction_hint(args, folder)}")
+        raise MissingInputError(
+            f"features file {missing[0]} not found; {_extraction_hint(args, folder.relative_to(args.save_dir))}"
+        )
     else:
         splits = {split: _load_split(path) for split, path in paths.items()}
         sources = {split: str(path) for split, path in paths.items()}
@@ -244,10 +377,23 @@ def load_features(args: argparse.Namespace, device: torch.device) -> tuple[dict[
         raise SSKInputError(
             f"feature widths differ: {sources['train']} has D={train_dim}, {sources['test']} D={test_dim}"
         )
-    stored = splits["train"]["meta"].get("dataset")
-    if stored is not None and args.dataset and str(stored).lower() != str(args.dataset).lower():
-        logger.warning("--dataset %s differs from the features' dataset %s; using the features", args.dataset, stored)
+    _check_data_flags(args, splits["train"]["meta"], sources["train"])
     return splits, sources
+
+
+def _check_data_flags(args: argparse.Namespace, meta: dict, source: str) -> None:
+    """Data flags given to SSK must agree with the settings the features were extracted under (``--data-path`` is
+    not compared: SSK reads no image from features files)."""
+    stored = meta.get("data_config")
+    if stored is None:
+        dataset = meta.get("dataset")
+        if dataset is not None and args.dataset and str(dataset).lower() != str(args.dataset).lower():
+            logger.warning(
+                "--dataset %s differs from the features' dataset %s; using the features", args.dataset, dataset
+            )
+        return
+    explicit = set(getattr(args, "explicit_flags", None) or ())
+    apply_data_config(args, {k: v for k, v in stored.items() if k != "data_path"}, explicit, source)
 
 
 def _gather_rows(local: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -324,9 +470,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     """Load, cluster, score and (rank 0) write; returns the results dict."""
     start = time.perf_counter()
     protocol = Protocol(args.ssk_protocol)
-    if not (args.experiment_idx or args.experiment):
-        raise SSKInputError("give --experiment_idx (the folder under --save_dir holding the features)")
-    out_dir = Path(args.save_dir) / (args.experiment or args.experiment_idx)
+    out_dir = output_dir(args)
+    logger.info("SSK run folder: %s", out_dir)
     splits, sources = load_features(args, device)
     train, test = splits["train"], splits["test"]
     meta = train["meta"]
@@ -341,14 +486,11 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
         )
     if k > train["features"].shape[0]:
         raise SSKInputError(f"--K {k} exceeds the number of training images ({train['features'].shape[0]})")
+    fingerprint = features_fingerprint(train["features"], sources["train"])
     init_centres = None
     if args.ssk_mode == "test":
-        centres_path = out_dir / CENTRES_FILE
-        if not centres_path.is_file():
-            raise MissingInputError(f"--ssk_mode test needs {centres_path}; run SSK.py with --ssk_mode train first")
-        init_centres = _torch_load(centres_path, "centres file")
-        if not isinstance(init_centres, torch.Tensor) or init_centres.shape != (k, train["features"].shape[1]):
-            raise SSKInputError(f"{centres_path} must hold a ({k}, {train['features'].shape[1]}) tensor for --K {k}")
+        init_centres = load_centres(out_dir / CENTRES_FILE, fingerprint, k, protocol)
+        logger.info("starting from the centres in %s", out_dir / CENTRES_FILE)
     logger.info(
         "%s protocol: K=%d, M=%d, %d train / %d test images, world size %d",
         protocol.value,
@@ -390,6 +532,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
         ),
         "test": _score(test["labels"], test_pred, test["known_mask"], "test"),
         "features": sources,
+        "train_features_sha256": fingerprint["sha256"],
+        "output_dir": str(out_dir),
         "args": {k_: _plain(v) for k_, v in vars(args).items()},
         "seconds": time.perf_counter() - start,
     }
@@ -404,7 +548,14 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
         "cluster": torch.cat([train_pred, test_pred]),
         "labelled": torch.cat([train["labelled_mask"], test["labelled_mask"]]),
     }
-    atomic_save(result.centres, out_dir / CENTRES_FILE)
+    centres = {
+        "centres": result.centres.cpu(),
+        "K": k,
+        "D": fingerprint["dim"],
+        "protocol": protocol.value,
+        "features": fingerprint,
+    }
+    atomic_save(centres, out_dir / CENTRES_FILE)
     atomic_save(predictions, out_dir / PREDICTIONS_FILE)
     atomic_write_text(out_dir / RESULTS_FILE, json.dumps(results, indent=2))
     if not args.no_plots:
@@ -422,7 +573,7 @@ def main(args: argparse.Namespace) -> int:
     log_ignored_flags(args)
     try:
         run(args, device)
-    except (SSKInputError, MissingInputError) as err:
+    except (SSKInputError, MissingInputError, DataConfigError, DatasetError) as err:
         logger.error("%s", err)
         return 2
     finally:
@@ -431,4 +582,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args_with_config(get_args_parser())))
+    cli_args = parse_args_with_config(get_args_parser())
+    cli_args.explicit_flags = sorted(explicit_dests(get_args_parser(), sys.argv[1:]))
+    sys.exit(main(cli_args))

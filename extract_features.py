@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Embeddings of every train and test image of a benchmark with a trained FaceGCD checkpoint (spec section 9).
+"""Embeddings of every train and test image of a benchmark with a trained FaceGCD checkpoint.
+
+Described in docs/method.md, section 10.
 
 Writes ``<save_dir>/<experiment>/features_{train,test}.pt`` (L2-normalised CLS features of the prefixed backbone,
 fixed evaluation prompt, rows in ``uq_idx`` order, no padded duplicates) and ``extraction.json``.
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from model.facegcd import ModelConfig, build_facegcd, infer_model_config
+from model.facegcd import ModelConfig, build_facegcd, load_facegcd_checkpoint
 from trainer.args import (
     add_compat_args,
     add_data_args,
@@ -31,10 +33,11 @@ from trainer.args import (
     log_ignored_flags,
     model_config_from_args,
 )
-from trainer.data import load_datasets
+from data_loader import DatasetError
+from trainer.data import DataConfigError, apply_data_config, check_listing, data_config, load_datasets
 from trainer.features import embed_dataset
 from trainer.precision import resolve_precision
-from utils.checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from utils.checkpoint import atomic_save, atomic_write_text
 from utils.config import parse_args_with_config
 from utils.distributed import cleanup, get_rank, get_world_size, init_distributed, is_primary
 from utils.logging import setup_logging
@@ -49,6 +52,7 @@ ARCH_FLAGS = {
     "layer_embed": "layer_embed",
     "initializer": "initializer",
     "head_out_dim": "head_out_dim",
+    "hypernet_hidden_dim": "hypernet_hidden_dim",
 }
 
 
@@ -79,7 +83,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--landmark-cnn",
         dest="landmark_cnn",
         action="store_true",
-        help="landmark front end; the checkpoint's model_config decides (spec section 9)",
+        help="landmark front end; the checkpoint's model_config decides (docs/method.md, section 10)",
     )
     group.add_argument(
         "--features",
@@ -102,35 +106,52 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
         The model in eval mode, its config and a description of where it came from.
     """
     cli_config = model_config_from_args(args)
+    weights_only = not args.unsafe_load
     if not args.checkpoint_weights:
         logger.warning("no --checkpoint_weights: extracting with the untrained model (a baseline, seeded by --seed)")
         torch.manual_seed(args.seed)
         model = build_facegcd(
-            cli_config, pretrained_weights=args.pretrained_weights, checkpoint_key=args.checkpoint_key
+            cli_config,
+            pretrained_weights=args.pretrained_weights,
+            checkpoint_key=args.checkpoint_key,
+            weights_only=weights_only,
         )
         return model.to(device).eval(), cli_config, {"checkpoint": None}
-    ckpt = load_checkpoint(args.checkpoint_weights, weights_only=not args.unsafe_load)
-    state_dict = ckpt.get("state_dict", ckpt)
-    if "model_config" in ckpt:
-        config = ModelConfig.from_dict(ckpt["model_config"])
-    else:
-        config = infer_model_config(state_dict, cli_config)
-    explicit = getattr(args, "explicit_flags", None)
-    if explicit is None:
-        defaults = vars(get_args_parser(add_help=False).parse_args([]))
-        explicit = {flag for flag in ARCH_FLAGS if getattr(args, flag) != defaults[flag]}
+    model, ckpt = load_facegcd_checkpoint(
+        args.checkpoint_weights,
+        cli_config,
+        pretrained_weights=args.pretrained_weights,
+        checkpoint_key=args.checkpoint_key,
+        weights_only=weights_only,
+    )
+    config = model.cfg
+    explicit = explicit_flags(args)
     for flag, field in ARCH_FLAGS.items():
         given, stored = getattr(args, flag), getattr(config, field)
         if flag in explicit and given != stored:
             logger.warning("--%s %s disagrees with the checkpoint's %s; the checkpoint wins", flag, given, stored)
     if args.landmark_cnn:
         logger.warning("--landmark_cnn: this checkpoint has no landmark front end; extracting without it")
-    has_conditioner = any(key.startswith("conditioner.") for key in state_dict)
-    pretrained = None if has_conditioner or config.prefix_length == 0 else args.pretrained_weights
-    model = build_facegcd(config, pretrained_weights=pretrained, checkpoint_key=args.checkpoint_key)
-    model.load_model_state(state_dict, allow_missing_conditioner=pretrained is not None)
-    source = {"checkpoint": str(args.checkpoint_weights), "epoch": ckpt.get("epoch")}
+    source = {
+        "checkpoint": str(args.checkpoint_weights),
+        "epoch": ckpt.get("epoch"),
+        "data_config": ckpt.get("data_config"),
+    }
     return model.to(device).eval(), config, source
+
+
+def explicit_flags(args: argparse.Namespace) -> set[str]:
+    """Destinations set on the command line (recorded by ``main``), else those differing from the parser defaults."""
+    recorded = getattr(args, "explicit_flags", None)
+    if recorded is not None:
+        return set(recorded)
+    defaults = vars(get_args_parser(add_help=False).parse_args([]))
+    return {dest for dest, value in vars(args).items() if dest in defaults and value != defaults[dest]}
+
+
+def _describe_data(stored: dict) -> str:
+    keys = ("dataset", "data_path", "prop_train_labels", "split_seed", "num_known", "image_size")
+    return ", ".join(f"{k}={stored[k]}" for k in keys if k in stored)
 
 
 def pixel_features(images: torch.Tensor, side: int = 16) -> torch.Tensor:
@@ -153,7 +174,15 @@ def compute_split_features(args: argparse.Namespace, device: torch.device | None
     else:
         model, config, source = load_model(args, device)
         image_size, embed_fn = config.img_size, model.extract_features
+    stored = source.get("data_config")
+    if stored:
+        explicit = explicit_flags(args)
+        given_size = image_size_from_args(args) if "input_size" in explicit else None
+        apply_data_config(args, stored, explicit, source["checkpoint"], given_size)
+        logger.info("data settings from %s: %s", source["checkpoint"], _describe_data(stored))
     datasets = load_datasets(args, image_size)
+    if stored:
+        check_listing(datasets, stored, source["checkpoint"])
     splits = {"train": datasets.train_eval, "test": datasets.test_eval}
     out: dict[str, dict] = {}
     for split, dataset in splits.items():
@@ -183,12 +212,14 @@ def compute_split_features(args: argparse.Namespace, device: torch.device | None
                 "split": split,
                 "seed": args.seed,
                 "prop_train_labels": args.prop_train_labels,
+                "split_seed": args.split_seed,
+                "data_config": data_config(args, datasets, image_size),
                 "num_known": datasets.num_known,
                 "num_classes": datasets.num_classes,
                 "checkpoint": source["checkpoint"],
                 "features": args.features,
                 "model_config": dataclasses.asdict(config) if config is not None else None,
-                "precision": precision.describe(),
+                **precision.to_dict(),
                 "world_size": get_world_size(),
                 "seconds": time.perf_counter() - start,
             },
@@ -203,7 +234,12 @@ def main(args: argparse.Namespace) -> int:
     save_dir = Path(args.save_dir) / (args.experiment or "features")
     setup_logging(save_dir if is_primary() else None, rank=get_rank())
     log_ignored_flags(args)
-    features = compute_split_features(args, device)
+    try:
+        features = compute_split_features(args, device)
+    except (DataConfigError, DatasetError) as err:
+        logger.error("%s", err)
+        cleanup()
+        return 2
     if is_primary():
         for split, payload in features.items():
             atomic_save(payload, save_dir / f"features_{split}.pt")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""FaceGCD training: prefix-tuned ViT with a HyperNetwork prefix generator (method spec sections 5, 7, 8, 9).
+"""FaceGCD training: prefix-tuned ViT with a HyperNetwork prefix generator (docs/method.md, sections 5 to 9).
 
 python train.py --dataset synthfaces_tiny --arch vit_tiny --patch_size 16 --epochs 2
 torchrun --nproc_per_node=2 train.py --dataset youtubefaces_1000 --data-path youtube_faces_1000 ...
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from model.facegcd import build_facegcd
+from model.facegcd import build_facegcd, load_facegcd_checkpoint
 from trainer.args import (
     add_compat_args,
     add_data_args,
@@ -29,14 +29,14 @@ from trainer.args import (
     log_ignored_flags,
     model_config_from_args,
 )
-from trainer.data import epoch_seed, load_datasets, make_train_loader
+from trainer.data import data_config, epoch_seed, load_datasets, make_train_loader
 from trainer.engine import NonFiniteLossError, evaluate, train_one_epoch
 from trainer.optim import CosineWarmupScheduler, create_optimizer, resolve_lr
-from trainer.precision import resolve_precision
+from trainer.precision import enable_cuda_tf32, resolve_precision
 from utils.checkpoint import CheckpointSaver, capture_rng_state, load_checkpoint, restore_rng_state
 from utils.config import parse_args_with_config, save_args_yaml
 from utils.distributed import cleanup, get_rank, get_world_size, init_distributed, is_primary
-from utils.logging import JsonlWriter, WandbLogger, setup_logging, update_summary
+from utils.logging import JsonlWriter, WandbLogger, setup_logging, truncate_jsonl, truncate_summary, update_summary
 from utils.plots import plot_training_curves
 
 logger = logging.getLogger("train")
@@ -74,7 +74,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--not_contrastive",
         dest="not_contrastive",
         action="store_true",
-        help="rejected: the reference's non-contrastive path is broken (method spec section 11)",
+        help="rejected: the reference's non-contrastive path is broken (docs/decisions.md, part B)",
     )
 
     group = parser.add_argument_group("Optimiser and schedule")
@@ -122,7 +122,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         dest="grad_accum_steps",
         type=int,
         default=1,
-        help="micro-batches per optimiser step (default: 1)",
+        help="micro-batches per optimiser step; when the steps per epoch are not a multiple of it, the epoch's last, "
+        "shorter group still steps, on the mean gradient of the micro-batches it holds (default: 1)",
     )
     group.add_argument(
         "--clip-grad",
@@ -200,6 +201,12 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0.0 < args.prop_train_labels <= 1.0:
         raise ValueError(f"--prop-train-labels must be in (0, 1], got {args.prop_train_labels}")
+    if args.grad_from_block > 0 and not args.pretrained_weights:
+        raise ValueError(
+            f"--grad-from-block {args.grad_from_block} without --pretrained_weights would train the prefixes over a "
+            "frozen random ViT (blocks 0..{} stay at their random initialisation); pass --pretrained_weights with DINO "
+            "weights, or --grad-from-block 0 to train every block from scratch".format(args.grad_from_block - 1)
+        )
 
 
 def _experiment_dir(args: argparse.Namespace) -> Path:
@@ -244,7 +251,7 @@ def _summary_row(epoch: int, train_stats: dict, results: dict | None, args: argp
     return row
 
 
-def _checkpoint_state(epoch, args, model_config, model, optimizer, scheduler, scaler, sampler) -> dict:
+def _checkpoint_state(epoch, args, model_config, data_cfg, model, optimizer, scheduler, scaler, sampler) -> dict:
     """Everything ``--resume`` needs, as tensors and plain types (loads with ``weights_only=True``)."""
     return {
         "epoch": epoch,
@@ -255,6 +262,7 @@ def _checkpoint_state(epoch, args, model_config, model, optimizer, scheduler, sc
         "amp_scaler": scaler.state_dict(),
         "args": vars(args),
         "model_config": model_config.to_dict(),
+        "data_config": data_cfg,
         "metric": None,
         "rng": capture_rng_state(),
         "sampler": sampler.state_dict(),
@@ -262,23 +270,39 @@ def _checkpoint_state(epoch, args, model_config, model, optimizer, scheduler, sc
     }
 
 
-def _resume(args, model, optimizer, scheduler, scaler, sampler, saver) -> int:
+def _check_resumed_data(stored: dict | None, current: dict, source: str) -> None:
+    """A resumed run must train on the same D_L and D_U (the data path may differ: the tree may have moved)."""
+    if stored is None:
+        return
+    changed = [
+        f"{key}: checkpoint {stored[key]}, now {current[key]}"
+        for key in current
+        if key != "data_path" and key in stored and stored[key] != current[key]
+    ]
+    if changed:
+        raise ValueError(f"--resume {source} was trained on other data settings ({'; '.join(changed)})")
+
+
+def _resume(args, data_cfg, model, optimizer, scheduler, scaler, sampler, saver) -> int:
     """Restore a ``last.pth.tar``-style checkpoint; returns the epoch to start from.
 
-    With ``--no-resume-opt`` only the model weights are restored and training starts at epoch 0.
+    With ``--no-resume-opt`` only the model weights are restored and training starts at epoch 0. The checkpoint's
+    data settings must equal the run's (same labelled subset).
     """
     ckpt = load_checkpoint(args.resume, weights_only=not args.unsafe_load)
+    _check_resumed_data(ckpt.get("data_config"), data_cfg, args.resume)
     model.load_state_dict(ckpt["state_dict"])
-    if args.no_resume_opt:
-        return 0
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["amp_scaler"])
-    sampler.load_state_dict(ckpt["sampler"])
-    restore_rng_state(ckpt["rng"])
-    if saver is not None and ckpt.get("saver"):
-        saver.load_state_dict(ckpt["saver"])
-    return int(ckpt["epoch"]) + 1
+    start_epoch = 0
+    if not args.no_resume_opt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["amp_scaler"])
+        sampler.load_state_dict(ckpt["sampler"])
+        restore_rng_state(ckpt["rng"])
+        if saver is not None and ckpt.get("saver"):
+            saver.load_state_dict(ckpt["saver"])
+        start_epoch = int(ckpt["epoch"]) + 1
+    return start_epoch
 
 
 def main(args: argparse.Namespace) -> int:
@@ -286,12 +310,17 @@ def main(args: argparse.Namespace) -> int:
     _check_args(args)
     device = init_distributed(args.device)
     out_dir = _experiment_dir(args)
+    if not args.resume and (out_dir / "last.pth.tar").exists():
+        raise ValueError(
+            f"{out_dir} already holds a run (last.pth.tar): continue it with --resume {out_dir / 'last.pth.tar'}, "
+            "or pick another --experiment"
+        )
     setup_logging(out_dir if is_primary() else None, rank=get_rank())
     log_ignored_flags(args)
     precision = resolve_precision(args.amp, args.amp_impl, args.amp_dtype, device)
+    vars(args).update(precision.to_dict())
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_cuda_tf32()
         torch.backends.cudnn.benchmark = True
     _seed_everything(args.seed)
     logger.info(
@@ -302,6 +331,7 @@ def main(args: argparse.Namespace) -> int:
     image_size = image_size_from_args(args)
     datasets = load_datasets(args, image_size)
     loader, sampler, loader_generator = make_train_loader(datasets, args, device)
+    data_cfg = data_config(args, datasets, image_size)
     eval_sets = {"unlabelled": datasets.unlabelled_eval, "test": datasets.test_eval}
     logger.info(
         "%s: %d classes (%d known), %d labelled + %d unlabelled training images, %d test images",
@@ -316,14 +346,20 @@ def main(args: argparse.Namespace) -> int:
     # model
     model_config = model_config_from_args(args)
     model = build_facegcd(
-        model_config, pretrained_weights=args.pretrained_weights, checkpoint_key=args.checkpoint_key
+        model_config,
+        pretrained_weights=args.pretrained_weights,
+        checkpoint_key=args.checkpoint_key,
+        weights_only=not args.unsafe_load,
     ).to(device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if args.initial_checkpoint:
-        state = load_checkpoint(args.initial_checkpoint, weights_only=not args.unsafe_load)
-        model.load_state_dict(state.get("state_dict", state))
-        logger.info("loaded initial weights from %s", args.initial_checkpoint)
+        load_facegcd_checkpoint(
+            args.initial_checkpoint,
+            model,
+            pretrained_weights=args.pretrained_weights,
+            weights_only=not args.unsafe_load,
+        )
     model_without_ddp = model
     if get_world_size() > 1:
         model = DistributedDataParallel(
@@ -360,8 +396,12 @@ def main(args: argparse.Namespace) -> int:
     # resume
     start_epoch = 0
     if args.resume:
-        start_epoch = _resume(args, model_without_ddp, optimizer, scheduler, scaler, sampler, saver)
+        start_epoch = _resume(args, data_cfg, model_without_ddp, optimizer, scheduler, scaler, sampler, saver)
         logger.info("resumed from %s at epoch %d", args.resume, start_epoch)
+    if is_primary():
+        # An epoch whose last.pth.tar was never written is trained again: drop the rows it left.
+        truncate_summary(out_dir / "summary.csv", start_epoch)
+        truncate_jsonl(out_dir / "log.jsonl", start_epoch)
 
     # outputs
     wandb_logger = WandbLogger(
@@ -440,20 +480,21 @@ def main(args: argparse.Namespace) -> int:
         # checkpointing and logging
         if is_primary():
             state = _checkpoint_state(
-                epoch, args, model_config, model_without_ddp, optimizer, scheduler, scaler, sampler
+                epoch, args, model_config, data_cfg, model_without_ddp, optimizer, scheduler, scaler, sampler
             )
             if results is not None:
                 metric = _selection_metric(results, args) if args.checkpoint_select == "best" else float(epoch)
                 state["metric"] = metric
                 saver.save_checkpoint(state, epoch, metric)
             row = _summary_row(epoch, train_stats, results, args)
+            # the epoch's rows go in before last.pth.tar, the resume point: --resume drops rows of unfinished epochs
             update_summary(epoch, row, out_dir / "summary.csv", write_header=not (out_dir / "summary.csv").exists())
+            jsonl.write(record)
             plot_training_curves(out_dir / "summary.csv", out_dir / "training_curves.png")
             if results is not None:
                 wandb_logger.log(row, step=epoch)
             state["saver"] = saver.state_dict()
             saver.save_last(state)
-            jsonl.write(record)
             wandb_logger.log(
                 {
                     "epoch": epoch,

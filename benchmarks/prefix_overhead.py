@@ -32,6 +32,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from model import FaceGCD, ModelConfig, PrefixAttention, build_facegcd
+from trainer.precision import enable_cuda_tf32
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +223,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     PrefixAttention.cpu_training_kernel = args.cpu_attention
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_cuda_tf32()
 
     base = dict(
         arch=args.arch,

@@ -1,15 +1,15 @@
 """Build a GFD benchmark (YTF-N or CASIA-N) as ``<out>/train/<identity>/*`` and ``<out>/test/<identity>/*``.
 
-YTF (method spec 2.1): identity folders sorted by name, one ``random.Random(seed)`` stream: keep identities with
->= 100 images, ``sample`` N, then per drawn identity int(test_fraction * n) random images go to test/ and the rest
-to train/; files are copied as they are (images in per-video sub-folders are included, named
+YTF (docs/method.md, section 2.2): identity folders sorted by name, one ``random.Random(seed)`` stream: keep
+identities with >= 100 images, ``sample`` N, then per drawn identity int(test_fraction * n) random images go to test/
+and the rest to train/; files are copied as they are (images in per-video sub-folders are included, named
 ``<video>_<file>``).
 
-CASIA (method spec 2.2): from the insightface pair ``train.rec`` + ``train.idx`` (or per-identity folders): keep
-identities with >= 50 images, ``sample`` N in ascending order and relabel them 0..N-1 in draw order, per identity
-shuffle its images, the first int((1 - test_fraction) * n) to train/ and the rest to test/. Folders are named
-``<draw index>_<identity>`` so that sorted order is draw order (known = first half); records are written as JPEG.
-This is the same selection ``build_gcd_datasets`` applies when it reads the RecordIO pair directly.
+CASIA (docs/method.md, section 2.3): from the insightface pair ``train.rec`` + ``train.idx`` (or per-identity
+folders): keep identities with >= 50 images, ``sample`` N in ascending order and relabel them 0..N-1 in draw order,
+per identity shuffle its images, the first int((1 - test_fraction) * n) to train/ and the rest to test/. Folders are
+named ``<draw index>_<identity>`` so that sorted order is draw order (known = first half); records are written as
+JPEG. This is the same selection ``build_gcd_datasets`` applies when it reads the RecordIO pair directly.
 
 Usage::
 

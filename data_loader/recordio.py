@@ -1,6 +1,6 @@
 """Reader and writer for indexed MXNet/insightface RecordIO files (``.rec`` + ``.idx``), without mxnet.
 
-Format (method spec section 2.2):
+Format (docs/method.md, section 2.3):
 
 - ``.idx``: one line per record, ``key<TAB>byte offset``.
 - record: uint32 magic 0xced7230a, uint32 ``lrec`` (low 29 bits: length of this part, upper 3 bits: cflag,

@@ -1,4 +1,4 @@
-"""Balanced labelled/unlabelled training sampler (method spec section 4).
+"""Balanced labelled/unlabelled training sampler (docs/method.md, section 4).
 
 Weighted sampling with replacement over D_L ++ D_U: weight 1 per labelled item and |D_L|/|D_U| per unlabelled item,
 so half of each batch is labelled in expectation, with |D_L| + |D_U| draws per epoch.

@@ -1,4 +1,4 @@
-"""Train and eval image transforms (method spec section 3) and the two-view wrapper.
+"""Train and eval image transforms (docs/method.md, section 3) and the two-view wrapper.
 
 References: torchvision ``references/classification/presets.py`` (preset classes), GCD's
 ``ContrastiveLearningViewGenerator`` (independent views).

@@ -1,4 +1,4 @@
-"""Frozen conditioning pass of FaceGCD (spec section 5.3).
+"""Frozen conditioning pass of FaceGCD (docs/method.md, section 5.3).
 
 References:
     - FaceGCD: Generalized Face Discovery via Dynamic Prefix Generation (Oh & Choi, BMVC 2025), arXiv 2507.22353:

@@ -1,4 +1,4 @@
-"""DINO projection head (spec section 5.7).
+"""DINO projection head (docs/method.md, section 5.6).
 
 References:
     - DINO (Caron et al., ICCV 2021), facebookresearch/dino `DINOHead`; GCD (Vaze et al., CVPR 2022) uses it as the

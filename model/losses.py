@@ -1,4 +1,4 @@
-"""GCD contrastive objective (spec section 7.1): InfoNCE on all samples + SupCon on labelled samples.
+"""GCD contrastive objective (docs/method.md, section 6): InfoNCE on all samples + SupCon on labelled samples.
 
 References:
     - SimCLR InfoNCE (Chen et al., ICML 2020) as used by GCD (Vaze et al., CVPR 2022, `info_nce_logits`).

@@ -1,4 +1,4 @@
-"""HyperNetwork prefix generator (FaceGCD, spec sections 5.4 and 5.5).
+"""HyperNetwork prefix generator (FaceGCD; docs/method.md, sections 5.4 and 5.5).
 
 References:
     - FaceGCD: Generalized Face Discovery via Dynamic Prefix Generation (Oh & Choi, BMVC 2025), arXiv 2507.22353;

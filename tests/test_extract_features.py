@@ -93,8 +93,8 @@ def test_ssk_on_extracted_features_and_in_memory_features_agree(tiny_run, tmp_pa
             *ssk,
         ],
     )
-    on_disk = json.loads((tmp_path / "feat" / "ssk_results.json").read_text())
-    in_memory = json.loads((tmp_path / "mem" / "ssk_results.json").read_text())
+    on_disk = json.loads((tmp_path / "feat" / "ssk" / "default" / "ssk_results.json").read_text())
+    in_memory = json.loads((tmp_path / "mem" / "ssk" / "default" / "ssk_results.json").read_text())
     assert on_disk["train"]["v2"] == in_memory["train"]["v2"] and on_disk["test"]["v2"] == in_memory["test"]["v2"]
     assert on_disk["K"] == 8 and on_disk["M"] == 4 and on_disk["train"]["num_samples"] == 36
 

@@ -1,5 +1,6 @@
 """SSK.py end to end on synthetic feature files: outputs, protocols, test mode, bad input, torchrun."""
 
+import hashlib
 import json
 import os
 import socket
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import SSK
+from utils import report
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES, NUM_KNOWN, DIM = 8, 4, 16
@@ -36,11 +38,12 @@ def make_split(split: str, per_class: int, seed: int) -> dict:
     }
 
 
-def write_features(root: Path, name: str = "feats", **overrides) -> Path:
+def write_features(root: Path, name: str = "feats", seed: int = 1, **overrides) -> Path:
+    """Train (seed) and test (seed + 1) features in ``root/name``; ``overrides[split]`` replaces keys."""
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
-    for split, per_class, seed in (("train", 30, 1), ("test", 10, 2)):
-        payload = make_split(split, per_class, seed)
+    for split, per_class, split_seed in (("train", 30, seed), ("test", 10, seed + 1)):
+        payload = make_split(split, per_class, split_seed)
         payload.update(overrides.get(split, {}))
         torch.save(payload, folder / f"features_{split}.pt")
     return folder
@@ -50,12 +53,26 @@ def parse(*argv: str):
     return SSK.get_args_parser().parse_args(["--device", "cpu", "--k_means_init", "2", *argv])
 
 
+def run_dir(root: Path, features: str = "feats", run: str = "default") -> Path:
+    """Where an SSK run on ``root/features`` keeps its outputs."""
+    return root / features / "ssk" / run
+
+
+def read_results(folder: Path) -> dict:
+    return json.loads((folder / SSK.RESULTS_FILE).read_text())
+
+
+def load_centres(folder: Path) -> dict:
+    return torch.load(folder / SSK.CENTRES_FILE, weights_only=True)
+
+
 def test_gcd_protocol_end_to_end(tmp_path, capsys):
     write_features(tmp_path)
     rc = SSK.main(parse("--save_dir", str(tmp_path), "--experiment_idx", "feats", "--experiment", "out"))
     assert rc == 0
-    out = tmp_path / "out"
-    results = json.loads((out / SSK.RESULTS_FILE).read_text())
+    out = run_dir(tmp_path, run="out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats"]
+    results = read_results(out)
     assert results["protocol"] == "gcd" and results["K"] == NUM_CLASSES and results["M"] == NUM_KNOWN
     assert results["world_size"] == 1 and results["n_init"] == 2 and results["max_iter"] == 500
     assert results["iterations"] >= 1 and results["inertia"] > 0
@@ -73,8 +90,10 @@ def test_gcd_protocol_end_to_end(tmp_path, capsys):
     assert len({line.index(" 1.0000") for line in table[1:]}) == 1  # the All column lines up under its header
     assert len({len(line) for line in table}) == 1
 
-    centres = torch.load(out / SSK.CENTRES_FILE, weights_only=True)
-    assert centres.shape == (NUM_CLASSES, DIM)
+    centres = load_centres(out)
+    assert centres["centres"].shape == (NUM_CLASSES, DIM) and (centres["K"], centres["D"]) == (NUM_CLASSES, DIM)
+    assert centres["protocol"] == "gcd" and centres["features"]["path"] == str(tmp_path / "feats" / "features_train.pt")
+    assert results["output_dir"] == str(out)
     preds = torch.load(out / SSK.PREDICTIONS_FILE, weights_only=True)
     assert preds["split_names"] == ["train", "test"]
     n_train, n_test = 30 * NUM_CLASSES, 10 * NUM_CLASSES
@@ -92,17 +111,116 @@ def test_reference_protocol_and_test_mode(tmp_path):
     write_features(tmp_path)
     common = ("--save_dir", str(tmp_path), "--experiment_idx", "feats", "--no-plots")
     assert SSK.main(parse(*common, "--ssk-protocol", "reference", "--K", "10")) == 0
-    results = json.loads((tmp_path / "feats" / SSK.RESULTS_FILE).read_text())
+    out = run_dir(tmp_path)
+    results = read_results(out)
     assert results["protocol"] == "reference" and results["K"] == 10
     assert results["train"]["set"] == "all" and results["train"]["num_samples"] == 30 * NUM_CLASSES
-    assert not (tmp_path / "feats" / SSK.TSNE_FILE).exists()
+    assert not (out / SSK.TSNE_FILE).exists()
 
-    first = torch.load(tmp_path / "feats" / SSK.CENTRES_FILE, weights_only=True)
+    first = load_centres(out)["centres"]
     assert SSK.main(parse(*common, "--ssk_mode", "test", "--K", "10", "--ssk_protocol", "reference")) == 0
-    results = json.loads((tmp_path / "feats" / SSK.RESULTS_FILE).read_text())
+    results = read_results(out)
     assert results["mode"] == "test" and results["restart_inertia"] == [results["inertia"]]
     # started from converged centres: one Lloyd pass reproduces them
-    assert torch.allclose(torch.load(tmp_path / "feats" / SSK.CENTRES_FILE, weights_only=True), first, atol=1e-6)
+    assert torch.allclose(load_centres(out)["centres"], first, atol=1e-6)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(torch.load(path, weights_only=True)["features"].numpy()).hexdigest()
+
+
+def test_same_experiment_on_two_feature_folders_does_not_collide(tmp_path):
+    """The reference passes one --experiment for every benchmark; each features folder keeps its own results."""
+    write_features(tmp_path, "feats_a", seed=1)
+    write_features(tmp_path, "feats_b", seed=5)
+    for folder in ("feats_a", "feats_b"):
+        argv = ("--save_dir", str(tmp_path), "--experiment_idx", folder, "--experiment", "GCD_base_prefix_gen")
+        assert SSK.main(parse(*argv, "--no-plots")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats_a", "feats_b"]
+    runs = {name: run_dir(tmp_path, name, "GCD_base_prefix_gen") for name in ("feats_a", "feats_b")}
+    results = {name: read_results(folder) for name, folder in runs.items()}
+    for name, folder in runs.items():
+        train_file = tmp_path / name / "features_train.pt"
+        assert results[name]["features"]["train"] == str(train_file)
+        assert results[name]["train_features_sha256"] == _sha256(train_file)
+        assert load_centres(folder)["features"]["sha256"] == _sha256(train_file)
+        assert report.load_results(tmp_path / name) == results[name]
+    assert results["feats_a"]["inertia"] != results["feats_b"]["inertia"]
+    assert results["feats_a"]["train_features_sha256"] != results["feats_b"]["train_features_sha256"]
+    assert not torch.equal(load_centres(runs["feats_a"])["centres"], load_centres(runs["feats_b"])["centres"])
+
+    # within one features folder, another --experiment is another run
+    argv = ("--save_dir", str(tmp_path), "--experiment_idx", "feats_a", "--experiment", "k10", "--K", "10")
+    assert SSK.main(parse(*argv, "--no-plots")) == 0
+    assert read_results(run_dir(tmp_path, "feats_a", "k10"))["K"] == 10
+    assert read_results(runs["feats_a"]) == results["feats_a"]
+    assert report.list_runs(tmp_path / "feats_a") == ["GCD_base_prefix_gen", "k10"]
+
+
+def test_test_mode_starts_from_the_saved_centres(tmp_path, caplog):
+    write_features(tmp_path)
+    common = ("--save_dir", str(tmp_path), "--experiment_idx", "feats", "--no-plots")
+    assert SSK.main(parse(*common)) == 0
+    trained = read_results(run_dir(tmp_path))
+    # one Lloyd iteration: from k-means++ seeds it could not reach the converged inertia, from the saved centres it does
+    assert SSK.main(parse(*common, "--ssk_mode", "test", "--max_kmeans_iter", "1")) == 0
+    tested = read_results(run_dir(tmp_path))
+    assert tested["mode"] == "test" and tested["iterations"] == 1 and len(tested["restart_inertia"]) == 1
+    assert tested["inertia"] == pytest.approx(trained["inertia"], rel=1e-6)
+    assert tested["train"] == trained["train"] and tested["test"] == trained["test"]
+    assert f"starting from the centres in {run_dir(tmp_path) / SSK.CENTRES_FILE}" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["other_folder", "re_extracted", "protocol"])
+def test_test_mode_refuses_centres_fitted_on_other_features(tmp_path, caplog, case):
+    write_features(tmp_path, "feats_a", seed=1)
+    write_features(tmp_path, "feats_b", seed=5)
+    fit = ("--save_dir", str(tmp_path), "--experiment_idx", "feats_a", "--experiment", "run", "--no-plots")
+    assert SSK.main(parse(*fit)) == 0
+    fitted = run_dir(tmp_path, "feats_a", "run") / SSK.CENTRES_FILE
+    fitted_on = tmp_path / "feats_a" / "features_train.pt"
+    target, protocol = "feats_a", "gcd"
+    if case == "other_folder":  # another run's centres copied next to these features
+        target = "feats_b"
+        run_dir(tmp_path, target, "run").mkdir(parents=True)
+        (run_dir(tmp_path, target, "run") / SSK.CENTRES_FILE).write_bytes(fitted.read_bytes())
+    elif case == "re_extracted":  # same folder, new features written over the ones the centres were fitted on
+        fitted_sha = _sha256(fitted_on)
+        write_features(tmp_path, "feats_a", seed=5)
+    else:
+        protocol = "reference"
+    centres = run_dir(tmp_path, target, "run") / SSK.CENTRES_FILE
+    before = centres.read_bytes()
+    argv = ("--save_dir", str(tmp_path), "--experiment_idx", target, "--experiment", "run", "--no-plots")
+    assert SSK.main(parse(*argv, "--ssk_mode", "test", "--ssk-protocol", protocol)) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    if case == "protocol":
+        assert "was fitted with --ssk-protocol gcd, this run uses reference" in errors[0]
+    else:
+        clustered = tmp_path / target / "features_train.pt"
+        assert f"{centres} was fitted on other features: {fitted_on} (240 x {DIM}" in errors[0]
+        assert f"not the features being clustered, {clustered} (240 x {DIM}, sha256 {_sha256(clustered)})" in errors[0]
+        if case == "re_extracted":
+            assert fitted_sha in errors[0]
+    assert centres.read_bytes() == before
+
+
+def test_bare_tensor_centres_are_used_with_a_warning_only_when_their_shape_fits(tmp_path, caplog):
+    write_features(tmp_path)
+    common = ("--save_dir", str(tmp_path), "--experiment_idx", "feats", "--no-plots")
+    assert SSK.main(parse(*common)) == 0
+    centres_file = run_dir(tmp_path) / SSK.CENTRES_FILE
+    converged = load_centres(run_dir(tmp_path))["centres"]
+    torch.save(converged, centres_file)  # the reference's format
+    assert SSK.main(parse(*common, "--ssk_mode", "test", "--max_kmeans_iter", "1")) == 0
+    assert f"{centres_file} is a bare tensor (old format): its origin cannot be checked" in caplog.text
+    assert load_centres(run_dir(tmp_path))["features"]["sha256"] == _sha256(tmp_path / "feats" / "features_train.pt")
+
+    torch.save(converged[:, :-1], centres_file)
+    caplog.clear()
+    assert SSK.main(parse(*common, "--ssk_mode", "test")) == 2
+    assert f"{centres_file} must hold ({NUM_CLASSES}, {DIM}) float centres for --K {NUM_CLASSES}" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -115,6 +233,7 @@ def test_reference_protocol_and_test_mode(tmp_path):
         ("no_centres", "--ssk_mode test needs"),
         ("width", "feature widths differ"),
         ("corrupt", "cannot read features file"),
+        ("run_name", "--experiment '../up': SSK run name '../up' must be one plain folder name"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, caplog, case, match):
@@ -129,11 +248,13 @@ def test_bad_input_is_one_clear_error(tmp_path, caplog, case, match):
         write_features(tmp_path, **overrides.get(case, {}))
     if case == "corrupt":
         (tmp_path / "feats" / "features_test.pt").write_bytes(b"not a torch file")
-    argv += {"small_k": ["--K", "2"], "no_centres": ["--ssk_mode", "test"]}.get(case, [])
+    argv += {"small_k": ["--K", "2"], "no_centres": ["--ssk_mode", "test"], "run_name": ["--experiment", "../up"]}.get(
+        case, []
+    )
     assert SSK.main(parse(*argv)) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and match in errors[0]
-    assert not (tmp_path / "feats" / SSK.RESULTS_FILE).exists()
+    assert not list(tmp_path.rglob(SSK.RESULTS_FILE))
 
 
 def test_missing_features_are_computed_with_checkpoint(tmp_path, monkeypatch):
@@ -152,7 +273,7 @@ def test_missing_features_are_computed_with_checkpoint(tmp_path, monkeypatch):
     defaults = vars(extract_features.get_args_parser(add_help=False).parse_args([]))
     assert set(defaults) <= set(seen)
     assert seen["checkpoint_weights"] == "model_best.pth.tar" and seen["dataset"] == "synthfaces_tiny"
-    results = json.loads((tmp_path / "none" / SSK.RESULTS_FILE).read_text())
+    results = read_results(run_dir(tmp_path, "none"))
     assert results["features"]["train"].startswith("features computed from model_best.pth.tar")
     assert results["train"]["v2"]["all"] == 1.0
 
@@ -221,17 +342,14 @@ def test_torchrun_matches_single_process(tmp_path):
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single = json.loads((tmp_path / "single" / SSK.RESULTS_FILE).read_text())
-    dist = json.loads((tmp_path / "dist" / SSK.RESULTS_FILE).read_text())
+    single, dist = read_results(run_dir(tmp_path, run="single")), read_results(run_dir(tmp_path, run="dist"))
     assert dist["world_size"] == 2
     for key in ("train", "test", "iterations", "best_restart"):
         assert dist[key] == single[key], key
     assert dist["inertia"] == pytest.approx(single["inertia"], rel=1e-5)
-    p_single = torch.load(tmp_path / "single" / SSK.PREDICTIONS_FILE, weights_only=True)
-    p_dist = torch.load(tmp_path / "dist" / SSK.PREDICTIONS_FILE, weights_only=True)
+    p_single = torch.load(run_dir(tmp_path, run="single") / SSK.PREDICTIONS_FILE, weights_only=True)
+    p_dist = torch.load(run_dir(tmp_path, run="dist") / SSK.PREDICTIONS_FILE, weights_only=True)
     assert torch.equal(p_single["cluster"], p_dist["cluster"])
-    assert torch.allclose(
-        torch.load(tmp_path / "single" / SSK.CENTRES_FILE, weights_only=True),
-        torch.load(tmp_path / "dist" / SSK.CENTRES_FILE, weights_only=True),
-        atol=1e-5,
-    )
+    c_single, c_dist = load_centres(run_dir(tmp_path, run="single")), load_centres(run_dir(tmp_path, run="dist"))
+    assert c_single["features"] == c_dist["features"]
+    assert torch.allclose(c_single["centres"], c_dist["centres"], atol=1e-5)

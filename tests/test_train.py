@@ -3,6 +3,9 @@
 import csv
 import hashlib
 import json
+import logging
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +109,101 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_faces, tmp_pat
     assert [r["epoch"] for r in _epochs(tmp_path / "cut" / "log.jsonl")][-1] == 3
 
 
+class _KillBefore:
+    """``os.replace`` that stops the run (SystemExit) instead of committing ``folder/name``.
+
+    Checkpoints, summary.csv and log.jsonl reach the run folder by a rename, so this kills the run exactly between
+    two of those writes; with ``after=True`` the run dies right after that commit instead.
+    """
+
+    def __init__(self, folder: Path, name: str, after: bool = False) -> None:
+        self.folder, self.name, self.after = folder, name, after
+        self.replace = os.replace
+
+    def __call__(self, src, dst, *args, **kwargs) -> None:
+        hit = Path(dst) == self.folder / self.name
+        if hit and not self.after:
+            raise SystemExit(f"killed before writing {self.name}")
+        self.replace(src, dst, *args, **kwargs)
+        if hit:
+            raise SystemExit(f"killed after writing {self.name}")
+
+
+def _train_in_process(argv: list[str]) -> int:
+    """train.py's main() in this process; the log handlers it installs are removed afterwards."""
+    import train
+    from utils.config import parse_args_with_config
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return train.main(parse_args_with_config(train.get_args_parser(), argv))
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
+
+
+def _summary_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _two_epoch_args(data: str, out: Path) -> list[str]:
+    """Two epochs, validation after epoch 1 only (so epoch 1 writes checkpoint-1 and model_best)."""
+    return _train_args(data, out, "run", "--epochs", "2", "--val-kmeans-iter", "20")
+
+
+@pytest.fixture(scope="module")
+def first_epoch_done(tiny_faces, tmp_path_factory) -> Path:
+    """The run folder of a 2-epoch run killed as soon as epoch 0's last.pth.tar is on disk."""
+    out = tmp_path_factory.mktemp("killed")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "replace", _KillBefore(out / "run", "last.pth.tar", after=True))
+        with pytest.raises(SystemExit, match="after writing last.pth.tar"):
+            _train_in_process(_two_epoch_args(tiny_faces, out))
+    return out / "run"
+
+
+@pytest.mark.parametrize(
+    "name, after",
+    [
+        ("checkpoint-1.pth.tar", False),
+        ("model_best.pth.tar", False),
+        ("summary.csv", False),
+        ("log.jsonl", False),
+        ("last.pth.tar", False),
+        ("last.pth.tar", True),
+    ],
+)
+def test_resume_after_a_kill_between_end_of_epoch_writes_keeps_one_row_per_epoch(
+    first_epoch_done, tiny_faces, tmp_path, monkeypatch, name, after
+):
+    run = tmp_path / "run"
+    shutil.copytree(first_epoch_done, run)
+    argv = _two_epoch_args(tiny_faces, tmp_path) + ["--resume", str(run / "last.pth.tar")]
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "replace", _KillBefore(run, name, after))
+        with pytest.raises(SystemExit, match=f"{'after' if after else 'before'} writing {name}"):
+            _train_in_process(argv)  # epoch 1 is trained, then the run dies among its end-of-epoch writes
+
+    assert _train_in_process(argv) == 0
+    assert torch.load(run / "last.pth.tar", map_location="cpu", weights_only=True)["epoch"] == 1
+    rows = _summary_rows(run / "summary.csv")
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert [r["eval_all_acc"] != "" for r in rows] == [False, True]
+    assert [r["epoch"] for r in _epochs(run / "log.jsonl")] == [0, 1]
+
+
+def test_a_fresh_run_never_overwrites_a_finished_one(tiny_faces, tmp_path, run_script):
+    run_script("train.py", _train_args(tiny_faces, tmp_path, "done", "--epochs", "1"))
+    digest = hashlib.sha256((tmp_path / "done" / "last.pth.tar").read_bytes()).hexdigest()
+    proc = run_script("train.py", _train_args(tiny_faces, tmp_path, "done", "--epochs", "1"), check=False)
+    assert proc.returncode != 0 and "already holds a run" in proc.stderr and "--resume" in proc.stderr
+    assert hashlib.sha256((tmp_path / "done" / "last.pth.tar").read_bytes()).hexdigest() == digest
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_faces, tmp_path, run_script):
     run_script("train.py", _train_args(tiny_faces, tmp_path, "good", "--epochs", "1"))
     good = tmp_path / "good" / "last.pth.tar"
@@ -116,18 +214,16 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_faces,
 
     proc = run_script(
         "train.py",
-        _train_args(
-            tiny_faces, tmp_path, "good", "--epochs", "2", "--initial-checkpoint", str(tmp_path / "nan.pth.tar")
-        ),
+        _train_args(tiny_faces, tmp_path, "good", "--epochs", "2", "--resume", str(tmp_path / "nan.pth.tar")),
         check=False,
     )
     assert proc.returncode != 0
-    assert "non-finite training loss" in proc.stderr and "epoch 0, step 0" in proc.stderr
+    assert "non-finite training loss" in proc.stderr and "epoch 1, step 0" in proc.stderr
     assert hashlib.sha256(good.read_bytes()).hexdigest() == digest
 
 
 def test_reference_training_command_runs_verbatim(tiny_faces, tmp_path, run_script):
-    """The documented reference command (method spec section 9) with paths pointing at existing things."""
+    """The documented reference command (docs/decisions.md; docs/cli.md) with paths pointing at existing things."""
     from model.facegcd import ModelConfig, build_facegcd
 
     weights = tmp_path / "checkpoint.pth"
@@ -164,7 +260,7 @@ def test_reference_training_command_runs_verbatim(tiny_faces, tmp_path, run_scri
         "--no-progress",
     ]
     proc = run_script("train.py", reference + small)
-    assert "apex is not installed" in proc.stderr or "apex found" in proc.stderr
+    assert "--amp-impl apex (not installed)" in proc.stderr or "--amp-impl apex (found)" in proc.stderr
     assert "compatibility flags accepted without effect: --pretrained, --return_embed" in proc.stderr
     out = tmp_path / "gcd_synth_prefix10"
     assert list(out.glob("train-batch-*.jpg"))

@@ -37,6 +37,29 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         help="fraction of known-class training images that carry labels (default: 0.5)",
     )
     group.add_argument(
+        "--split-seed",
+        "--split_seed",
+        dest="split_seed",
+        type=int,
+        default=0,
+        help="seed of the labelled-subset draw, np.random.RandomState(seed) as in GCD (default: 0)",
+    )
+    group.add_argument(
+        "--num-known",
+        "--num_known",
+        dest="num_known",
+        type=int,
+        default=None,
+        help="number of known (old) classes, the first ones in sorted folder order; only identity_folders sets it "
+        "freely (default: the benchmark's, N // 2)",
+    )
+    group.add_argument(
+        "--data-relocated",
+        action="store_true",
+        help="extraction/SSK: the benchmark was moved; accept a --data-path other than the checkpoint's (the "
+        "listing must still match the one used in training)",
+    )
+    group.add_argument(
         "--skip-corrupt",
         action="store_true",
         help="skip unreadable images (listed in the log) instead of stopping (default: stop)",
@@ -69,7 +92,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Backbone, prefix generator and head flags (method spec section 5)."""
+    """Backbone, prefix generator and head flags (docs/method.md, section 5)."""
     group = parser.add_argument_group("Model")
     group.add_argument(
         "--arch", "--model", dest="arch", default="vit_base", choices=ARCHS, help="ViT variant (default: %(default)s)"
@@ -136,6 +159,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default=65536,
         help="width of the DINO head's last layer (default: 65536)",
     )
+    group.add_argument(
+        "--hypernet-hidden-dim",
+        dest="hypernet_hidden_dim",
+        type=int,
+        default=1024,
+        help="hidden width of the HyperNets' weight and bias generators (default: 1024)",
+    )
     group.add_argument("--freeze", nargs="*", default=(), help="extra parameter-name prefixes to freeze")
     group.add_argument(
         "--pretrained_weights",
@@ -165,8 +195,9 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
         "--amp_dtype",
         dest="amp_dtype",
         choices=("float16", "bfloat16"),
-        default="float16",
-        help="autocast dtype (default: float16; CPU accepts bfloat16 only)",
+        default=None,
+        help="autocast dtype (default: float16 on CUDA, bfloat16 on the CPU, which autocasts only where it computes "
+        "bfloat16 natively and runs float32 otherwise)",
     )
     group.add_argument(
         "--amp-impl",
@@ -277,6 +308,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         layer_embed=args.layer_embed,
         initializer=args.initializer,
         head_out_dim=args.head_out_dim,
+        hypernet_hidden_dim=args.hypernet_hidden_dim,
         grad_from_block=args.grad_from_block,
         eval_prompt=args.eval_prompt,
         seed=args.seed,

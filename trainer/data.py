@@ -1,10 +1,17 @@
-"""Data plumbing shared by the three scripts: resolving the benchmark root and building loaders."""
+"""Data plumbing shared by the three scripts: the benchmark root, the data settings a checkpoint carries, loaders.
+
+The settings that define D_L and D_U (dataset, data path, ``--prop-train-labels``, ``--split-seed``, the number of
+known classes, image size) are stored in every training checkpoint as ``data_config``. Extraction and SSK read them
+from there: a value given on their command line that contradicts the checkpoint is an error naming both.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -40,8 +47,123 @@ def load_datasets(args: argparse.Namespace, image_size: int) -> GCDDatasets:
         resolve_data_path(args),
         image_size=image_size,
         prop_train_labels=args.prop_train_labels,
+        seed=args.split_seed,
+        num_known=args.num_known,
         skip_corrupt=args.skip_corrupt,
     )
+
+
+class DataConfigError(ValueError):
+    """Command-line data settings that contradict the ones a checkpoint was trained with."""
+
+
+# data_config field -> (args attribute, flag named in errors)
+_DATA_FLAGS = {
+    "dataset": ("dataset", "--dataset"),
+    "data_path": ("data_path", "--data-path"),
+    "prop_train_labels": ("prop_train_labels", "--prop_train_labels"),
+    "split_seed": ("split_seed", "--split-seed"),
+    "num_known": ("num_known", "--num-known"),
+}
+
+
+def labelled_digest(labelled_mask: torch.Tensor) -> str:
+    """SHA-256 of the labelled mask over the train listing: which images form D_L."""
+    return hashlib.sha256(labelled_mask.to(torch.bool).numpy().tobytes()).hexdigest()
+
+
+def listing_facts(datasets: GCDDatasets) -> dict[str, Any]:
+    """Facts that identify a benchmark's listing: classes, train and test images, and which images are labelled."""
+    return {
+        "num_classes": int(datasets.num_classes),
+        "num_train": len(datasets.train_labels),
+        "num_test": len(datasets.test_labels),
+        "num_labelled": int(datasets.labelled_mask.sum()),
+        "labelled_digest": labelled_digest(datasets.labelled_mask),
+    }
+
+
+def data_config(args: argparse.Namespace, datasets: GCDDatasets, image_size: int) -> dict[str, Any]:
+    """The settings that define D_L and D_U, plus the listing's counts, as plain types (stored in checkpoints).
+
+    Args:
+        args: parsed arguments of the run.
+        datasets: the datasets built from them.
+        image_size: the run's square image size.
+
+    Returns:
+        ``dataset`` (canonical name), ``data_path`` (absolute), ``prop_train_labels``, ``split_seed``, ``num_known``,
+        ``image_size`` and the counts of :func:`listing_facts`.
+    """
+    return {
+        "dataset": datasets.spec.name,
+        "data_path": str(Path(datasets.root).resolve()),
+        "prop_train_labels": float(args.prop_train_labels),
+        "split_seed": int(args.split_seed),
+        "num_known": int(datasets.num_known),
+        "image_size": int(image_size),
+        **listing_facts(datasets),
+    }
+
+
+def _same(field: str, given: Any, stored: Any) -> bool:
+    if field == "dataset":
+        return get_spec(given).name == get_spec(stored).name
+    if field == "data_path":
+        return Path(given).resolve() == Path(stored).resolve()
+    if field == "prop_train_labels":
+        return abs(float(given) - float(stored)) < 1e-12
+    return int(given) == int(stored)
+
+
+def apply_data_config(
+    args: argparse.Namespace, stored: dict[str, Any], explicit: set[str], source: str, image_size: int | None = None
+) -> None:
+    """Take the data settings of a checkpoint into ``args``; a contradicting explicit flag is an error.
+
+    Args:
+        args: arguments of extraction or SSK; their data fields are overwritten with the stored values.
+        stored: the checkpoint's ``data_config``.
+        explicit: destinations of the flags given on the command line.
+        source: the checkpoint path, for messages.
+        image_size: the image size the run will use, when the flags set it explicitly (checked against the stored one).
+
+    Raises:
+        DataConfigError: a flag given on the command line disagrees with the checkpoint (both values named).
+    """
+    for field, (dest, flag) in _DATA_FLAGS.items():
+        if field not in stored:
+            continue
+        given = getattr(args, dest)
+        if dest in explicit and given is not None and not _same(field, given, stored[field]):
+            if field == "data_path" and getattr(args, "data_relocated", False):
+                logger.warning("--data-path %s replaces the checkpoint's %s (--data-relocated)", given, stored[field])
+                continue
+            hint = " (pass --data-relocated if the same benchmark was moved there)" if field == "data_path" else ""
+            raise DataConfigError(
+                f"{flag} {given} contradicts the checkpoint {source}, which was trained with {flag} {stored[field]}; "
+                f"drop the flag to use the training setting{hint}"
+            )
+        setattr(args, dest, stored[field])
+    if image_size is not None and "image_size" in stored and int(image_size) != int(stored["image_size"]):
+        raise DataConfigError(
+            f"--input-size 3 {image_size} {image_size} contradicts the checkpoint {source}, trained at "
+            f"{stored['image_size']} px; drop the flag"
+        )
+
+
+def check_listing(datasets: GCDDatasets, stored: dict[str, Any], source: str) -> None:
+    """The benchmark just read must be the one the checkpoint was trained on (same counts, same labelled subset size).
+
+    Raises:
+        DataConfigError: the data tree changed since training (counts named).
+    """
+    found = listing_facts(datasets)
+    changed = [f"{k}: checkpoint {stored[k]}, now {v}" for k, v in found.items() if k in stored and stored[k] != v]
+    if changed:
+        raise DataConfigError(
+            f"the benchmark at {datasets.root} differs from the one {source} was trained on ({'; '.join(changed)})"
+        )
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:

@@ -1,4 +1,4 @@
-"""One training epoch and one validation pass (method spec sections 7.1 and 7.3)."""
+"""One training epoch and one validation pass (docs/method.md, sections 6 and 8)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,10 @@ def train_one_epoch(
         precision: autocast settings.
         epoch: 0-based epoch, for messages.
         device: compute device.
-        grad_accum_steps: micro-steps per optimiser step (DDP ``no_sync`` on the others).
+        grad_accum_steps: micro-batches per optimiser step (DDP ``no_sync`` on all but the last of each group).
+            When ``len(loader)`` is not a multiple of it, the epoch's last, shorter group still takes its optimiser
+            step, with each loss divided by that group's size, so every step uses the mean gradient over the
+            micro-batches it holds and DDP synchronises on the epoch's last micro-batch.
         clip_grad: max gradient norm, or None.
         log_interval: steps between log lines (and saved input grids).
         save_images_dir: folder for ``train-batch-<step>.jpg`` grids, or None.
@@ -59,22 +62,29 @@ def train_one_epoch(
     Returns:
         Epoch averages (``loss``, ``loss_unsup``, ``loss_sup``, ``labelled_fraction``, ``no_labelled_batches``).
     """
+    if grad_accum_steps < 1:
+        raise ValueError(f"grad_accum_steps (--grad-accum-steps) must be >= 1, got {grad_accum_steps}")
+    num_steps = len(loader)  # the epoch's last accumulation group may be shorter; it still steps
     model.train()
     metric_logger = MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
     optimizer.zero_grad(set_to_none=True)
-    no_labelled_batches = 0
+    batches = no_labelled_batches = 0
     for step, (views, labels, _, is_labelled) in enumerate(
         metric_logger.log_every(loader, log_interval, header, progress=progress)
     ):
+        if step >= num_steps:
+            raise RuntimeError(f"the training loader yielded more batches than its len() of {num_steps}")
         images = torch.cat(views, dim=0).to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         is_labelled = is_labelled.to(device, non_blocking=True).bool()
         if save_images_dir is not None and step % log_interval == 0 and is_primary():
             _save_input_grid(images, save_images_dir / f"train-batch-{step}.jpg")
 
-        final_micro_step = (step + 1) % grad_accum_steps == 0
+        group_start = step - step % grad_accum_steps
+        group_size = min(grad_accum_steps, num_steps - group_start)
+        final_micro_step = step + 1 == group_start + group_size
         sync_ctx = (
             model.no_sync()
             if isinstance(model, DistributedDataParallel) and not final_micro_step
@@ -90,7 +100,7 @@ def train_one_epoch(
                     f"non-finite training loss ({loss_value}) at epoch {epoch}, step {step}; the run stops here and "
                     "the last good checkpoint (last.pth.tar of the previous epoch) is kept"
                 )
-            scaler.scale(loss / grad_accum_steps).backward()
+            scaler.scale(loss / group_size).backward()
         if final_micro_step:
             if clip_grad is not None:
                 scaler.unscale_(optimizer)
@@ -101,6 +111,7 @@ def train_one_epoch(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
+        batches += 1
         has_labelled = bool(losses["has_labelled"])
         no_labelled_batches += int(not has_labelled)
         metric_logger.update(
@@ -109,6 +120,11 @@ def train_one_epoch(
             loss_sup=float(losses["loss_sup"]),
             labelled_fraction=float(is_labelled.float().mean()),
             lr=optimizer.param_groups[0]["lr"],
+        )
+    if batches != num_steps:
+        raise RuntimeError(
+            f"the training loader yielded {batches} batches but its len() is {num_steps}; the last gradient "
+            "accumulation group would be lost"
         )
     metric_logger.synchronize_between_processes()
     stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
@@ -145,7 +161,7 @@ def evaluate(
     seed: int = 0,
     eval_funcs: tuple[str, ...] = ("v2", "v1"),
 ) -> dict[str, dict[str, dict[str, float | None]]]:
-    """Validation as in the method spec (7.3): plain k-means with K = N on each set, separately.
+    """Validation as in docs/method.md (section 8): plain k-means with K = N on each set, separately.
 
     Features are computed on rank-local strided shards and clustered in place (the k-means all-reduces its
     statistics), so no rank holds the whole set; only labels and predictions are gathered for the metrics.

@@ -1,4 +1,6 @@
-"""Optimiser, learning-rate scaling rule and the per-epoch cosine schedule with linear warm-up (method spec 7.2).
+"""Optimiser, learning-rate scaling rule and the per-epoch cosine schedule with linear warm-up.
+
+Described in docs/method.md, section 7.
 
 References: timm ``timm/optim/_optim_factory.py`` (``sgd`` = Nesterov SGD), timm ``train.py`` (``--lr-base``
 scaling), timm ``timm/scheduler/cosine_lr.py`` (cosine with warm-up, ``warmup_prefix=False``).

@@ -1,4 +1,8 @@
-"""Mixed precision with ``torch.amp`` (method spec section 8).
+"""Mixed precision with ``torch.amp``, chosen by the hardware (docs/method.md, section 9).
+
+On CUDA, ``--amp`` autocasts to float16 (with a GradScaler) or bfloat16. On the CPU it autocasts to bfloat16 only
+where the CPU computes bfloat16 natively (x86 AVX-512-BF16 or AMX-BF16, Arm BF16): elsewhere bfloat16 is emulated
+and a training step was measured at 30x its float32 time, so the run warns once and computes in float32.
 
 ``--amp-impl apex`` keeps the reference's meaning (apex O0 = full FP32): apex is initialised only when importable,
 otherwise the run says so once and trains in FP32; numerics are identical either way.
@@ -15,14 +19,48 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# CPU capability flags (torch.cpu.get_capabilities) that mean bfloat16 arithmetic in hardware.
+_NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
+def enable_cuda_tf32() -> None:
+    """Allow TF32 for float32 matmuls and convolutions on CUDA, as the reference does.
+
+    Uses the ``fp32_precision`` settings only: mixing them with the older ``allow_tf32`` flags makes PyTorch raise
+    when another part (the clustering, which forces IEEE float32) reads or sets the precision.
+    """
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX-512-BF16, AMX-BF16 or Arm BF16).
+
+    Returns False where the capability query is unavailable: emulated bfloat16 is far slower than float32.
+    """
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is None:
+        return False
+    capabilities = get_capabilities()
+    return any(bool(capabilities.get(flag, False)) for flag in _NATIVE_BF16_FLAGS)
+
 
 @dataclass
 class Precision:
-    """How a run computes: the autocast dtype (None = FP32) and whether a GradScaler is needed."""
+    """How a run computes: the autocast dtype (None = FP32), whether a GradScaler is needed, and why.
+
+    Attributes:
+        device_type: ``cuda`` or ``cpu``.
+        dtype: autocast dtype, or None for float32.
+        use_scaler: a GradScaler is needed (float16 on CUDA).
+        reason: one line saying how the flags and the hardware led to this choice.
+    """
 
     device_type: str
     dtype: torch.dtype | None
     use_scaler: bool
+    reason: str = ""
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """A fresh autocast context (a no-op in FP32)."""
@@ -35,35 +73,54 @@ class Precision:
         return torch.amp.GradScaler(self.device_type, enabled=self.use_scaler)
 
     def describe(self) -> str:
-        """Human-readable summary for the log."""
+        """Short name for logs and files: ``fp32``, ``autocast bfloat16`` or ``autocast float16``."""
         return "fp32" if self.dtype is None else f"autocast {str(self.dtype).removeprefix('torch.')}"
 
+    def to_dict(self) -> dict[str, str]:
+        """The decision as plain types, stored with the run (``args.yaml``, ``extraction.json``)."""
+        return {"precision": self.describe(), "precision_reason": self.reason}
 
-def resolve_precision(amp: bool, amp_impl: str, amp_dtype: str, device: torch.device) -> Precision:
-    """Turn ``--amp``, ``--amp-impl`` and ``--amp-dtype`` into a ``Precision``.
+
+def resolve_precision(amp: bool, amp_impl: str, amp_dtype: str | None, device: torch.device) -> Precision:
+    """Turn ``--amp``, ``--amp-impl`` and ``--amp-dtype`` into a ``Precision``, following the hardware.
 
     Args:
         amp: ``--amp`` given.
         amp_impl: ``native`` or ``apex``.
-        amp_dtype: ``float16`` or ``bfloat16``.
+        amp_dtype: ``float16``, ``bfloat16`` or None (float16 on CUDA, bfloat16 on the CPU).
         device: the run's device.
 
     Returns:
-        The resolved precision. Raises ValueError for float16 autocast on CPU.
+        The resolved precision. On the CPU without native bfloat16, ``--amp`` gives float32 and one warning.
+
+    Raises:
+        ValueError: unknown ``--amp-impl`` or ``--amp-dtype``, or float16 autocast on the CPU.
     """
     if not amp:
-        return Precision(device.type, None, False)
+        return Precision(device.type, None, False, "no --amp")
     if amp_impl == "apex":
-        if importlib.util.find_spec("apex") is not None:
-            logger.info("--amp-impl apex: apex found; the reference's O0 opt level is full FP32, training in FP32")
+        found = importlib.util.find_spec("apex") is not None
+        reason = f"--amp-impl apex ({'found' if found else 'not installed'}): the reference's O0 level is full FP32"
+        if found:
+            logger.info("%s, training in FP32", reason)
         else:
-            logger.warning("--amp-impl apex: apex is not installed; its O0 setting is full FP32, training in FP32")
-        return Precision(device.type, None, False)
+            logger.warning("%s, training in FP32", reason)
+        return Precision(device.type, None, False, reason)
     if amp_impl != "native":
         raise ValueError(f"--amp-impl {amp_impl!r}: expected 'native' or 'apex'")
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(amp_dtype)
+    if amp_dtype is None:
+        amp_dtype = "float16" if device.type == "cuda" else "bfloat16"
+    dtype = _DTYPES.get(amp_dtype)
     if dtype is None:
         raise ValueError(f"--amp-dtype {amp_dtype!r}: expected 'float16' or 'bfloat16'")
     if device.type == "cpu" and dtype is torch.float16:
         raise ValueError("--amp with --amp-dtype float16 needs CUDA; on the CPU use --amp-dtype bfloat16 or drop --amp")
-    return Precision(device.type, dtype, dtype is torch.float16 and device.type == "cuda")
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        reason = (
+            f"--amp on a CPU without native bfloat16 (capability {torch.backends.cpu.get_cpu_capability()}): "
+            "emulated bfloat16 is many times slower than float32"
+        )
+        logger.warning("%s; computing in float32", reason)
+        return Precision(device.type, None, False, reason)
+    where = "CUDA" if device.type == "cuda" else "a CPU with native bfloat16"
+    return Precision(device.type, dtype, dtype is torch.float16 and device.type == "cuda", f"--amp on {where}")

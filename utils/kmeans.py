@@ -1,4 +1,4 @@
-"""Semi-supervised and plain k-means in PyTorch, on one device or sharded over ranks (spec section 10).
+"""Semi-supervised and plain k-means in PyTorch, on one device or sharded over ranks (docs/method.md, section 11).
 
 ``semi_supervised_kmeans`` is GCD's ``fit_mix``: labelled class means are the first M centres, labelled points stay
 pinned to their class's cluster, the other K - M centres come from k-means++ D^2 sampling over the unlabelled points,
@@ -536,7 +536,7 @@ def semi_supervised_kmeans(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = True,
 ) -> KMeansResult:
-    """GCD semi-supervised k-means (spec 10.1): labelled points pinned to their class's cluster.
+    """GCD semi-supervised k-means (docs/method.md, section 11.1): labelled points pinned to their class's cluster.
 
     In a process group every rank passes its own shard of the rows; all ranks get the same centres.
 

@@ -267,7 +267,10 @@ def _to_plain(value: Any) -> Any:
 
 
 class JsonlWriter:
-    """Appends one JSON object per line to a metrics file (DINOv2's ``dump_in_output_file``).
+    """Keeps a metrics file of one JSON object per line (DINOv2's ``dump_in_output_file``).
+
+    Every write replaces the file atomically (temporary file, then rename), so an interrupted run never leaves a
+    partial line behind.
 
     Args:
         path: the ``.jsonl`` file (its folder is created if needed).
@@ -284,52 +287,121 @@ class JsonlWriter:
             record: the values to store.
         """
         line = json.dumps(record, default=_to_plain)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        existing = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        atomic_write_text(self.path, existing + line + "\n")
+
+
+def truncate_jsonl(path: str | os.PathLike, first_epoch: int) -> int:
+    """Atomically drop the records with ``epoch >= first_epoch`` from a JSONL metrics file (e.g. on resume).
+
+    Args:
+        path: the ``.jsonl`` file; a missing file is left missing.
+        first_epoch: the first epoch whose records are removed.
+
+    Returns:
+        How many records were removed.
+
+    Raises:
+        ValueError: a line is not a JSON object with an integer ``epoch``.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for number, line in enumerate(lines, 1) if _jsonl_epoch(line, path, number) < first_epoch]
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(kept))
+        logger.info("removed %d records of epochs >= %d from %s", len(lines) - len(kept), first_epoch, path)
+    return len(lines) - len(kept)
+
+
+def _jsonl_epoch(line: str, path: Path, number: int) -> int:
+    """The integer ``epoch`` of one JSONL record, with an error naming the file and line otherwise."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {number} is not valid JSON ({e}); expected one JSON object per line") from e
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        raise ValueError(f"{path} line {number} has no integer 'epoch' field; expected one record per epoch")
+    return epoch
 
 
 def update_summary(epoch: int, row: dict, filename: str | os.PathLike, write_header: bool = False) -> None:
     """Append one row ``{"epoch": epoch, **row}`` to a summary CSV (timm's ``summary.csv``).
 
     Columns follow the row's key order. The header is written when the file is new or empty; ``write_header=True``
-    starts the file afresh (a new run). When a row brings columns the file does not have yet, the file is rewritten
-    atomically with the union of columns (existing ones first) and earlier rows get empty cells; columns a row lacks
-    stay empty in that row.
+    starts the file afresh (a new run). When a row brings columns the file does not have yet, they are added after
+    the existing ones and earlier rows get empty cells; columns a row lacks stay empty in that row. The file is
+    replaced atomically on every call, so an interrupted run never leaves a partial row behind.
 
     Args:
         epoch: the epoch of the row (first column).
         row: column name -> value (numbers, strings, one-element tensors).
         filename: the CSV file.
         write_header: truncate the file and write a header first.
+
+    Raises:
+        ValueError: ``row`` names another epoch, or the existing file is not a summary CSV.
     """
     if "epoch" in row and row["epoch"] != epoch:
         raise ValueError(f"update_summary got epoch={epoch} but the row says epoch={row['epoch']}")
     rowd = {"epoch": epoch} | {k: _csv_value(v) for k, v in row.items() if k != "epoch"}
     path = Path(filename)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if write_header or not path.exists() or path.stat().st_size == 0:
-        with path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rowd))
-            writer.writeheader()
-            writer.writerow(rowd)
-        return
+    fieldnames, rows = ([], []) if write_header else _read_summary(path)
+    new_columns = [k for k in rowd if k not in fieldnames]
+    if new_columns and rows:
+        logger.info("summary %s gains columns %s", path, new_columns)
+    _write_summary(path, fieldnames + new_columns, rows + [rowd])
+
+
+def truncate_summary(filename: str | os.PathLike, first_epoch: int) -> int:
+    """Atomically drop the rows with ``epoch >= first_epoch`` from a summary CSV (e.g. on resume).
+
+    Args:
+        filename: the CSV file; a missing file is left missing.
+        first_epoch: the first epoch whose rows are removed.
+
+    Returns:
+        How many rows were removed.
+
+    Raises:
+        ValueError: the file is not a summary CSV (see :func:`update_summary`).
+    """
+    path = Path(filename)
+    fieldnames, rows = _read_summary(path)
+    kept = [r for r in rows if int(r["epoch"]) < first_epoch]
+    if len(kept) < len(rows):
+        _write_summary(path, fieldnames, kept)
+        logger.info("removed %d rows of epochs >= %d from %s", len(rows) - len(kept), first_epoch, path)
+    return len(rows) - len(kept)
+
+
+def _read_summary(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of a summary CSV (empty for a missing or empty file); each row needs an integer epoch."""
+    if not path.exists() or path.stat().st_size == 0:
+        return [], []
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
+        rows = list(reader)
         fieldnames = list(reader.fieldnames or [])
-        new_columns = [k for k in rowd if k not in fieldnames]
-        old_rows = list(reader) if new_columns else []
-    if new_columns:
-        fieldnames += new_columns
-        logger.info("summary %s gains columns %s; rewriting it", path, new_columns)
-        lines = _StringLines()
-        writer = csv.DictWriter(lines, fieldnames=fieldnames, restval="")
-        writer.writeheader()
-        writer.writerows(old_rows)
-        writer.writerow(rowd)
-        atomic_write_text(path, "".join(lines))
-        return
-    with path.open("a", newline="", encoding="utf-8") as f:
-        csv.DictWriter(f, fieldnames=fieldnames, restval="").writerow(rowd)
+    if fieldnames[:1] != ["epoch"]:
+        raise ValueError(f"{path} is not a summary CSV: its header {fieldnames} does not start with 'epoch'")
+    for number, r in enumerate(rows, 2):
+        if None in r or None in r.values() or not r["epoch"].isdigit():
+            raise ValueError(
+                f"{path} row {number} is malformed; expected {len(fieldnames)} cells starting with an integer epoch"
+            )
+    return fieldnames, rows
+
+
+def _write_summary(path: Path, fieldnames: list[str], rows: list[dict]) -> None:
+    """Atomically replace ``path`` with a header and ``rows`` (missing cells stay empty)."""
+    lines = _StringLines()
+    writer = csv.DictWriter(lines, fieldnames=fieldnames, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, "".join(lines))
 
 
 class _StringLines(list):

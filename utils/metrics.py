@@ -1,6 +1,6 @@
 """Hungarian clustering accuracy for generalized category discovery (All / Old / New).
 
-Implements the metric table of the method spec (section 1): a square contingency matrix of side
+Implements the metric table of docs/method.md (section 12): a square contingency matrix of side
 max(max y_pred, max y_true) + 1 built with one ``bincount``, a maximising Hungarian matching
 (``scipy.optimize.linear_sum_assignment``), and three ways to split the result into known (old) and unknown (new)
 identities:
@@ -28,7 +28,7 @@ ArrayLike = torch.Tensor | np.ndarray | Sequence[int]
 
 
 class MetricVariant(str, Enum):
-    """How the matched counts are split into All / Old / New (spec section 1)."""
+    """How the matched counts are split into All / Old / New (docs/method.md, section 12)."""
 
     V1 = "v1"
     V2 = "v2"

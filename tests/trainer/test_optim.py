@@ -1,4 +1,4 @@
-"""Tests for trainer/optim.py: optimiser construction, lr scaling rule and the spec 7.2 schedule values."""
+"""Tests for trainer/optim.py: optimiser construction, lr scaling rule, schedule values (docs/method.md, section 7)."""
 
 from __future__ import annotations
 

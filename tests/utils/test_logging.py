@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import math
+import os
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from utils.logging import (
     SmoothedValue,
     WandbLogger,
     setup_logging,
+    truncate_jsonl,
+    truncate_summary,
     update_summary,
 )
 
@@ -124,6 +127,93 @@ def test_update_summary_rows_and_new_columns(tmp_path):
     update_summary(0, {"train_loss": 2.0}, path, write_header=True)  # a new run starts the file afresh
     assert _read_csv(path) == [["epoch", "train_loss"], ["0", "2.0"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
+
+
+def test_truncate_summary_keeps_earlier_epochs(tmp_path, caplog):
+    path = tmp_path / "summary.csv"
+    assert truncate_summary(path, 0) == 0 and not path.exists()  # nothing to do for a new run
+    for epoch in range(4):
+        update_summary(epoch, {"train_loss": 1.0 / (epoch + 1), "eval_all_acc": 0.5 if epoch % 2 else None}, path)
+    with caplog.at_level(logging.INFO):
+        assert truncate_summary(path, 2) == 2
+    assert "removed 2 rows of epochs >= 2" in caplog.text
+    assert _read_csv(path) == [["epoch", "train_loss", "eval_all_acc"], ["0", "1.0", ""], ["1", "0.5", "0.5"]]
+    assert truncate_summary(path, 2) == 0
+    assert truncate_summary(path, 0) == 2
+    assert _read_csv(path) == [["epoch", "train_loss", "eval_all_acc"]]
+    update_summary(0, {"train_loss": 3.0}, path)  # the header stays and the row fills its cells
+    assert _read_csv(path) == [["epoch", "train_loss", "eval_all_acc"], ["0", "3.0", ""]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("loss,epoch\n1.0,0\n", "header .* does not start with 'epoch'"),
+        ("epoch,loss\n0,1.0\n1\n", "row 3 is malformed; expected 2 cells"),
+        ("epoch,loss\nlast,1.0\n", "row 2 is malformed; expected 2 cells starting with an integer epoch"),
+    ],
+)
+def test_truncate_summary_rejects_files_that_are_not_summaries(tmp_path, text, message):
+    path = tmp_path / "summary.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        truncate_summary(path, 1)
+    assert path.read_text() == text
+
+
+def test_truncate_jsonl_keeps_earlier_epochs(tmp_path):
+    path = tmp_path / "log.jsonl"
+    assert truncate_jsonl(path, 0) == 0 and not path.exists()
+    writer = JsonlWriter(path)
+    for epoch in range(3):
+        writer.write({"epoch": epoch, "train_loss": float(epoch)})
+    assert truncate_jsonl(path, 1) == 2
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"epoch": 0, "train_loss": 0.0}]
+    writer.write({"epoch": 1, "train_loss": 5.0})
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"epoch": 0}\n{"epoch": 1\n', "line 2 is not valid JSON"),
+        ('{"epoch": 0}\n{"loss": 1.0}\n', "line 2 has no integer 'epoch' field"),
+        ('{"epoch": "0"}\n', "line 1 has no integer 'epoch' field"),
+    ],
+)
+def test_truncate_jsonl_rejects_malformed_lines(tmp_path, text, message):
+    path = tmp_path / "log.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        truncate_jsonl(path, 1)
+    assert path.read_text() == text
+
+
+def _killed(src, dst):
+    raise SystemExit("killed")
+
+
+@pytest.mark.parametrize(
+    "name, write",
+    [
+        ("summary.csv", lambda path, epoch: update_summary(epoch, {"train_loss": 1.0}, path)),
+        ("summary.csv", lambda path, epoch: update_summary(epoch, {"train_loss": 1.0, f"col{epoch}": 2.0}, path)),
+        ("log.jsonl", lambda path, epoch: JsonlWriter(path).write({"epoch": epoch})),
+    ],
+    ids=["summary", "summary-new-column", "jsonl"],
+)
+def test_a_kill_while_writing_a_row_leaves_the_previous_file_whole(tmp_path, monkeypatch, name, write):
+    """New content only arrives by renaming a complete temporary file over the old one."""
+    path = tmp_path / name
+    write(path, 0)
+    before = path.read_text()
+    monkeypatch.setattr(os, "replace", _killed)
+    with pytest.raises(SystemExit, match="killed"):
+        write(path, 1)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == [name]
 
 
 def test_wandb_disabled_is_noop(tmp_path):

@@ -1,0 +1,135 @@
+"""The settings that define D_L and D_U travel with the checkpoint into extraction (and SSK), and contradicting
+flags are errors; a frozen random backbone is refused."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from cli_helpers import TINY_MODEL_ARGS, run_cli
+from data_loader import build_gcd_datasets
+
+
+@pytest.fixture(scope="module")
+def run_030(tiny_faces, tmp_path_factory) -> dict:
+    """A 1-epoch run trained with --prop_train_labels 0.3 on a private copy of the tiny preset."""
+    data = tmp_path_factory.mktemp("data") / "tiny"
+    shutil.copytree(tiny_faces, data)
+    out = tmp_path_factory.mktemp("train")
+    run_cli(
+        "train.py",
+        [
+            "--dataset",
+            "synthfaces_tiny",
+            "--data-path",
+            str(data),
+            *TINY_MODEL_ARGS,
+            "--prop_train_labels",
+            "0.3",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "--val-kmeans-init",
+            "1",
+            "--checkpoint-select",
+            "last",
+            "--output",
+            str(out),
+            "--experiment",
+            "p03",
+            "--no-progress",
+        ],
+    )
+    return {"data": data, "checkpoint": out / "p03" / "model_best.pth.tar"}
+
+
+def _extract_args(run: dict, save_dir, experiment: str, *extra: str) -> list[str]:
+    return [
+        "--checkpoint_weights",
+        str(run["checkpoint"]),
+        "--save_dir",
+        str(save_dir),
+        "--experiment",
+        experiment,
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        *extra,
+    ]
+
+
+def test_extraction_reads_the_labelled_subset_from_the_checkpoint(run_030, tmp_path, run_script):
+    # No --dataset, --data-path or --prop_train_labels: all come from the checkpoint.
+    run_script("extract_features.py", _extract_args(run_030, tmp_path, "feat"))
+    train = torch.load(tmp_path / "feat" / "features_train.pt", weights_only=True)
+    expected = build_gcd_datasets("synthfaces_tiny", run_030["data"], image_size=32, prop_train_labels=0.3)
+    assert torch.equal(train["labelled_mask"], expected.labelled_mask)
+    # 0.3 of the 24 known-class images, not the default 0.5
+    assert int(train["labelled_mask"].sum()) == int(0.3 * 24) != int(0.5 * 24)
+    stored = torch.load(run_030["checkpoint"], weights_only=True)["data_config"]
+    meta = json.loads((tmp_path / "feat" / "extraction.json").read_text())["train"]
+    assert meta["prop_train_labels"] == 0.3 and meta["data_config"]["labelled_digest"] == stored["labelled_digest"]
+    assert stored["prop_train_labels"] == 0.3 and stored["dataset"] == "synthfaces_tiny"
+
+
+@pytest.mark.parametrize(
+    "flags, given, trained",
+    [
+        (["--prop_train_labels", "0.5"], "--prop_train_labels 0.5", "--prop_train_labels 0.3"),
+        (["--split-seed", "3"], "--split-seed 3", "--split-seed 0"),
+        (["--num-known", "2"], "--num-known 2", "--num-known 4"),
+        (["--dataset", "synthfaces_quick"], "--dataset synthfaces_quick", "--dataset synthfaces_tiny"),
+    ],
+)
+def test_a_contradicting_data_flag_is_an_error_naming_both_values(run_030, tmp_path, run_script, flags, given, trained):
+    proc = run_script("extract_features.py", _extract_args(run_030, tmp_path, "bad", *flags), check=False)
+    assert proc.returncode == 2
+    assert given in proc.stderr and trained in proc.stderr
+    assert not (tmp_path / "bad" / "features_train.pt").exists()
+
+
+def test_the_same_values_given_explicitly_are_accepted(run_030, tmp_path, run_script):
+    flags = ["--dataset", "SynthFaces_Tiny", "--data-path", str(run_030["data"]), "--prop_train_labels", "0.3"]
+    run_script("extract_features.py", _extract_args(run_030, tmp_path, "same", *flags))
+    assert (tmp_path / "same" / "features_test.pt").is_file()
+
+
+def test_another_data_path_needs_data_relocated_and_the_same_listing(run_030, tmp_path, run_script):
+    moved = tmp_path / "moved"
+    shutil.copytree(run_030["data"], moved)
+    proc = run_script(
+        "extract_features.py", _extract_args(run_030, tmp_path, "m", "--data-path", str(moved)), check=False
+    )
+    assert proc.returncode == 2 and "--data-relocated" in proc.stderr and str(moved) in proc.stderr
+    run_script(
+        "extract_features.py", _extract_args(run_030, tmp_path, "m", "--data-path", str(moved), "--data-relocated")
+    )
+    # a tree that lost an image is not the benchmark the checkpoint was trained on
+    victim = sorted((moved / "train").glob("*/*"))[0]
+    victim.unlink()
+    proc = run_script(
+        "extract_features.py",
+        _extract_args(run_030, tmp_path, "m2", "--data-path", str(moved), "--data-relocated"),
+        check=False,
+    )
+    assert proc.returncode == 2 and "num_train: checkpoint 48, now 47" in proc.stderr
+
+
+def test_ssk_with_a_checkpoint_refuses_a_contradicting_flag(run_030, tmp_path, run_script):
+    args = ["--checkpoint_weights", str(run_030["checkpoint"]), "--save_dir", str(tmp_path), "--experiment_idx", "s"]
+    proc = run_script("SSK.py", [*args, "--prop_train_labels", "0.5", "--workers", "0"], check=False)
+    assert proc.returncode == 2 and "--prop_train_labels 0.5" in proc.stderr and "0.3" in proc.stderr
+
+
+def test_grad_from_block_without_pretrained_weights_is_refused(tiny_faces, tmp_path, run_script):
+    args = ["--dataset", "synthfaces_tiny", "--data-path", tiny_faces, *TINY_MODEL_ARGS, "--epochs", "1"]
+    args += ["--output", str(tmp_path), "--experiment", "frozen", "--grad-from-block", "11"]
+    proc = run_script("train.py", args, check=False)
+    assert proc.returncode != 0
+    assert "--grad-from-block 11 without --pretrained_weights" in proc.stderr and "frozen random ViT" in proc.stderr
+    assert not (tmp_path / "frozen" / "last.pth.tar").exists()
