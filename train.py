@@ -163,13 +163,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--checkpoint-select",
         choices=("best", "last"),
         default="best",
-        help="model_best.pth.tar = best validation or the last validated epoch (default: best)",
+        help="model_best.pth.tar = the last validated epoch (last; the recipes' choice), or the best validation "
+        "accuracy (best, reproduces the reference: it reads the ground truth of the unlabelled images and of the test "
+        "split, which GCD assumes unknown, so its numbers are optimistic) (default: best)",
     )
     group.add_argument(
         "--select-on",
         choices=("combined", "unlabelled"),
         default="combined",
-        help="selection on the mean of D_U and test, or on D_U only (default: combined)",
+        help="with --checkpoint-select best: select on the mean of D_U and test, or on D_U only; both read "
+        "unlabelled ground truth (default: combined)",
     )
     group.add_argument("--val-kmeans-init", type=int, default=10, help="validation k-means restarts (default: 10)")
     group.add_argument("--val-kmeans-iter", type=int, default=300, help="validation k-means iterations (default: 300)")

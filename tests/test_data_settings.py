@@ -133,3 +133,52 @@ def test_grad_from_block_without_pretrained_weights_is_refused(tiny_faces, tmp_p
     assert proc.returncode != 0
     assert "--grad-from-block 11 without --pretrained_weights" in proc.stderr and "frozen random ViT" in proc.stderr
     assert not (tmp_path / "frozen" / "last.pth.tar").exists()
+
+
+def test_own_identity_folders_train_extract_and_cluster_with_num_known(tiny_faces, tmp_path, run_script):
+    """Any train/<id>, test/<id> tree: N from its folders, --num-known from training, carried into extraction."""
+    root = tmp_path / "my_faces"
+    for split in ("train", "test"):
+        shutil.copytree(f"{tiny_faces}/{split}", root / split)
+    n_ids = len(list((root / "train").iterdir()))
+    out = tmp_path / "out"
+    run_script(
+        "train.py",
+        [
+            "--dataset",
+            "identity_folders",
+            "--data-path",
+            str(root),
+            "--num-known",
+            "3",
+            *TINY_MODEL_ARGS,
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "--val-kmeans-init",
+            "1",
+            "--checkpoint-select",
+            "last",
+            "--output",
+            str(out),
+            "--experiment",
+            "mine",
+            "--no-progress",
+        ],
+    )
+    ckpt = out / "mine" / "model_best.pth.tar"
+    stored = torch.load(ckpt, weights_only=True)["data_config"]
+    assert stored["dataset"] == "identity_folders" and stored["num_known"] == 3 and stored["num_classes"] == n_ids
+    run_script(
+        "extract_features.py",
+        ["--checkpoint_weights", str(ckpt), "--save_dir", str(tmp_path), "--workers", "0", "--experiment", "mine"],
+    )
+    train = torch.load(tmp_path / "mine" / "features_train.pt", weights_only=True)
+    assert torch.equal(train["known_mask"], train["labels"] < 3) and bool(train["known_mask"].any())
+    assert bool((train["labels"][train["labelled_mask"]] < 3).all())
+    run_script("SSK.py", ["--save_dir", str(tmp_path), "--experiment_idx", "mine", "--no-plots", "--k_means_init", "1"])
+    results = json.loads((tmp_path / "mine" / "ssk" / "default" / "ssk_results.json").read_text())
+    assert results["K"] == n_ids and results["M"] == 3
