@@ -11,39 +11,22 @@ from cli_helpers import TINY_MODEL_ARGS, run_cli
 from data_loader import build_gcd_datasets
 
 
+def _one_epoch_args(dataset: str, data, out, experiment: str, *extra: str) -> list[str]:
+    """A 1-epoch tiny training run that keeps its last epoch as model_best."""
+    return [
+        *("--dataset", dataset, "--data-path", str(data), *TINY_MODEL_ARGS, *extra),
+        *("--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--val-kmeans-init", "1"),
+        *("--checkpoint-select", "last", "--output", str(out), "--experiment", experiment, "--no-progress"),
+    ]
+
+
 @pytest.fixture(scope="module")
 def run_030(tiny_faces, tmp_path_factory) -> dict:
     """A 1-epoch run trained with --prop_train_labels 0.3 on a private copy of the tiny preset."""
     data = tmp_path_factory.mktemp("data") / "tiny"
     shutil.copytree(tiny_faces, data)
     out = tmp_path_factory.mktemp("train")
-    run_cli(
-        "train.py",
-        [
-            "--dataset",
-            "synthfaces_tiny",
-            "--data-path",
-            str(data),
-            *TINY_MODEL_ARGS,
-            "--prop_train_labels",
-            "0.3",
-            "--batch-size",
-            "8",
-            "--epochs",
-            "1",
-            "--warmup-epochs",
-            "0",
-            "--val-kmeans-init",
-            "1",
-            "--checkpoint-select",
-            "last",
-            "--output",
-            str(out),
-            "--experiment",
-            "p03",
-            "--no-progress",
-        ],
-    )
+    run_cli("train.py", _one_epoch_args("synthfaces_tiny", data, out, "p03", "--prop_train_labels", "0.3"))
     return {"data": data, "checkpoint": out / "p03" / "model_best.pth.tar"}
 
 
@@ -142,33 +125,7 @@ def test_own_identity_folders_train_extract_and_cluster_with_num_known(tiny_face
         shutil.copytree(f"{tiny_faces}/{split}", root / split)
     n_ids = len(list((root / "train").iterdir()))
     out = tmp_path / "out"
-    run_script(
-        "train.py",
-        [
-            "--dataset",
-            "identity_folders",
-            "--data-path",
-            str(root),
-            "--num-known",
-            "3",
-            *TINY_MODEL_ARGS,
-            "--batch-size",
-            "8",
-            "--epochs",
-            "1",
-            "--warmup-epochs",
-            "0",
-            "--val-kmeans-init",
-            "1",
-            "--checkpoint-select",
-            "last",
-            "--output",
-            str(out),
-            "--experiment",
-            "mine",
-            "--no-progress",
-        ],
-    )
+    run_script("train.py", _one_epoch_args("identity_folders", root, out, "mine", "--num-known", "3"))
     ckpt = out / "mine" / "model_best.pth.tar"
     stored = torch.load(ckpt, weights_only=True)["data_config"]
     assert stored["dataset"] == "identity_folders" and stored["num_known"] == 3 and stored["num_classes"] == n_ids
