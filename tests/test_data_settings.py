@@ -58,6 +58,7 @@ def test_extraction_reads_the_labelled_subset_from_the_checkpoint(run_030, tmp_p
     meta = json.loads((tmp_path / "feat" / "extraction.json").read_text())["train"]
     assert meta["prop_train_labels"] == 0.3 and meta["data_config"]["labelled_digest"] == stored["labelled_digest"]
     assert stored["prop_train_labels"] == 0.3 and stored["dataset"] == "synthfaces_tiny"
+    assert meta["precision"] == "fp32" and meta["precision_reason"] == "no --amp"
 
 
 @pytest.mark.parametrize(

@@ -280,3 +280,20 @@ def test_bad_flags_fail_with_a_clear_message(tiny_faces, tmp_path, run_script, f
     proc = run_script("train.py", _train_args(tiny_faces, tmp_path, "bad", "--epochs", "1") + flags, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+@pytest.mark.parametrize("native, precision", [(False, "fp32"), (True, "autocast bfloat16")])
+def test_amp_precision_follows_the_cpu_and_is_stored_with_the_run(tiny_faces, tmp_path, monkeypatch, native, precision):
+    """--amp on a CPU: bf16 only where the capability probe says native, the decision in args.yaml and the checkpoint."""
+    import yaml
+
+    import trainer.precision
+
+    monkeypatch.setattr(trainer.precision, "cpu_has_native_bf16", lambda: native)
+    argv = _train_args(tiny_faces, tmp_path, "amp", "--epochs", "1", "--amp", "--val-kmeans-init", "1")
+    assert _train_in_process(argv) == 0
+    stored = yaml.safe_load((tmp_path / "amp" / "args.yaml").read_text())
+    assert stored["precision"] == precision
+    assert ("without native bfloat16" in stored["precision_reason"]) is not native
+    args = torch.load(tmp_path / "amp" / "last.pth.tar", map_location="cpu", weights_only=True)["args"]
+    assert args["precision"] == precision
