@@ -284,7 +284,7 @@ def test_bad_flags_fail_with_a_clear_message(tiny_faces, tmp_path, run_script, f
 
 @pytest.mark.parametrize("native, precision", [(False, "fp32"), (True, "autocast bfloat16")])
 def test_amp_precision_follows_the_cpu_and_is_stored_with_the_run(tiny_faces, tmp_path, monkeypatch, native, precision):
-    """--amp on a CPU: bf16 only where the capability probe says native, the decision in args.yaml and the checkpoint."""
+    """--amp on a CPU: bf16 only where the probe says native; the decision goes to args.yaml and the checkpoint."""
     import yaml
 
     import trainer.precision
