@@ -31,6 +31,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import pickle
 import sys
 import time
@@ -42,6 +43,7 @@ import torch
 
 from data_loader import DatasetError
 from trainer.args import (
+    add_checkpoint_data_args,
     add_compat_args,
     add_data_args,
     add_model_args,
@@ -50,7 +52,7 @@ from trainer.args import (
     log_ignored_flags,
 )
 from trainer.data import DataConfigError, apply_data_config
-from utils.checkpoint import atomic_save, atomic_write_text
+from utils.checkpoint import CheckpointError, atomic_save, atomic_write_text
 from utils.config import parse_args_with_config
 from utils.distributed import all_gather_variable, cleanup, get_rank, get_world_size, init_distributed, is_primary
 from utils.kmeans import KMeansResult, assign_to_centres, contiguous_shard, kmeans, semi_supervised_kmeans
@@ -98,6 +100,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         ),
     )
     add_data_args(parser)
+    add_checkpoint_data_args(parser)
     add_model_args(parser)
     add_runtime_args(parser)
     group = parser.add_argument_group("Features")
@@ -366,7 +369,7 @@ def load_features(args: argparse.Namespace, device: torch.device) -> tuple[dict[
         sources = {split: f"features computed from {args.checkpoint_weights} ({split})" for split in SPLITS}
     elif missing:
         raise MissingInputError(
-            f"features file {missing[0]} not found; {_extraction_hint(args, folder.relative_to(args.save_dir))}"
+            f"features file {missing[0]} not found; {_extraction_hint(args, os.path.relpath(folder, args.save_dir))}"
         )
     else:
         splits = {split: _load_split(path) for split, path in paths.items()}
@@ -573,7 +576,7 @@ def main(args: argparse.Namespace) -> int:
     log_ignored_flags(args)
     try:
         run(args, device)
-    except (SSKInputError, MissingInputError, DataConfigError, DatasetError) as err:
+    except (SSKInputError, MissingInputError, DataConfigError, DatasetError, CheckpointError, FileNotFoundError) as err:
         logger.error("%s", err)
         return 2
     finally:

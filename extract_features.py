@@ -24,6 +24,7 @@ import torch
 
 from model.facegcd import ModelConfig, build_facegcd, load_facegcd_checkpoint
 from trainer.args import (
+    add_checkpoint_data_args,
     add_compat_args,
     add_data_args,
     add_model_args,
@@ -37,7 +38,7 @@ from data_loader import DatasetError
 from trainer.data import DataConfigError, apply_data_config, check_listing, data_config, load_datasets
 from trainer.features import embed_dataset
 from trainer.precision import resolve_precision
-from utils.checkpoint import atomic_save, atomic_write_text
+from utils.checkpoint import CheckpointError, atomic_save, atomic_write_text
 from utils.config import parse_args_with_config
 from utils.distributed import cleanup, get_rank, get_world_size, init_distributed, is_primary
 from utils.logging import setup_logging
@@ -61,6 +62,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("FaceGCD feature extraction", add_help=add_help)
     parser.add_argument("-c", "--config", default="", help="YAML file whose keys set parser defaults")
     add_data_args(parser)
+    add_checkpoint_data_args(parser)
     add_model_args(parser)
     add_runtime_args(parser)
     group = parser.add_argument_group("Extraction")
@@ -185,6 +187,7 @@ def compute_split_features(args: argparse.Namespace, device: torch.device | None
         check_listing(datasets, stored, source["checkpoint"])
     splits = {"train": datasets.train_eval, "test": datasets.test_eval}
     out: dict[str, dict] = {}
+    settings = data_config(args, datasets, image_size)
     for split, dataset in splits.items():
         start = time.perf_counter()
         feats = embed_dataset(
@@ -213,7 +216,7 @@ def compute_split_features(args: argparse.Namespace, device: torch.device | None
                 "seed": args.seed,
                 "prop_train_labels": args.prop_train_labels,
                 "split_seed": args.split_seed,
-                "data_config": data_config(args, datasets, image_size),
+                "data_config": settings,
                 "num_known": datasets.num_known,
                 "num_classes": datasets.num_classes,
                 "checkpoint": source["checkpoint"],
@@ -236,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
     log_ignored_flags(args)
     try:
         features = compute_split_features(args, device)
-    except (DataConfigError, DatasetError) as err:
+    except (DataConfigError, DatasetError, CheckpointError, FileNotFoundError) as err:
         logger.error("%s", err)
         cleanup()
         return 2

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """FaceGCD training: prefix-tuned ViT with a HyperNetwork prefix generator (docs/method.md, sections 5 to 9).
 
-python train.py --dataset synthfaces_tiny --arch vit_tiny --patch_size 16 --epochs 2
+python train.py --dataset synthfaces_tiny --arch vit_tiny --patch_size 16 --grad-from-block 0 --epochs 2
 torchrun --nproc_per_node=2 train.py --dataset youtubefaces_1000 --data-path youtube_faces_1000 ...
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from data_loader import DatasetError
 from model.facegcd import build_facegcd, load_facegcd_checkpoint
 from trainer.args import (
     add_compat_args,
@@ -29,11 +30,11 @@ from trainer.args import (
     log_ignored_flags,
     model_config_from_args,
 )
-from trainer.data import data_config, epoch_seed, load_datasets, make_train_loader
+from trainer.data import check_same_data, data_config, epoch_seed, load_datasets, make_train_loader
 from trainer.engine import NonFiniteLossError, evaluate, train_one_epoch
 from trainer.optim import CosineWarmupScheduler, create_optimizer, resolve_lr
 from trainer.precision import enable_cuda_tf32, resolve_precision
-from utils.checkpoint import CheckpointSaver, capture_rng_state, load_checkpoint, restore_rng_state
+from utils.checkpoint import CheckpointError, CheckpointSaver, capture_rng_state, load_checkpoint, restore_rng_state
 from utils.config import parse_args_with_config, save_args_yaml
 from utils.distributed import cleanup, get_rank, get_world_size, init_distributed, is_primary
 from utils.logging import JsonlWriter, WandbLogger, setup_logging, truncate_jsonl, truncate_summary, update_summary
@@ -204,7 +205,7 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0.0 < args.prop_train_labels <= 1.0:
         raise ValueError(f"--prop-train-labels must be in (0, 1], got {args.prop_train_labels}")
-    if args.grad_from_block > 0 and not args.pretrained_weights:
+    if args.grad_from_block > 0 and not (args.pretrained_weights or args.resume or args.initial_checkpoint):
         raise ValueError(
             f"--grad-from-block {args.grad_from_block} without --pretrained_weights would train the prefixes over a "
             "frozen random ViT (blocks 0..{} stay at their random initialisation); pass --pretrained_weights with DINO "
@@ -217,6 +218,24 @@ def _experiment_dir(args: argparse.Namespace) -> Path:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         args.experiment = f"{stamp}-{args.arch}-patch{args.patch_size}-{image_size_from_args(args)}"
     return Path(args.output) / args.experiment
+
+
+def _check_fresh_output(args: argparse.Namespace, out_dir: Path) -> None:
+    """A run folder holding a run (``last.pth.tar``) is only continued, from that file; nothing else writes there.
+
+    Raises:
+        ValueError: a fresh run, a ``--resume`` from another file, or ``--no-resume-opt`` (which restarts at epoch 0
+            and would drop the logged epochs) into a folder that already holds a run.
+    """
+    last = out_dir / "last.pth.tar"
+    if not last.exists():
+        return
+    continues_it = bool(args.resume) and Path(args.resume).resolve() == last.resolve() and not args.no_resume_opt
+    if not continues_it:
+        raise ValueError(
+            f"{out_dir} already holds a run (last.pth.tar, interrupted or finished): continue it with --resume {last}, "
+            "or pick another --experiment"
+        )
 
 
 def _seed_everything(seed: int) -> None:
@@ -254,7 +273,9 @@ def _summary_row(epoch: int, train_stats: dict, results: dict | None, args: argp
     return row
 
 
-def _checkpoint_state(epoch, args, model_config, data_cfg, model, optimizer, scheduler, scaler, sampler) -> dict:
+def _checkpoint_state(
+    epoch, args, model_config, data_cfg, recorded, model, optimizer, scheduler, scaler, sampler
+) -> dict:
     """Everything ``--resume`` needs, as tensors and plain types (loads with ``weights_only=True``)."""
     return {
         "epoch": epoch,
@@ -266,24 +287,12 @@ def _checkpoint_state(epoch, args, model_config, data_cfg, model, optimizer, sch
         "args": vars(args),
         "model_config": model_config.to_dict(),
         "data_config": data_cfg,
+        "recorded": recorded,
         "metric": None,
         "rng": capture_rng_state(),
         "sampler": sampler.state_dict(),
         "version": CHECKPOINT_VERSION,
     }
-
-
-def _check_resumed_data(stored: dict | None, current: dict, source: str) -> None:
-    """A resumed run must train on the same D_L and D_U (the data path may differ: the tree may have moved)."""
-    if stored is None:
-        return
-    changed = [
-        f"{key}: checkpoint {stored[key]}, now {current[key]}"
-        for key in current
-        if key != "data_path" and key in stored and stored[key] != current[key]
-    ]
-    if changed:
-        raise ValueError(f"--resume {source} was trained on other data settings ({'; '.join(changed)})")
 
 
 def _resume(args, data_cfg, model, optimizer, scheduler, scaler, sampler, saver) -> int:
@@ -293,7 +302,7 @@ def _resume(args, data_cfg, model, optimizer, scheduler, scaler, sampler, saver)
     data settings must equal the run's (same labelled subset).
     """
     ckpt = load_checkpoint(args.resume, weights_only=not args.unsafe_load)
-    _check_resumed_data(ckpt.get("data_config"), data_cfg, args.resume)
+    check_same_data(ckpt.get("data_config"), data_cfg, f"--resume {args.resume}")
     model.load_state_dict(ckpt["state_dict"])
     start_epoch = 0
     if not args.no_resume_opt:
@@ -313,15 +322,10 @@ def main(args: argparse.Namespace) -> int:
     _check_args(args)
     device = init_distributed(args.device)
     out_dir = _experiment_dir(args)
-    if not args.resume and (out_dir / "last.pth.tar").exists():
-        raise ValueError(
-            f"{out_dir} already holds a run (last.pth.tar): continue it with --resume {out_dir / 'last.pth.tar'}, "
-            "or pick another --experiment"
-        )
+    _check_fresh_output(args, out_dir)
     setup_logging(out_dir if is_primary() else None, rank=get_rank())
     log_ignored_flags(args)
     precision = resolve_precision(args.amp, args.amp_impl, args.amp_dtype, device)
-    vars(args).update(precision.to_dict())
     if device.type == "cuda":
         enable_cuda_tf32()
         torch.backends.cudnn.benchmark = True
@@ -335,6 +339,7 @@ def main(args: argparse.Namespace) -> int:
     datasets = load_datasets(args, image_size)
     loader, sampler, loader_generator = make_train_loader(datasets, args, device)
     data_cfg = data_config(args, datasets, image_size)
+    recorded = precision.to_dict()  # what this run determined, stored in args.yaml and the checkpoints
     eval_sets = {"unlabelled": datasets.unlabelled_eval, "test": datasets.test_eval}
     logger.info(
         "%s: %d classes (%d known), %d labelled + %d unlabelled training images, %d test images",
@@ -416,7 +421,7 @@ def main(args: argparse.Namespace) -> int:
     )
     jsonl = JsonlWriter(out_dir / "log.jsonl") if is_primary() else None
     if is_primary():
-        save_args_yaml(args, out_dir / "args.yaml")
+        save_args_yaml(args, out_dir / "args.yaml", recorded=recorded)
 
     for epoch in range(start_epoch, args.epochs):
         # apply schedules and seeds
@@ -483,7 +488,7 @@ def main(args: argparse.Namespace) -> int:
         # checkpointing and logging
         if is_primary():
             state = _checkpoint_state(
-                epoch, args, model_config, data_cfg, model_without_ddp, optimizer, scheduler, scaler, sampler
+                epoch, args, model_config, data_cfg, recorded, model_without_ddp, optimizer, scheduler, scaler, sampler
             )
             if results is not None:
                 metric = _selection_metric(results, args) if args.checkpoint_select == "best" else float(epoch)
@@ -518,5 +523,14 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _cli() -> int:
+    """``main`` for the command line: bad input (flags, files, data) ends with one error message and exit code 2."""
+    try:
+        return main(parse_args_with_config(get_args_parser()))
+    except (ValueError, FileNotFoundError, CheckpointError, DatasetError) as err:
+        logging.getLogger("train").error("%s", err)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main(parse_args_with_config(get_args_parser())))
+    sys.exit(_cli())

@@ -36,7 +36,6 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_loader.registry import DatasetError
 from utils.checkpoint import atomic_write_text
 from utils.distributed import barrier, get_rank, get_world_size, is_primary
 
@@ -284,7 +283,6 @@ def _save(root: str, locations: list[Path], records: list[dict[str, dict]], entr
     for path in locations:
         try:
             atomic_write_text(path, text)
-            path.chmod(0o644)
             return path
         except OSError as err:
             logger.debug("cannot write the verification record to %s: %s", path, err)
@@ -311,13 +309,14 @@ def _verify_and_record(root: Path, sources: Sequence[VerifiableSource], progress
     written = _save(real, locations, records, plan.entries)
     if written is not None:
         logger.info("recorded the image verification of %s in %s", root, written)
-    elif get_world_size() > 1:
-        raise DatasetError(
-            f"cannot write the image verification record of {root} to {' or '.join(map(str, locations))}; the other "
-            "ranks read it from there: make the data root or $XDG_CACHE_HOME writable"
-        )
     else:
-        logger.warning("cannot write the image verification record of %s; the next run verifies again", root)
+        others = "; the other ranks verify again themselves" if get_world_size() > 1 else ""
+        logger.warning(
+            "cannot write the image verification record of %s to %s; the next run verifies again%s",
+            root,
+            " or ".join(map(str, locations)),
+            others,
+        )
     return plan.bad_positions(groups)
 
 
@@ -327,12 +326,16 @@ def _read_recorded(root: Path, sources: Sequence[VerifiableSource]) -> list[dict
     plan = _Plan([_read_record(path, real) for path in locations], groups)
     if plan.todo:
         s, p, _, _ = plan.todo[0]
-        raise DatasetError(
-            f"rank {get_rank()}: the image verification record of {root} does not cover {len(plan.todo)} image(s), "
-            f"e.g. {sources[s].describe(p)}. Rank 0 verifies the images and writes the record to "
-            f"{' or '.join(map(str, locations))}: it failed (see its error) or wrote where this rank cannot read; "
-            "give every rank the same writable data root or $XDG_CACHE_HOME"
+        logger.warning(
+            "rank %d: the image verification record of %s (written by rank 0 to %s) does not cover %d image(s), "
+            "e.g. %s: verifying them on this rank (node-local data or cache?)",
+            get_rank(),
+            root,
+            " or ".join(map(str, locations)),
+            len(plan.todo),
+            sources[s].describe(p),
         )
+        _verify(sources, plan, progress=False)
     return plan.bad_positions(groups)
 
 
@@ -342,7 +345,8 @@ def find_corrupt(
     """The unreadable images of ``sources``, verifying only what the record of ``root`` does not cover.
 
     A collective under torch.distributed: the primary rank verifies and writes the record, the other ranks wait at a
-    barrier and then read it (they never open an image).
+    barrier and then read it. A rank that cannot read a record covering its images (node-local data or cache on
+    another node) verifies them itself, so the result never depends on where the record could be written.
 
     Args:
         root: the benchmark root (where the record is kept, and what group names are relative to).
@@ -352,9 +356,6 @@ def find_corrupt(
     Returns:
         Per source, ``{listing position: error}`` of the unreadable images, ascending.
 
-    Raises:
-        DatasetError: on a non-primary rank, the record does not cover every image (the primary failed or wrote
-            where this rank cannot read); on the primary of several ranks, the record cannot be written.
     """
     root = Path(root)
     if not is_primary():

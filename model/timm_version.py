@@ -6,6 +6,7 @@ timm releases. Tested: 1.0.26 to 1.0.31 (the suite under each); 1.0.25 and older
 `timm.layers.Attention` before 1.0.16). `requirements.txt` pins the same range.
 """
 
+import re
 from importlib.metadata import PackageNotFoundError, version
 
 TIMM_MIN = (1, 0, 26)
@@ -13,10 +14,11 @@ TIMM_MAX = (1, 0, 31)
 
 
 def _parse(text: str) -> tuple[int, ...]:
+    """(major, minor, patch) from a version string; suffixes such as ``rc1`` or ``+local`` are ignored."""
     parts = []
     for piece in text.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
+        leading = re.match(r"\d+", piece)
+        parts.append(int(leading.group()) if leading else 0)
     return tuple(parts)
 
 

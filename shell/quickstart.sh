@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole FaceGCD pipeline on the embedded SynthFaces benchmark, from a fresh clone, on a CPU (or GPU):
 # setup -> data -> two baselines (raw pixels, untrained ViT) -> training -> extraction -> SSK -> table.
-# Everything runs in float32 on every machine, so the table does not depend on whether a CPU has native bfloat16.
+# No --amp: everything computes in float32 on every CPU, so the table does not depend on whether a CPU has native
+# bfloat16 (on CUDA, matmuls may use TF32).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)

@@ -140,3 +140,26 @@ def test_own_identity_folders_train_extract_and_cluster_with_num_known(tiny_face
     run_script("SSK.py", ["--save_dir", str(tmp_path), "--experiment_idx", "mine", "--no-plots", "--k_means_init", "1"])
     results = json.loads((tmp_path / "mine" / "ssk" / "default" / "ssk_results.json").read_text())
     assert results["K"] == n_ids and results["M"] == 3
+
+
+def test_a_checkpoint_whose_data_path_is_gone_asks_for_the_new_location(run_030, tmp_path, run_script):
+    """Nothing is generated or read at a path that only existed where the model was trained."""
+    ckpt = torch.load(run_030["checkpoint"], map_location="cpu", weights_only=True)
+    ckpt["data_config"]["data_path"] = str(tmp_path / "elsewhere" / "tiny")
+    moved = tmp_path / "moved.pth.tar"
+    torch.save(ckpt, moved)
+    args = ["--checkpoint_weights", str(moved), "--save_dir", str(tmp_path), "--experiment", "x", "--workers", "0"]
+    proc = run_script("extract_features.py", args, check=False)
+    assert proc.returncode == 2 and "does not exist here" in proc.stderr and "--data-relocated" in proc.stderr
+    assert not (tmp_path / "elsewhere").exists()
+    run_script("extract_features.py", [*args, "--data-path", str(run_030["data"]), "--data-relocated"])
+    assert (tmp_path / "x" / "features_train.pt").is_file()
+
+
+def test_resume_refuses_other_data_settings(run_030, run_script):
+    last = run_030["checkpoint"].parent / "last.pth.tar"
+    out = run_030["checkpoint"].parent.parent
+    args = _one_epoch_args("synthfaces_tiny", run_030["data"], out, "p03", "--prop_train_labels", "0.5")
+    proc = run_script("train.py", [*args, "--epochs", "2", "--resume", str(last)], check=False)
+    assert proc.returncode == 2 and "other data settings" in proc.stderr
+    assert "prop_train_labels: checkpoint 0.3, now 0.5" in proc.stderr

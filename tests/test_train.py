@@ -206,20 +206,34 @@ def test_a_fresh_run_never_overwrites_a_finished_one(tiny_faces, tmp_path, run_s
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_faces, tmp_path, run_script):
     run_script("train.py", _train_args(tiny_faces, tmp_path, "good", "--epochs", "1"))
-    good = tmp_path / "good" / "last.pth.tar"
-    poisoned = torch.load(good, map_location="cpu", weights_only=True)
+    # the same run, its last checkpoint's head poisoned with NaN, continued for one more epoch
+    shutil.copytree(tmp_path / "good", tmp_path / "nan")
+    last = tmp_path / "nan" / "last.pth.tar"
+    poisoned = torch.load(last, map_location="cpu", weights_only=True)
     poisoned["state_dict"]["projection_head.mlp.0.weight"].fill_(float("nan"))
-    torch.save(poisoned, tmp_path / "nan.pth.tar")
-    digest = hashlib.sha256(good.read_bytes()).hexdigest()
+    torch.save(poisoned, last)
+    digest = hashlib.sha256(last.read_bytes()).hexdigest()
 
     proc = run_script(
-        "train.py",
-        _train_args(tiny_faces, tmp_path, "good", "--epochs", "2", "--resume", str(tmp_path / "nan.pth.tar")),
-        check=False,
+        "train.py", _train_args(tiny_faces, tmp_path, "nan", "--epochs", "2", "--resume", str(last)), check=False
     )
     assert proc.returncode != 0
     assert "non-finite training loss" in proc.stderr and "epoch 1, step 0" in proc.stderr
-    assert hashlib.sha256(good.read_bytes()).hexdigest() == digest
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == digest
+
+
+def test_resume_from_another_file_or_without_its_state_into_a_run_folder_is_refused(tiny_faces, tmp_path, run_script):
+    run_script("train.py", _train_args(tiny_faces, tmp_path, "a", "--epochs", "1"))
+    run_script("train.py", _train_args(tiny_faces, tmp_path, "b", "--epochs", "1"))
+    digest = hashlib.sha256((tmp_path / "b" / "last.pth.tar").read_bytes()).hexdigest()
+    for extra in (
+        ["--resume", str(tmp_path / "a" / "last.pth.tar")],
+        ["--resume", str(tmp_path / "b" / "last.pth.tar"), "--no-resume-opt"],
+    ):
+        proc = run_script("train.py", _train_args(tiny_faces, tmp_path, "b", "--epochs", "2", *extra), check=False)
+        assert proc.returncode != 0 and "already holds a run" in proc.stderr
+    assert hashlib.sha256((tmp_path / "b" / "last.pth.tar").read_bytes()).hexdigest() == digest
+    assert len(_summary_rows(tmp_path / "b" / "summary.csv")) == 1
 
 
 def test_reference_training_command_runs_verbatim(tiny_faces, tmp_path, run_script):
@@ -292,8 +306,14 @@ def test_amp_precision_follows_the_cpu_and_is_stored_with_the_run(tiny_faces, tm
     monkeypatch.setattr(trainer.precision, "cpu_has_native_bf16", lambda: native)
     argv = _train_args(tiny_faces, tmp_path, "amp", "--epochs", "1", "--amp", "--val-kmeans-init", "1")
     assert _train_in_process(argv) == 0
-    stored = yaml.safe_load((tmp_path / "amp" / "args.yaml").read_text())
+    stored = yaml.safe_load((tmp_path / "amp" / "args.yaml").read_text())["recorded"]
     assert stored["precision"] == precision
     assert ("without native bfloat16" in stored["precision_reason"]) is not native
-    args = torch.load(tmp_path / "amp" / "last.pth.tar", map_location="cpu", weights_only=True)["args"]
-    assert args["precision"] == precision
+    ckpt = torch.load(tmp_path / "amp" / "last.pth.tar", map_location="cpu", weights_only=True)
+    assert ckpt["recorded"]["precision"] == precision
+    # args.yaml still works as a config file: the recorded section is not an argument
+    import train
+    from utils.config import parse_args_with_config
+
+    again = parse_args_with_config(train.get_args_parser(), ["-c", str(tmp_path / "amp" / "args.yaml")])
+    assert again.amp and again.epochs == 1 and not hasattr(again, "recorded")

@@ -54,12 +54,6 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         "freely (default: the benchmark's, N // 2)",
     )
     group.add_argument(
-        "--data-relocated",
-        action="store_true",
-        help="extraction/SSK: the benchmark was moved; accept a --data-path other than the checkpoint's (the "
-        "listing must still match the one used in training)",
-    )
-    group.add_argument(
         "--skip-corrupt",
         action="store_true",
         help="skip unreadable images (listed in the log) instead of stopping (default: stop)",
@@ -88,6 +82,17 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         dest="pin_mem",
         action="store_true",
         help="pin host memory (only has an effect on CUDA)",
+    )
+
+
+def add_checkpoint_data_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the scripts that read their data settings from a trained checkpoint (extraction, SSK)."""
+    group = parser.add_argument_group("Data settings from the checkpoint")
+    group.add_argument(
+        "--data-relocated",
+        action="store_true",
+        help="the benchmark was moved: accept a --data-path other than the checkpoint's (the listing must still "
+        "match the one used in training)",
     )
 
 

@@ -145,6 +145,11 @@ def apply_data_config(
                 f"drop the flag to use the training setting{hint}"
             )
         setattr(args, dest, stored[field])
+        if field == "data_path" and dest not in explicit and not Path(stored[field]).exists():
+            raise DataConfigError(
+                f"the checkpoint {source} was trained on data at {stored[field]}, which does not exist here; pass "
+                "--data-path with the benchmark's location and --data-relocated"
+            )
     if image_size is not None and "image_size" in stored and int(image_size) != int(stored["image_size"]):
         raise DataConfigError(
             f"--input-size 3 {image_size} {image_size} contradicts the checkpoint {source}, trained at "
@@ -152,18 +157,40 @@ def apply_data_config(
         )
 
 
+def _differences(stored: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key: checkpoint X, now Y`` for every key both hold that differs (settings compared as in the CLI check)."""
+    out = []
+    for key, value in current.items():
+        if key in ignore or key not in stored:
+            continue
+        same = _same(key, value, stored[key]) if key in _DATA_FLAGS else value == stored[key]
+        if not same:
+            out.append(f"{key}: checkpoint {stored[key]}, now {value}")
+    return out
+
+
 def check_listing(datasets: GCDDatasets, stored: dict[str, Any], source: str) -> None:
-    """The benchmark just read must be the one the checkpoint was trained on (same counts, same labelled subset size).
+    """The benchmark just read must be the one the checkpoint was trained on (same counts, same labelled subset).
 
     Raises:
         DataConfigError: the data tree changed since training (counts named).
     """
-    found = listing_facts(datasets)
-    changed = [f"{k}: checkpoint {stored[k]}, now {v}" for k, v in found.items() if k in stored and stored[k] != v]
+    changed = _differences(stored, listing_facts(datasets))
     if changed:
         raise DataConfigError(
             f"the benchmark at {datasets.root} differs from the one {source} was trained on ({'; '.join(changed)})"
         )
+
+
+def check_same_data(stored: dict[str, Any] | None, current: dict[str, Any], source: str) -> None:
+    """A resumed run trains on the checkpoint's D_L and D_U (only the data path may differ: the tree may have moved).
+
+    Raises:
+        DataConfigError: a setting or listing fact differs (each named with both values).
+    """
+    changed = _differences(stored or {}, current, ignore=("data_path",))
+    if changed:
+        raise DataConfigError(f"{source} was trained on other data settings ({'; '.join(changed)})")
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:

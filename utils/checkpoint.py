@@ -31,15 +31,24 @@ CHECKPOINT_EXT = ".pth.tar"
 BEST_NAME = "model_best"
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Write a file through ``write`` into a temporary file next to ``path``, fsync it, then rename it over ``path``.
 
-    On any failure the temporary file is removed and an existing ``path`` is left untouched.
+    On any failure the temporary file is removed and an existing ``path`` is left untouched. The file gets the
+    permissions a plain ``open`` would give it (0666 less the umask), not ``mkstemp``'s owner-only 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -22,6 +22,8 @@ from utils.checkpoint import atomic_write_text
 logger = logging.getLogger(__name__)
 
 CONFIG_FLAGS = ("-c", "--config")
+# Section of args.yaml with what the run determined itself (e.g. the precision used); not an argument, skipped on load.
+RECORDED_KEY = "recorded"
 
 
 def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -74,6 +76,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
     config_args, _ = config_parser.parse_known_args(argv)
     if config_args.config:
         cfg = load_yaml_config(config_args.config)
+        cfg.pop(RECORDED_KEY, None)
         dests = {action.dest for action in parser._actions if action.dest != argparse.SUPPRESS}
         resolved, unknown = {}, []
         for key, value in cfg.items():
@@ -105,16 +108,22 @@ def _to_yaml_value(value: Any) -> Any:
     return value
 
 
-def save_args_yaml(args: argparse.Namespace | dict, path: str | os.PathLike) -> Path:
+def save_args_yaml(
+    args: argparse.Namespace | dict, path: str | os.PathLike, recorded: dict[str, Any] | None = None
+) -> Path:
     """Write the resolved arguments as YAML (atomically); the file works as a ``-c/--config`` file.
 
     Args:
         args: the parsed arguments (or ``vars(args)``).
         path: destination, e.g. ``<output>/args.yaml``.
+        recorded: facts the run determined (e.g. the precision used), written under ``recorded:`` and skipped when
+            the file is read back with ``-c``.
 
     Returns:
         The written path.
     """
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    if recorded:
+        values = {**values, RECORDED_KEY: recorded}
     text = yaml.safe_dump(_to_yaml_value(values), default_flow_style=False, sort_keys=False)
     return atomic_write_text(path, text)

@@ -247,3 +247,17 @@ def test_recordio_keys_of_a_wider_selection_are_verified_once(tmp_path, opened, 
     _build(tmp_path, name="casia2")
     _build(tmp_path, name="casia3")
     assert opened == []
+
+
+def test_a_rank_without_a_readable_record_verifies_itself(tmp_path, opened, monkeypatch):
+    """Node-local data: a non-primary rank finds no record covering its images, so it checks them (and finds the bad
+    one) instead of trusting or failing."""
+    import data_loader.verification as verification
+
+    root = _write_tree(tmp_path / "tree")
+    (root / "train" / "b" / "1.jpg").write_bytes(b"not a jpeg")
+    monkeypatch.setattr(verification, "is_primary", lambda: False)
+    with pytest.raises(DatasetError, match=r"train/b/1\.jpg"):
+        _build(root)
+    assert len(opened) == 20
+    assert not (root / RECORD_FILE).exists()  # only the primary rank writes the record

@@ -9,7 +9,7 @@ import pytest
 from model.timm_version import TIMM_MAX, TIMM_MIN, check_timm_version
 
 
-@pytest.mark.parametrize("ok", ["1.0.26", "1.0.31", "1.0.28+local"])
+@pytest.mark.parametrize("ok", ["1.0.26", "1.0.31", "1.0.28+local", "1.0.27rc1"])
 def test_versions_in_the_tested_range_pass(ok):
     assert check_timm_version(ok) == ok
 

@@ -157,3 +157,20 @@ def test_rng_state_round_trip_through_weights_only_file(tmp_path):
     torch.manual_seed(99)
     restore_rng_state(load_checkpoint(tmp_path / "rng.pth", weights_only=True)["rng"])
     assert _draw() + (np.random.randn(),) == expected
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    """mkstemp makes 0600 files; an atomically written log or checkpoint must follow the umask like open() does."""
+    import os
+    import stat
+
+    from utils.checkpoint import atomic_save, atomic_write_text
+
+    previous = os.umask(0o022)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        for path in (atomic_write_text(tmp_path / "a.txt", "x"), atomic_save({"w": 1}, tmp_path / "b.pt")):
+            assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o644
+    finally:
+        os.umask(previous)
