@@ -51,7 +51,7 @@ from trainer.args import (
     explicit_dests,
     log_ignored_flags,
 )
-from trainer.data import DataConfigError, apply_data_config
+from trainer.data import DataConfigError, apply_data_config, labelled_digest
 from utils.checkpoint import CheckpointError, atomic_save, atomic_write_text
 from utils.config import parse_args_with_config
 from utils.distributed import all_gather_variable, cleanup, get_rank, get_world_size, init_distributed, is_primary
@@ -281,19 +281,27 @@ def output_dir(args: argparse.Namespace) -> Path:
         raise SSKInputError(f"--experiment {args.experiment!r}: {err}") from err
 
 
-def features_fingerprint(features: torch.Tensor, source: str) -> dict:
-    """What identifies a features tensor: its source, its shape and the sha256 of its float32 bytes.
+def features_fingerprint(features: torch.Tensor, labelled_mask: torch.Tensor, source: str) -> dict:
+    """What identifies the training input of a fit: source, shape, the sha256 of the float32 features and of the
+    labelled mask (which points are pinned to their class).
 
     Args:
         features: (N, D) features.
+        labelled_mask: (N,) bool, True = labelled.
         source: where they came from (a file path or a description).
 
     Returns:
-        ``{"path": source, "rows": N, "dim": D, "sha256": hex digest}``.
+        ``{"path": source, "rows": N, "dim": D, "sha256": hex digest, "labelled_sha256": hex digest}``.
     """
     data = features.detach().to("cpu", torch.float32).contiguous().numpy()
     rows, dim = data.shape
-    return {"path": source, "rows": rows, "dim": dim, "sha256": hashlib.sha256(data).hexdigest()}
+    return {
+        "path": source,
+        "rows": rows,
+        "dim": dim,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "labelled_sha256": labelled_digest(labelled_mask.cpu()),
+    }
 
 
 def _describe(fingerprint: dict) -> str:
@@ -345,6 +353,12 @@ def load_centres(path: Path, fingerprint: dict, k: int, protocol: Protocol) -> t
         raise SSKInputError(
             f"{path} was fitted on other features: {_describe(fitted)}, not the features being clustered, "
             f"{_describe(fingerprint)}; run --ssk_mode train on these features first"
+        )
+    if fitted["labelled_sha256"] != fingerprint["labelled_sha256"]:
+        raise SSKInputError(
+            f"{path} was fitted with another labelled subset on these features (labelled-mask sha256 "
+            f"{fitted['labelled_sha256']}, these features' {fingerprint['labelled_sha256']}); "
+            "run --ssk_mode train first"
         )
     if payload["protocol"] != protocol.value:
         raise SSKInputError(
@@ -489,7 +503,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
         )
     if k > train["features"].shape[0]:
         raise SSKInputError(f"--K {k} exceeds the number of training images ({train['features'].shape[0]})")
-    fingerprint = features_fingerprint(train["features"], sources["train"])
+    fingerprint = features_fingerprint(train["features"], train["labelled_mask"], sources["train"])
     init_centres = None
     if args.ssk_mode == "test":
         init_centres = load_centres(out_dir / CENTRES_FILE, fingerprint, k, protocol)

@@ -171,7 +171,7 @@ def test_test_mode_starts_from_the_saved_centres(tmp_path, caplog):
     assert f"starting from the centres in {run_dir(tmp_path) / SSK.CENTRES_FILE}" in caplog.text
 
 
-@pytest.mark.parametrize("case", ["other_folder", "re_extracted", "protocol"])
+@pytest.mark.parametrize("case", ["other_folder", "re_extracted", "relabelled", "protocol"])
 def test_test_mode_refuses_centres_fitted_on_other_features(tmp_path, caplog, case):
     write_features(tmp_path, "feats_a", seed=1)
     write_features(tmp_path, "feats_b", seed=5)
@@ -187,6 +187,10 @@ def test_test_mode_refuses_centres_fitted_on_other_features(tmp_path, caplog, ca
     elif case == "re_extracted":  # same folder, new features written over the ones the centres were fitted on
         fitted_sha = _sha256(fitted_on)
         write_features(tmp_path, "feats_a", seed=5)
+    elif case == "relabelled":  # same features, another labelled subset pinned
+        payload = torch.load(fitted_on, weights_only=True)
+        payload["labelled_mask"] = payload["labelled_mask"].roll(1)
+        torch.save(payload, fitted_on)
     else:
         protocol = "reference"
     centres = run_dir(tmp_path, target, "run") / SSK.CENTRES_FILE
@@ -197,6 +201,8 @@ def test_test_mode_refuses_centres_fitted_on_other_features(tmp_path, caplog, ca
     assert len(errors) == 1
     if case == "protocol":
         assert "was fitted with --ssk-protocol gcd, this run uses reference" in errors[0]
+    elif case == "relabelled":
+        assert f"{centres} was fitted with another labelled subset on these features" in errors[0]
     else:
         clustered = tmp_path / target / "features_train.pt"
         assert f"{centres} was fitted on other features: {fitted_on} (240 x {DIM}" in errors[0]
