@@ -57,7 +57,7 @@ from utils.config import parse_args_with_config
 from utils.distributed import all_gather_variable, cleanup, get_rank, get_world_size, init_distributed, is_primary
 from utils.kmeans import KMeansResult, assign_to_centres, contiguous_shard, kmeans, semi_supervised_kmeans
 from utils.logging import setup_logging
-from utils.metrics import MetricVariant, evaluate_clustering
+from utils.metrics import MetricVariant, clustering_scores, evaluate_clustering
 from utils.report import DEFAULT_RUN, RESULTS_FILE, SSK_SUBDIR, ReportInputError, ssk_run_dir
 
 logger = logging.getLogger("SSK")
@@ -70,6 +70,7 @@ CENTRES_KEYS = ("centres", "K", "D", "protocol", "features")
 PREDICTIONS_FILE = "ssk_predictions.pt"
 TSNE_FILE = "tsne_test.png"
 EVAL_FUNCS = (MetricVariant.V2, MetricVariant.V1, MetricVariant.V2_BALANCED)
+CLUSTERING_KEY = "clustering"  # pairwise / BCubed P-R-F, NMI and ARI of each scored set
 
 
 class Protocol(str, Enum):
@@ -449,14 +450,17 @@ def _format_acc(value: float | None) -> str:
 
 
 def report(results: dict, protocol: Protocol) -> str:
-    """Result table and reference-style lines ("SS-K-Means Train ACC Unlabelled_v2: All a | Old o | New n")."""
+    """Result table, reference-style lines ("SS-K-Means Train ACC Unlabelled_v2: All a | Old o | New n") and one
+    face-clustering line per set ("SS-K-Means Test clustering: pairwise F f | BCubed F b | NMI m | ARI r")."""
     prefix = "SS-K-Means" if protocol is Protocol.GCD else "K-Means"
     train_name = "Train ACC Unlabelled" if protocol is Protocol.GCD else "Train ACC All"
+    train_set = "Train Unlabelled" if protocol is Protocol.GCD else "Train All"
     labels = {key: f"{key} ({results[key]['set']}, n={results[key]['num_samples']})" for key in ("train", "test")}
     width = max(len("set"), *map(len, labels.values())) + 2
     lines = [f"{'set':<{width}}{'metric':<8}{'All':>8}{'Old':>8}{'New':>8}"]
     reference_lines = []
-    for key, name in (("train", train_name), ("test", "Test ACC")):
+    clustering_lines = []
+    for key, name, set_name in (("train", train_name, train_set), ("test", "Test ACC", "Test")):
         block = results[key]
         for variant in EVAL_FUNCS:
             acc = block[variant.value]
@@ -468,12 +472,23 @@ def report(results: dict, protocol: Protocol) -> str:
                 f"{prefix} {name}_{variant.value}: All {_format_acc(acc['all'])} | "
                 f"Old {_format_acc(acc['old'])} | New {_format_acc(acc['new'])}"
             )
-    return "\n".join(lines + [""] + reference_lines)
+        scores = block[CLUSTERING_KEY]
+        clustering_lines.append(
+            f"{prefix} {set_name} clustering: pairwise F {scores['pairwise_f']:.4f} | "
+            f"BCubed F {scores['bcubed_f']:.4f} | NMI {scores['nmi']:.4f} | ARI {scores['ari']:.4f}"
+        )
+    return "\n".join(lines + [""] + reference_lines + clustering_lines)
 
 
 def _score(labels: torch.Tensor, pred: torch.Tensor, known: torch.Tensor, name: str) -> dict:
+    """Accuracy variants and face-clustering scores (under ``CLUSTERING_KEY``) of one evaluated set."""
     scores = evaluate_clustering(labels, pred, known, EVAL_FUNCS)
-    return {"set": name, "num_samples": int(labels.numel()), **scores}
+    return {
+        "set": name,
+        "num_samples": int(labels.numel()),
+        **scores,
+        CLUSTERING_KEY: clustering_scores(labels, pred),
+    }
 
 
 def _plain(value):

@@ -125,6 +125,30 @@ def test_reference_protocol_and_test_mode(tmp_path):
     assert torch.allclose(load_centres(out)["centres"], first, atol=1e-6)
 
 
+def test_results_hold_face_clustering_scores_per_set(tmp_path, capsys):
+    write_features(tmp_path)
+    common = ("--save_dir", str(tmp_path), "--experiment_idx", "feats", "--no-plots")
+    assert SSK.main(parse(*common, "--ssk-protocol", "reference", "--K", "10")) == 0
+    out = run_dir(tmp_path)
+    results = read_results(out)
+    preds = torch.load(out / SSK.PREDICTIONS_FILE, weights_only=True)
+    printed = capsys.readouterr().out
+    keys = {"pairwise_precision", "pairwise_recall", "pairwise_f", "bcubed_precision", "bcubed_recall", "bcubed_f"}
+    for split, (key, name) in enumerate((("train", "Train All"), ("test", "Test"))):
+        scores = results[key][SSK.CLUSTERING_KEY]
+        assert set(scores) == keys | {"nmi", "ari"}
+        assert all(0.0 <= scores[k] <= 1.0 for k in keys | {"nmi"}) and -1.0 <= scores["ari"] <= 1.0
+        rows = preds["split"] == split  # reference protocol: the whole training split is scored
+        assert scores == SSK.clustering_scores(preds["label"][rows], preds["cluster"][rows])
+        assert (
+            f"K-Means {name} clustering: pairwise F {scores['pairwise_f']:.4f} | BCubed F {scores['bcubed_f']:.4f} | "
+            f"NMI {scores['nmi']:.4f} | ARI {scores['ari']:.4f}"
+        ) in printed
+    # K = 10 > 8 separated classes: clusters are pure, some class is split
+    assert results["train"][SSK.CLUSTERING_KEY]["pairwise_precision"] == 1.0
+    assert results["train"][SSK.CLUSTERING_KEY]["pairwise_recall"] < 1.0
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(torch.load(path, weights_only=True)["features"].numpy()).hexdigest()
 

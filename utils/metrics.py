@@ -9,6 +9,9 @@ identities:
 - ``v1``: Old and New each get their own matching; All = rho * Old + (1 - rho) * New with rho the old fraction.
 - ``v2b``: the ``v2`` matching, but Old / New / All are means of per-class accuracies (class-balanced).
 
+Alongside, the face-clustering scores of ``clustering_scores``: pairwise and BCubed precision / recall / F-score, NMI
+and ARI, all computed from the non-zero cells of the contingency table (no pair loops).
+
 References: GCD (Vaze et al., CVPR 2022), ``project_utils/cluster_and_log_utils.py``.
 """
 
@@ -33,6 +36,14 @@ class MetricVariant(str, Enum):
     V1 = "v1"
     V2 = "v2"
     V2_BALANCED = "v2b"
+
+
+class PrecisionRecallF(NamedTuple):
+    """Precision, recall and their harmonic mean (F-score)."""
+
+    precision: float
+    recall: float
+    f: float
 
 
 class SplitAccuracy(NamedTuple):
@@ -238,3 +249,139 @@ def evaluate_clustering(
     """
     variants = [parse_variant(name) for name in eval_funcs]
     return {v.value: METRIC_FUNCS[v](y_true, y_pred, known_mask)._asdict() for v in variants}
+
+
+class _Cells(NamedTuple):
+    """Non-zero contingency cells n_kc with the sizes a_k / b_c of their cluster / class, and the marginals."""
+
+    counts: np.ndarray
+    cluster_size: np.ndarray
+    class_size: np.ndarray
+    cluster_sizes: np.ndarray
+    class_sizes: np.ndarray
+    num_samples: int
+
+
+def _cells(y_true: ArrayLike, y_pred: ArrayLike) -> _Cells:
+    """Sparse contingency table: O(n log n) time and O(n) memory whatever the number of labels.
+
+    The dense ``contingency_matrix`` has side**2 entries, too many for 10^5 identities; here labels are compacted and
+    only the occupied (cluster, class) cells are counted.
+    """
+    yt, yp, _ = _check_inputs(y_true, y_pred)
+    classes, t = np.unique(yt, return_inverse=True)
+    clusters, p = np.unique(yp, return_inverse=True)
+    cell, counts = np.unique(p * classes.size + t, return_counts=True)
+    cluster_sizes = np.bincount(p, minlength=clusters.size)
+    class_sizes = np.bincount(t, minlength=classes.size)
+    return _Cells(
+        counts=counts,
+        cluster_size=cluster_sizes[cell // classes.size],
+        class_size=class_sizes[cell % classes.size],
+        cluster_sizes=cluster_sizes,
+        class_sizes=class_sizes,
+        num_samples=int(yt.size),
+    )
+
+
+def _pairs(sizes: np.ndarray) -> int:
+    """Exact sum of C(x, 2) over ``sizes``."""
+    return int((sizes * (sizes - 1) // 2).sum())
+
+
+def _harmonic(precision: float, recall: float) -> PrecisionRecallF:
+    """Bundle precision and recall with their harmonic mean; F = 0 when both are 0."""
+    total = precision + recall
+    return PrecisionRecallF(precision, recall, 2.0 * precision * recall / total if total > 0 else 0.0)
+
+
+def _pairwise(cells: _Cells) -> PrecisionRecallF:
+    """Pairwise P / R / F of ``pairwise_scores``."""
+    same_both = _pairs(cells.counts)
+    predicted, true = _pairs(cells.cluster_sizes), _pairs(cells.class_sizes)
+    precision = same_both / predicted if predicted else 1.0
+    recall = same_both / true if true else 1.0
+    return _harmonic(precision, recall)
+
+
+def _bcubed(cells: _Cells) -> PrecisionRecallF:
+    """BCubed P / R / F of ``bcubed_scores``."""
+    squared = cells.counts.astype(np.float64) ** 2
+    precision = float((squared / cells.cluster_size).sum() / cells.num_samples)
+    recall = float((squared / cells.class_size).sum() / cells.num_samples)
+    return _harmonic(precision, recall)
+
+
+def _entropy(sizes: np.ndarray, n: int) -> float:
+    """Shannon entropy (nats) of a partition given its set sizes."""
+    prob = sizes[sizes > 0] / n
+    return float(-(prob * np.log(prob)).sum())
+
+
+def _nmi(cells: _Cells) -> float:
+    """NMI of ``normalized_mutual_info``; MI clipped at 0 and the ratio at 1 against rounding."""
+    n = cells.num_samples
+    h_true, h_pred = _entropy(cells.class_sizes, n), _entropy(cells.cluster_sizes, n)
+    if h_true == 0.0 and h_pred == 0.0:
+        return 1.0
+    counts = cells.counts.astype(np.float64)
+    ratio = counts * n / (cells.cluster_size.astype(np.float64) * cells.class_size)
+    mutual = max(float((counts / n * np.log(ratio)).sum()), 0.0)
+    return min(mutual / ((h_true + h_pred) / 2.0), 1.0)
+
+
+def _ari(cells: _Cells) -> float:
+    """ARI of ``adjusted_rand_index``."""
+    # ARI = (index - expected) / (max - expected) with index = sum C(n_kc, 2), expected = P * T / C(n, 2) and
+    # max = (P + T) / 2; multiplied through by 2 C(n, 2) and evaluated on exact Python integers.
+    index = _pairs(cells.counts)
+    predicted, true = _pairs(cells.cluster_sizes), _pairs(cells.class_sizes)
+    total = cells.num_samples * (cells.num_samples - 1) // 2
+    numerator = 2 * (index * total - predicted * true)
+    denominator = (predicted + true) * total - 2 * predicted * true
+    return numerator / denominator if denominator else 1.0
+
+
+def pairwise_scores(y_true: ArrayLike, y_pred: ArrayLike) -> PrecisionRecallF:
+    """Pairwise precision / recall / F over same-cluster and same-class pairs.
+
+    Precision = sum C(n_kc, 2) / sum C(a_k, 2), recall = sum C(n_kc, 2) / sum C(b_c, 2). Convention for 0 / 0:
+    precision is 1 without predicted pairs (all singletons), recall is 1 without true pairs; F = 0 when P + R = 0.
+    """
+    return _pairwise(_cells(y_true, y_pred))
+
+
+def bcubed_scores(y_true: ArrayLike, y_pred: ArrayLike) -> PrecisionRecallF:
+    """BCubed precision = (1/n) sum n_kc^2 / a_k, recall = (1/n) sum n_kc^2 / b_c, and their F-score."""
+    return _bcubed(_cells(y_true, y_pred))
+
+
+def normalized_mutual_info(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """NMI: mutual information over the arithmetic mean of the two entropies; 1.0 when both entropies are 0."""
+    return _nmi(_cells(y_true, y_pred))
+
+
+def adjusted_rand_index(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Hubert & Arabie adjusted Rand index in [-1, 1]; 1.0 when the expected index equals the maximum."""
+    return _ari(_cells(y_true, y_pred))
+
+
+def clustering_scores(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
+    """All face-clustering scores from one contingency table.
+
+    Args:
+        y_true: (n,) class labels.
+        y_pred: (n,) cluster indices.
+
+    Returns:
+        ``{"pairwise_precision", "pairwise_recall", "pairwise_f", "bcubed_precision", "bcubed_recall", "bcubed_f",
+        "nmi", "ari"}`` as floats.
+    """
+    cells = _cells(y_true, y_pred)
+    pairwise, bcubed = _pairwise(cells), _bcubed(cells)
+    return {
+        **{f"pairwise_{key}": value for key, value in pairwise._asdict().items()},
+        **{f"bcubed_{key}": value for key, value in bcubed._asdict().items()},
+        "nmi": _nmi(cells),
+        "ari": _ari(cells),
+    }

@@ -1,6 +1,7 @@
-"""Clustering accuracy (v1 / v2 / class-balanced v2) against hand-computed examples."""
+"""Clustering accuracy (v1 / v2 / class-balanced v2) and face-clustering scores against hand-computed examples."""
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -8,9 +9,14 @@ import torch
 
 from utils.metrics import (
     MetricVariant,
+    adjusted_rand_index,
+    bcubed_scores,
     cluster_acc,
+    clustering_scores,
     contingency_matrix,
     evaluate_clustering,
+    normalized_mutual_info,
+    pairwise_scores,
     split_cluster_acc_v1,
     split_cluster_acc_v2,
     split_cluster_acc_v2_balanced,
@@ -107,3 +113,107 @@ def test_bad_inputs(y_true, y_pred, known, match):
 def test_unknown_variant_lists_valid_names():
     with pytest.raises(ValueError, match="v1, v2, v2b"):
         evaluate_clustering(Y_TRUE, Y_PRED, KNOWN, ("v3",))
+
+
+# Truth [0,0,0,1,1,2] vs prediction [0,0,1,1,2,2]. Cells n_kc: cluster 0 = {class 0: 2}, cluster 1 = {class 0: 1,
+# class 1: 1}, cluster 2 = {class 1: 1, class 2: 1}; cluster sizes a = (2, 2, 2), class sizes b = (3, 2, 1).
+FACE_TRUE = [0, 0, 0, 1, 1, 2]
+FACE_PRED = [0, 0, 1, 1, 2, 2]
+SCORE_KEYS = {
+    "pairwise_precision",
+    "pairwise_recall",
+    "pairwise_f",
+    "bcubed_precision",
+    "bcubed_recall",
+    "bcubed_f",
+    "nmi",
+    "ari",
+}
+
+
+def test_pairwise_scores_by_hand():
+    # TP = C(2,2) = 1; predicted pairs = 3 * C(2,2) = 3; true pairs = C(3,2) + C(2,2) + C(1,2) = 3 + 1 + 0 = 4
+    # P = 1/3, R = 1/4, F = 2 * (1/12) / (7/12) = 2/7
+    assert tuple(pairwise_scores(FACE_TRUE, FACE_PRED)) == pytest.approx((1 / 3, 1 / 4, 2 / 7))
+
+
+def test_bcubed_scores_by_hand():
+    # P = (1/6) (2^2/2 + 1^2/2 + 1^2/2 + 1^2/2 + 1^2/2) = (1/6) * 4 = 2/3
+    # R = (1/6) (2^2/3 + 1^2/3 + 1^2/2 + 1^2/2 + 1^2/1) = (1/6) * 11/3 = 11/18; F = 2PR / (P + R) = 44/69
+    assert tuple(bcubed_scores(FACE_TRUE, FACE_PRED)) == pytest.approx((2 / 3, 11 / 18, 44 / 69))
+
+
+def test_nmi_and_ari_by_hand():
+    # MI = sum (n_kc/n) ln(n n_kc / (a_k b_c)) = (2/6) ln 2 + (1/6) ln 1 + (1/6) ln 1.5 + (1/6) ln 1.5 + (1/6) ln 3
+    mutual = math.log(2) / 3 + math.log(1.5) / 3 + math.log(3) / 6
+    h_true = -(0.5 * math.log(0.5) + math.log(1 / 3) / 3 + math.log(1 / 6) / 6)
+    h_pred = math.log(3)
+    assert normalized_mutual_info(FACE_TRUE, FACE_PRED) == pytest.approx(mutual / ((h_true + h_pred) / 2))
+    # index = 1, expected = 3 * 4 / C(6,2) = 0.8, max = (3 + 4) / 2 = 3.5: ARI = 0.2 / 2.7 = 2/27
+    assert adjusted_rand_index(FACE_TRUE, FACE_PRED) == pytest.approx(2 / 27)
+
+
+def test_clustering_scores_collects_all_eight():
+    scores = clustering_scores(torch.tensor(FACE_TRUE), torch.tensor(FACE_PRED))
+    assert set(scores) == SCORE_KEYS
+    assert all(isinstance(v, float) for v in scores.values())
+    assert scores["pairwise_f"] == pytest.approx(2 / 7)
+    assert scores["bcubed_recall"] == pytest.approx(11 / 18)
+    assert scores["ari"] == pytest.approx(2 / 27)
+
+
+@pytest.mark.parametrize("y_true", [[0, 0, 1, 1, 2, 2], [0, 1, 2, 3], [5, 5, 5], [4]])
+def test_identical_partitions_score_one(y_true):
+    # includes the degenerate single cluster ([5,5,5]), all singletons ([0,1,2,3]) and a single sample ([4])
+    relabelled = [10 - label for label in y_true]
+    for y_pred in (y_true, relabelled):
+        assert clustering_scores(y_true, y_pred) == pytest.approx(dict.fromkeys(SCORE_KEYS, 1.0))
+
+
+def test_one_cluster_for_everything():
+    # 4 samples of 2 classes in one cluster: TP = 1 + 1 = 2 of C(4,2) = 6 predicted pairs; BCubed P = (4 + 4) / 4 / 4
+    scores = clustering_scores([0, 0, 1, 1], [0, 0, 0, 0])
+    assert scores["pairwise_precision"] == pytest.approx(1 / 3) and scores["pairwise_recall"] == 1.0
+    assert scores["bcubed_precision"] == pytest.approx(0.5) and scores["bcubed_recall"] == 1.0
+    assert scores["nmi"] == 0.0  # prediction entropy 0, truth entropy ln 2
+    assert scores["ari"] == pytest.approx(0.0)  # index = expected = 2
+
+
+def test_all_singletons():
+    # no predicted pair: pairwise precision 1 by convention, recall 0 / 2 = 0, F 0; BCubed P = 1, R = (1/4)(4 * 1/2)
+    scores = clustering_scores([0, 0, 1, 1], [0, 1, 2, 3])
+    assert (scores["pairwise_precision"], scores["pairwise_recall"], scores["pairwise_f"]) == (1.0, 0.0, 0.0)
+    assert scores["bcubed_precision"] == 1.0 and scores["bcubed_recall"] == pytest.approx(0.5)
+    assert scores["nmi"] == pytest.approx(math.log(2) / ((math.log(2) + math.log(4)) / 2))
+    assert scores["ari"] == pytest.approx(0.0)
+
+
+def test_clustering_scores_are_label_permutation_invariant():
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.integers(0, 6, 200), rng.integers(0, 8, 200)
+    base = clustering_scores(y_true, y_pred)
+    permuted = clustering_scores(rng.permutation(6)[y_true] + 3, rng.permutation(8)[y_pred] * 7)
+    assert permuted == pytest.approx(base)
+    swapped = clustering_scores(y_pred, y_true)  # swapping roles swaps precision and recall
+    assert swapped["pairwise_precision"] == pytest.approx(base["pairwise_recall"])
+    assert swapped["bcubed_recall"] == pytest.approx(base["bcubed_precision"])
+    assert swapped["nmi"] == pytest.approx(base["nmi"]) and swapped["ari"] == pytest.approx(base["ari"])
+
+
+@pytest.mark.parametrize("seed, num_classes, num_clusters, n", [(0, 5, 5, 50), (1, 30, 12, 1000), (2, 2, 40, 300)])
+def test_nmi_and_ari_match_sklearn(seed, num_classes, num_clusters, n):
+    sk_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(seed)
+    y_true, y_pred = rng.integers(0, num_classes, n), rng.integers(0, num_clusters, n)
+    y_pred[: n // 2] = y_true[: n // 2]  # some agreement, so the scores are not all near 0
+    scores = clustering_scores(y_true, y_pred)
+    assert scores["nmi"] == pytest.approx(sk_metrics.normalized_mutual_info_score(y_true, y_pred), abs=1e-10)
+    assert scores["ari"] == pytest.approx(sk_metrics.adjusted_rand_score(y_true, y_pred), abs=1e-10)
+    assert sk_metrics.adjusted_rand_score([0, 0], [0, 1]) == adjusted_rand_index([0, 0], [0, 1])
+
+
+def test_clustering_scores_reject_bad_inputs():
+    with pytest.raises(ValueError, match="same length"):
+        clustering_scores([0, 1], [0])
+    with pytest.raises(ValueError, match="empty"):
+        clustering_scores([], [])
