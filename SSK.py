@@ -55,7 +55,7 @@ from trainer.data import DataConfigError, apply_data_config, labelled_digest
 from utils.checkpoint import CheckpointError, atomic_save, atomic_write_text
 from utils.config import parse_args_with_config
 from utils.distributed import all_gather_variable, cleanup, get_rank, get_world_size, init_distributed, is_primary
-from utils.kmeans import KMeansResult, assign_to_centres, contiguous_shard, kmeans, semi_supervised_kmeans
+from utils.kmeans import INITS, KMeansResult, assign_to_centres, contiguous_shard, kmeans, semi_supervised_kmeans
 from utils.logging import setup_logging
 from utils.metrics import MetricVariant, clustering_scores, evaluate_clustering
 from utils.report import DEFAULT_RUN, RESULTS_FILE, SSK_SUBDIR, ReportInputError, ssk_run_dir
@@ -156,6 +156,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         type=int,
         default=10,
         help="k-means++ restarts; the lowest inertia wins (default: 10)",
+    )
+    group.add_argument(
+        "--kmeans-init",
+        dest="kmeans_init",
+        default="k-means++",
+        choices=list(INITS),
+        help="seeding of each restart: k-means++ (GCD's) or k-means|| (Bahmani et al.) (default: k-means++)",
     )
     group.add_argument(
         "--tol", type=float, default=1e-4, help="stop when (sum of centre shifts)^2 < tol (default: 1e-4)"
@@ -434,6 +441,7 @@ def cluster_train(
         tol=args.tol,
         seed=args.seed,
         init_centres=init_centres,
+        init=args.kmeans_init,
         device=device,
     )
     if args.ssk_protocol == Protocol.GCD.value:
@@ -547,6 +555,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
         "K": k,
         "M": num_labelled_classes,
         "n_init": args.k_means_init,
+        "init": args.kmeans_init,
         "max_iter": args.max_kmeans_iter,
         "tol": args.tol,
         "seed": args.seed,

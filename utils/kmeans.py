@@ -12,11 +12,15 @@ labelled points (uniform first centre, D^2 sampling over all points). Fixes and 
 - distributed: every rank passes its shard of the rows; sums, counts and inertia are all-reduced each iteration, and
   k-means++ finds the rank owning the sampled threshold, which broadcasts the chosen point.
 
+``init="k-means||"`` replaces the k - M sequential D^2 draws with a few oversampling rounds (Bahmani et al., "Scalable
+K-Means++", VLDB 2012): each point is kept with probability min(1, 2K d(x) / phi) from uniforms indexed by its global
+position, the kept points of all ranks become weighted candidates, and weighted k-means++ on them gives the centres.
+
 The global order of the points (used by k-means++ and by tie-breaking) is the rank-major concatenation of the shards,
 so a run on contiguous shards (``contiguous_shard``) reproduces the single-process run up to float summation order.
 
 References: GCD (Vaze et al., CVPR 2022) ``methods/clustering/faster_mix_k_means_pytorch.py``; scikit-learn
-``sklearn/cluster/_kmeans.py`` (k-means++ and empty-cluster relocation).
+``sklearn/cluster/_kmeans.py`` (k-means++ and empty-cluster relocation); Bahmani et al., VLDB 2012 (k-means||).
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from utils.distributed import all_gather_variable, all_reduce_sum, broadcast, ge
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+INITS = ("k-means++", "k-means||")
+KMEANS_PARALLEL_ROUNDS = 5  # sampling rounds of k-means|| (Bahmani et al. find ~5 enough with l = 2K)
+_UNIFORM_BLOCK = 2**16  # global rows per generator seed in k-means|| sampling
 
 
 @dataclass
@@ -80,6 +87,10 @@ class _Shard:
         ends = list(accumulate(self.counts))
         owner = bisect_right(ends, global_index)
         return owner, global_index - (ends[owner] - self.counts[owner])
+
+    def draw_uniform(self, gen: torch.Generator) -> tuple[int, int]:
+        """``owner_of`` a point drawn uniformly over all ranks' points."""
+        return self.owner_of(int(torch.randint(self.total, (1,), generator=gen)))
 
 
 @dataclass
@@ -212,6 +223,14 @@ def _pick_by_threshold(min_dist: torch.Tensor, threshold: float) -> int:
     return idx
 
 
+def _broadcast_row(xu: torch.Tensor, owner: int, local: int, shard: _Shard) -> torch.Tensor:
+    """Row ``local`` of rank ``owner``'s ``xu``, on every rank."""
+    point = torch.zeros(xu.shape[1], dtype=torch.float32, device=xu.device)
+    if owner == shard.rank:
+        point.copy_(xu[local])
+    return broadcast(point, src=owner)
+
+
 def _kmeanspp(
     xu: torch.Tensor,
     xu_sq: torch.Tensor,
@@ -244,7 +263,7 @@ def _kmeanspp(
     chosen = torch.zeros(xu.shape[0], dtype=torch.bool, device=device)
     for j in range(fixed.shape[0], k):
         if j == 0:  # no centre yet: uniform over all points
-            owner, local = shard.owner_of(int(torch.randint(shard.total, (1,), generator=gen)))
+            owner, local = shard.draw_uniform(gen)
         else:
             totals = _per_rank(float(min_dist.sum(dtype=torch.float64)), device, torch.float64)
             grand = sum(totals)
@@ -266,15 +285,115 @@ def _kmeanspp(
                 local = -1
                 if owner == shard.rank:
                     local = int(torch.nonzero(~chosen)[t - (ends[owner] - free[owner])])
-        point = torch.zeros(dim, dtype=torch.float32, device=device)
+        point = _broadcast_row(xu, owner, local, shard)
         if owner == shard.rank:
-            point.copy_(xu[local])
             chosen[local] = True
-        centres[j] = broadcast(point, src=owner)
+        centres[j] = point
         new_dist = (xu_sq + (point * point).sum() - 2.0 * (xu @ point)).clamp_min_(0.0)
         torch.minimum(min_dist, new_dist, out=min_dist)
         if owner == shard.rank:
             min_dist[local] = 0.0
+    return centres
+
+
+def _global_uniforms(seed: int, shard: _Shard, n_local: int, device: torch.device) -> torch.Tensor:
+    """float64 uniforms for this rank's rows, each a function of ``seed`` and its global index only.
+
+    Global rows are cut into blocks of ``_UNIFORM_BLOCK``; block b is drawn from a generator seeded ``seed + b``,
+    so every sharding of the rows sees the same numbers at a cost proportional to its own rows.
+    """
+    start, stop = shard.offset, shard.offset + n_local
+    parts = [torch.zeros(0, dtype=torch.float64)]
+    for block in range(start // _UNIFORM_BLOCK, -(-stop // _UNIFORM_BLOCK)):
+        base = block * _UNIFORM_BLOCK
+        u = torch.rand(_UNIFORM_BLOCK, generator=torch.Generator().manual_seed(seed + block), dtype=torch.float64)
+        parts.append(u[max(start - base, 0) : stop - base])
+    return torch.cat(parts).to(device)
+
+
+def _weighted_kmeanspp(
+    cand: torch.Tensor, weights: torch.Tensor, fixed: torch.Tensor, need: int, gen: torch.Generator, chunk_bytes: int
+) -> torch.Tensor:
+    """Up to ``need`` rows of ``cand`` by D^2 sampling weighted by ``weights``, with ``fixed`` already placed.
+
+    Stops early when every remaining candidate of positive weight sits on a chosen centre. Identical on all ranks
+    given identical inputs and generator state.
+
+    Returns:
+        (<= need, D) the chosen candidates, in order.
+    """
+    cand_sq = (cand * cand).sum(1)
+    if fixed.shape[0] > 0:
+        dist = _nearest(cand, cand_sq, fixed, chunk_bytes)[0].double()
+    else:  # no centre yet: the first pick is proportional to the weight alone
+        dist = torch.full((cand.shape[0],), math.inf, dtype=torch.float64, device=cand.device)
+    picked: list[int] = []
+    for _ in range(need):
+        score = torch.where(torch.isinf(dist), weights, weights * dist)
+        total = float(score.sum())
+        if total <= 0:
+            break
+        threshold = float(torch.rand(1, generator=gen, dtype=torch.float64)) * total
+        with _deterministic(cand.device):
+            idx = _pick_by_threshold(score, threshold)
+        picked.append(idx)
+        torch.minimum(dist, _nearest(cand, cand_sq, cand[idx : idx + 1], chunk_bytes)[0].double(), out=dist)
+        dist[idx] = 0.0
+    return cand[picked]
+
+
+def _kmeans_parallel(
+    xu: torch.Tensor,
+    xu_sq: torch.Tensor,
+    fixed: torch.Tensor,
+    k: int,
+    gen: torch.Generator,
+    shard: _Shard,
+    chunk_bytes: int,
+) -> torch.Tensor:
+    """k-means|| seeding (Bahmani et al., VLDB 2012) of ``k - len(fixed)`` centres from the (sharded) points.
+
+    Starting from ``fixed`` (or one uniform point when there is none), ``KMEANS_PARALLEL_ROUNDS`` rounds keep every
+    point independently with probability min(1, l d(x) / phi), l = 2k; the candidates are gathered in global order,
+    weighted by the points nearest to them, and reduced to the missing centres by weighted k-means++. Too few
+    candidates: k-means++ over the points places the rest. Arguments and result as ``_kmeanspp``.
+    """
+    device, n_u = xu.device, xu.shape[0]
+    oversampling = 2.0 * k
+    if fixed.shape[0] > 0:
+        cand = [xu.new_zeros(0, xu.shape[1])]
+        min_dist = _nearest(xu, xu_sq, fixed, chunk_bytes)[0]
+    else:
+        owner, local = shard.draw_uniform(gen)
+        cand = [_broadcast_row(xu, owner, local, shard)[None]]
+        min_dist = _nearest(xu, xu_sq, cand[0], chunk_bytes)[0]
+        if owner == shard.rank:
+            min_dist[local] = 0.0
+    for _ in range(KMEANS_PARALLEL_ROUNDS):
+        phi = float(all_reduce_sum(min_dist.sum(dtype=torch.float64).reshape(1)))
+        if phi <= 0:
+            break
+        u = _global_uniforms(int(torch.randint(2**62, (1,), generator=gen)), shard, n_u, device)
+        keep = u < oversampling * min_dist.double() / phi
+        sampled = torch.cat(all_gather_variable(xu[keep]))
+        if sampled.shape[0] == 0:
+            continue
+        cand.append(sampled)
+        torch.minimum(min_dist, _nearest(xu, xu_sq, sampled, chunk_bytes)[0], out=min_dist)
+        min_dist[keep] = 0.0
+    cand = torch.cat(cand)
+    nearest = _nearest(xu, xu_sq, torch.cat([fixed, cand]), chunk_bytes)[1]
+    weights = all_reduce_sum(torch.bincount(nearest, minlength=fixed.shape[0] + cand.shape[0]).double())
+    chosen = _weighted_kmeanspp(cand, weights[fixed.shape[0] :], fixed, k - fixed.shape[0], gen, chunk_bytes)
+    centres = torch.cat([fixed, chosen])
+    if centres.shape[0] < k:
+        logger.info(
+            "k-means||: the candidates gave %d of the %d missing centres; k-means++ places the other %d",
+            chosen.shape[0],
+            k - fixed.shape[0],
+            k - centres.shape[0],
+        )
+        centres = _kmeanspp(xu, xu_sq, centres, k, gen, shard, chunk_bytes)
     return centres
 
 
@@ -416,11 +535,14 @@ def _fit(
     tol: float,
     seed: int,
     init_centres: torch.Tensor | None,
+    init: str,
     device: str | torch.device | None,
     chunk_bytes: int,
     progress: bool,
 ) -> KMeansResult:
     """Shared implementation of ``kmeans`` (no labelled rows) and ``semi_supervised_kmeans``."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
     if x.ndim != 2:
         raise ValueError(f"features must be a 2-D (n, D) tensor, got shape {tuple(x.shape)}")
     if k < 1 or n_init < 1 or max_iter < 1 or tol < 0:
@@ -479,7 +601,7 @@ def _fit(
         xu_sq = (xu * xu).sum(1)
         runs = 1 if init_centres is not None else n_init
         if init_centres is not None and n_init > 1:
-            logger.info("initial centres given: one Lloyd run instead of %d k-means++ restarts", n_init)
+            logger.info("initial centres given: one Lloyd run instead of %d %s restarts", n_init, init)
         best: tuple[torch.Tensor, torch.Tensor, float, int, int] | None = None
         restart_inertia = []
         for r in range(runs):
@@ -487,7 +609,8 @@ def _fit(
                 centres = init_centres
             else:
                 gen = torch.Generator().manual_seed(seed + r)
-                centres = _kmeanspp(xu, xu_sq, stats.means(), k, gen, shard, chunk_bytes)
+                seeding = _kmeanspp if init == "k-means++" else _kmeans_parallel
+                centres = seeding(xu, xu_sq, stats.means(), k, gen, shard, chunk_bytes)
             labels_u, centres, inertia, n_iter = _lloyd(
                 xu, xu_sq, centres, stats, shard, max_iter, tol, chunk_bytes, f"k-means {r + 1}/{runs}", progress
             )
@@ -532,6 +655,7 @@ def semi_supervised_kmeans(
     seed: int = 0,
     *,
     init_centres: torch.Tensor | None = None,
+    init: str = "k-means++",
     device: str | torch.device | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = True,
@@ -550,6 +674,7 @@ def semi_supervised_kmeans(
         tol: stop when (sum_k ||C'_k - C_k||_2)^2 < tol.
         seed: base seed.
         init_centres: (K, D) centres to start one Lloyd run from instead of k-means++ restarts.
+        init: seeding of each restart, ``"k-means++"`` (GCD's) or ``"k-means||"`` (Bahmani et al., fewer passes).
         device: compute device (default: CUDA when available, else the device of ``x``).
         chunk_bytes: memory budget of one (rows, K) float32 distance block.
         progress: tqdm bar over iterations on rank 0.
@@ -558,7 +683,19 @@ def semi_supervised_kmeans(
         ``KMeansResult``; cluster j < M is labelled class ``labelled_classes[j]``.
     """
     return _fit(
-        x, k, class_labels, labelled_mask, n_init, max_iter, tol, seed, init_centres, device, chunk_bytes, progress
+        x,
+        k,
+        class_labels,
+        labelled_mask,
+        n_init,
+        max_iter,
+        tol,
+        seed,
+        init_centres,
+        init,
+        device,
+        chunk_bytes,
+        progress,
     )
 
 
@@ -571,6 +708,7 @@ def kmeans(
     seed: int = 0,
     *,
     init_centres: torch.Tensor | None = None,
+    init: str = "k-means++",
     device: str | torch.device | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = True,
@@ -588,6 +726,7 @@ def kmeans(
         tol: stop when (sum_k ||C'_k - C_k||_2)^2 < tol.
         seed: base seed.
         init_centres: (K, D) centres to start one Lloyd run from instead of k-means++ restarts.
+        init: seeding of each restart, ``"k-means++"`` (GCD's) or ``"k-means||"`` (Bahmani et al., fewer passes).
         device: compute device (default: CUDA when available, else the device of ``x``).
         chunk_bytes: memory budget of one (rows, K) float32 distance block.
         progress: tqdm bar over iterations on rank 0.
@@ -595,7 +734,7 @@ def kmeans(
     Returns:
         ``KMeansResult`` (``labelled_classes`` is empty).
     """
-    return _fit(x, k, None, None, n_init, max_iter, tol, seed, init_centres, device, chunk_bytes, progress)
+    return _fit(x, k, None, None, n_init, max_iter, tol, seed, init_centres, init, device, chunk_bytes, progress)
 
 
 def assign_to_centres(

@@ -1,8 +1,9 @@
 """torchrun worker for tests/utils/test_kmeans.py: clusters contiguous shards and saves the gathered result.
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/utils/_kmeans_dist_worker.py OUT.pt
+    python -m torch.distributed.run --nproc_per_node=2 tests/utils/_kmeans_dist_worker.py OUT.pt [INIT]
 
-Every rank builds the same data; rank 0 saves ``{"data": ..., "cases": {name: result}}`` to OUT.pt.
+Every rank builds the same data and seeds with INIT (default k-means++); rank 0 saves
+``{"data": ..., "duplicates": ..., "init": INIT, "cases": {name: result}}`` to OUT.pt.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def make_duplicates(seed: int = 0) -> torch.Tensor:
     return points[torch.randperm(points.shape[0], generator=torch.Generator().manual_seed(seed))]
 
 
-def run_cases(data: dict[str, torch.Tensor], duplicates: torch.Tensor) -> dict[str, dict]:
+def run_cases(data: dict[str, torch.Tensor], duplicates: torch.Tensor, init: str = "k-means++") -> dict[str, dict]:
     """The cases compared between one and several processes, each on this rank's contiguous shard."""
     rows = contiguous_shard(data["x"].shape[0])
     num_classes = int(data["labels"].max()) + 1
@@ -46,12 +47,19 @@ def run_cases(data: dict[str, torch.Tensor], duplicates: torch.Tensor) -> dict[s
             data["labelled"][rows],
             n_init=3,
             seed=5,
+            init=init,
             device="cpu",
             progress=False,
         ),
-        "plain": kmeans(data["x"][rows], num_classes, n_init=3, seed=5, device="cpu", progress=False),
+        "plain": kmeans(data["x"][rows], num_classes, n_init=3, seed=5, init=init, device="cpu", progress=False),
         "duplicates": kmeans(
-            duplicates[contiguous_shard(duplicates.shape[0])], 5, n_init=2, seed=1, device="cpu", progress=False
+            duplicates[contiguous_shard(duplicates.shape[0])],
+            5,
+            n_init=2,
+            seed=1,
+            init=init,
+            device="cpu",
+            progress=False,
         ),
     }
     return {
@@ -66,15 +74,15 @@ def run_cases(data: dict[str, torch.Tensor], duplicates: torch.Tensor) -> dict[s
     }
 
 
-def main(out_path: str) -> int:
+def main(out_path: str, init: str = "k-means++") -> int:
     init_distributed("cpu")
     data, duplicates = make_blobs(), make_duplicates()
-    cases = run_cases(data, duplicates)
+    cases = run_cases(data, duplicates, init)
     if is_primary():
-        torch.save({"data": data, "duplicates": duplicates, "cases": cases}, out_path)
+        torch.save({"data": data, "duplicates": duplicates, "init": init, "cases": cases}, out_path)
     cleanup()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(*sys.argv[1:]))

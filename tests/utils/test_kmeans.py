@@ -1,6 +1,7 @@
 """Semi-supervised and plain k-means: recovery, pinning, empty clusters, determinism, errors, distributed runs."""
 
 import importlib.util
+import logging
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import utils.kmeans as kmeans_module
 from utils.kmeans import assign_to_centres, contiguous_shard, kmeans, semi_supervised_kmeans
 from utils.metrics import cluster_acc
 
@@ -57,6 +59,62 @@ def test_labelled_points_stay_pinned_and_centres_are_means():
     for j in range(6):
         members = x[res.labels == j]
         assert torch.allclose(res.centres[j], members.mean(0), atol=1e-5)
+
+
+def test_sampling_uniforms_do_not_depend_on_sharding(monkeypatch):
+    monkeypatch.setattr(kmeans_module, "_UNIFORM_BLOCK", 7)  # shards straddle several generator blocks
+    counts = [10, 13, 0, 17]
+    shards = [kmeans_module._Shard(r, 4, counts, sum(counts[:r])) for r in range(4)]
+    parts = [kmeans_module._global_uniforms(3, s, counts[s.rank], torch.device("cpu")) for s in shards]
+    whole = kmeans_module._global_uniforms(3, kmeans_module._Shard(0, 1, [40], 0), 40, torch.device("cpu"))
+    assert [p.numel() for p in parts] == counts and torch.equal(torch.cat(parts), whole)
+
+
+def test_kmeans_parallel_recovers_ten_blobs():
+    # blob spread << separation, so that D^2 sampling almost never puts two centres in one blob
+    gen = torch.Generator().manual_seed(11)
+    y = torch.arange(10).repeat_interleave(60)
+    x = 10.0 * torch.randn(10, 16, generator=gen)[y] + 0.1 * torch.randn(600, 16, generator=gen)
+    for seed in range(3):
+        res = kmeans(x, 10, n_init=1, seed=seed, init="k-means||", progress=False)
+        assert cluster_acc(y, res.labels) == 1.0
+
+
+def test_kmeans_parallel_keeps_labelled_centres_first(blobs):
+    x, y, lab = blobs["x"], blobs["labels"], blobs["labelled"]
+    res = semi_supervised_kmeans(x, 12, y, lab, n_init=2, init="k-means||", progress=False)
+    assert torch.equal(res.labels[lab], y[lab])
+    assert cluster_acc(y[~lab], res.labels[~lab]) == 1.0
+    known_u = blobs["known"] & ~lab
+    assert torch.equal(res.labels[known_u], y[known_u])
+    # the seeding itself (results hold post-Lloyd centres): the class means stay the first M centres, unchanged
+    means = torch.stack([x[lab & (y == c)].mean(0) for c in range(6)])
+    gen = torch.Generator().manual_seed(0)
+    xu = x[~lab].contiguous()
+    shard = kmeans_module._Shard(0, 1, [xu.shape[0]], 0)
+    centres = kmeans_module._kmeans_parallel(xu, (xu * xu).sum(1), means, 12, gen, shard, 2**20)
+    assert centres.shape == (12, 8) and torch.equal(centres[:6], means)
+    assert all(bool((xu == c).all(1).any()) for c in centres[6:])  # the other centres are unlabelled points
+
+
+def test_kmeans_parallel_same_seed_same_result_and_falls_back(caplog):
+    x = torch.rand(400, 3, generator=torch.Generator().manual_seed(0))
+    a = kmeans(x, 10, n_init=2, seed=7, init="k-means||", progress=False)
+    b = kmeans(x, 10, n_init=2, seed=7, init="k-means||", progress=False)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.centres, b.centres)
+    assert a.restart_inertia == b.restart_inertia
+    assert kmeans(x, 10, n_init=2, seed=8, init="k-means||", progress=False).restart_inertia != a.restart_inertia
+    # three distinct locations and K = 5: too few distinct candidates, k-means++ places the rest
+    with caplog.at_level(logging.INFO, logger="utils.kmeans"):
+        res = kmeans(worker.make_duplicates(), 5, n_init=2, seed=1, init="k-means||", progress=False)
+    assert "k-means++ places the other 2" in caplog.text
+    assert (torch.bincount(res.labels, minlength=5) > 0).all()
+    assert res.inertia == pytest.approx(0.0, abs=1e-6)
+
+
+def test_unknown_init_is_rejected(blobs):
+    with pytest.raises(ValueError, match=r"init must be one of k-means\+\+, k-means\|\|; got 'random'"):
+        kmeans(blobs["x"], 4, init="random", progress=False)
 
 
 def test_inertia_is_sum_of_squared_distances_at_convergence(blobs):
@@ -199,7 +257,8 @@ def free_port() -> int:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
-def test_two_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("init", ["k-means++", "k-means||"])
+def test_two_processes_match_single_process(tmp_path, init):
     out = tmp_path / "dist.pt"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -210,11 +269,13 @@ def test_two_processes_match_single_process(tmp_path):
         f"--master_port={free_port()}",
         str(WORKER),
         str(out),
+        init,
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = torch.load(out, weights_only=True)
-    single = worker.run_cases(saved["data"], saved["duplicates"])
+    assert saved["init"] == init
+    single = worker.run_cases(saved["data"], saved["duplicates"], init)
     for name, dist in saved["cases"].items():
         ref = single[name]
         assert torch.equal(dist["labels"], ref["labels"]), name
