@@ -57,7 +57,7 @@ from utils.config import parse_args_with_config
 from utils.distributed import all_gather_variable, cleanup, get_rank, get_world_size, init_distributed, is_primary
 from utils.kmeans import INITS, KMeansResult, assign_to_centres, contiguous_shard, kmeans, semi_supervised_kmeans
 from utils.logging import setup_logging
-from utils.metrics import MetricVariant, clustering_scores, evaluate_clustering
+from utils.evaluation.clustering import MetricVariant, clustering_scores, evaluate_clustering
 from utils.report import DEFAULT_RUN, RESULTS_FILE, SSK_SUBDIR, ReportInputError, ssk_run_dir
 
 logger = logging.getLogger("SSK")

@@ -16,7 +16,7 @@ from trainer.precision import Precision
 from utils.distributed import all_gather_variable, is_primary
 from utils.kmeans import kmeans
 from utils.logging import MetricLogger, SmoothedValue
-from utils.metrics import evaluate_clustering
+from utils.evaluation.clustering import evaluate_clustering
 
 logger = logging.getLogger(__name__)
 

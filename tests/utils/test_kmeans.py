@@ -13,7 +13,7 @@ import torch
 
 import utils.kmeans as kmeans_module
 from utils.kmeans import assign_to_centres, contiguous_shard, kmeans, semi_supervised_kmeans
-from utils.metrics import cluster_acc
+from utils.evaluation.clustering import cluster_acc
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_kmeans_dist_worker.py")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import (
+from utils.evaluation.clustering import (
     MetricVariant,
     adjusted_rand_index,
     bcubed_scores,
@@ -79,7 +79,7 @@ def test_evaluate_clustering_structure_and_order():
 
 
 def test_missing_old_or_new_gives_none_with_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="utils.metrics"):
+    with caplog.at_level(logging.WARNING, logger="utils.evaluation.clustering"):
         res = evaluate_clustering([0, 0, 1], [1, 1, 0], [True, True, True], ("v2", "v1", "v2b"))
     assert "no sample of an unknown (new) class" in caplog.text
     for variant in ("v2", "v1", "v2b"):
@@ -87,7 +87,7 @@ def test_missing_old_or_new_gives_none_with_warning(caplog):
         assert res[variant]["old"] == pytest.approx(1.0)
         assert res[variant]["all"] == pytest.approx(1.0)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="utils.metrics"):
+    with caplog.at_level(logging.WARNING, logger="utils.evaluation.clustering"):
         res = evaluate_clustering([2, 2, 3], [0, 0, 0], [False, False, False])
     assert "no sample of a known (old) class" in caplog.text
     assert res["v2"]["old"] is None and res["v1"]["old"] is None
