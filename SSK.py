@@ -4,9 +4,10 @@
 Reads ``<save_dir>/<experiment_idx>/features_{train,test}.pt`` (or computes them in memory with
 ``--checkpoint_weights``), clusters the training features and writes, next to the features it used,
 ``<save_dir>/<experiment_idx>/ssk/<experiment>/``: ``ssk_results.json``, ``ssk_predictions.pt``,
-``ss_kmeans_cluster_centres.pt`` and ``tsne_test.png``. ``--experiment`` names the SSK run within that features
-folder (``default`` when not given; without ``--experiment_idx`` it names the features folder and the run is
-``default``), so runs on different features never overwrite each other, whatever their ``--experiment``.
+``ss_kmeans_cluster_centres.pt``, ``tsne_test.png`` and, with ``--K auto``, ``k_estimation.png``. ``--experiment``
+names the SSK run within that features folder (``default`` when not given; without ``--experiment_idx`` it names the
+features folder and the run is ``default``), so runs on different features never overwrite each other, whatever their
+``--experiment``.
 
 The centres file is a dict: the (K, D) ``centres``, ``K``, ``D``, the ``protocol`` and a fingerprint of the training
 features they were fitted on (path, rows, sha256 of the float32 bytes). ``--ssk_mode test`` starts from the centres
@@ -18,7 +19,14 @@ Protocols (``--ssk-protocol``):
   unlabelled training images D_U; the test split is assigned to the nearest centre and scored with its own matching.
 - ``reference``: plain k-means on all training features, scored over all training images (the reference's SSK).
 
+``--K auto`` first estimates K as GCD does (``utils.k_estimation``): plain k-means of all training features for
+candidate Ks in [``--min-classes``, ``--max-classes``] (default [M labelled classes, 2 x the stored number of
+identities]), scored by the clustering accuracy of the labelled images only, searched with Brent's method or a peak
+bisection (``--k-search``). The chosen and the true K and every evaluated (K, accuracy) go to ``ssk_results.json``
+under ``k_estimation``; the run then clusters with the chosen K.
+
     python SSK.py --save_dir results --experiment_idx run --K 100              # -> results/run/ssk/default/
+    python SSK.py --save_dir results --experiment_idx run --K auto --experiment auto  # K estimated first
     torchrun --nproc_per_node=2 SSK.py --save_dir results --experiment_idx run --experiment k100
 
 Under torchrun every rank clusters a contiguous block of the rows; the result equals the single-process run up to
@@ -55,6 +63,7 @@ from trainer.data import DataConfigError, apply_data_config, labelled_digest
 from utils.checkpoint import CheckpointError, atomic_save, atomic_write_text
 from utils.config import parse_args_with_config
 from utils.distributed import all_gather_variable, cleanup, get_rank, get_world_size, init_distributed, is_primary
+from utils.k_estimation import SEARCHES, KEstimate, estimate_k, plot_k_estimation
 from utils.kmeans import INITS, KMeansResult, assign_to_centres, contiguous_shard, kmeans, semi_supervised_kmeans
 from utils.logging import setup_logging
 from utils.evaluation.clustering import MetricVariant, clustering_scores, evaluate_clustering
@@ -69,6 +78,10 @@ CENTRES_FILE = "ss_kmeans_cluster_centres.pt"
 CENTRES_KEYS = ("centres", "K", "D", "protocol", "features")
 PREDICTIONS_FILE = "ssk_predictions.pt"
 TSNE_FILE = "tsne_test.png"
+K_ESTIMATION_FILE = "k_estimation.png"
+K_ESTIMATION_INIT = 1  # restarts per candidate K: one keeps the search cheap (GCD's sklearn KMeans used 10)
+K_ESTIMATION_KEY = "k_estimation"
+AUTO_K = "auto"
 EVAL_FUNCS = (MetricVariant.V2, MetricVariant.V1, MetricVariant.V2_BALANCED)
 CLUSTERING_KEY = "clustering"  # pairwise / BCubed P-R-F, NMI and ARI of each scored set
 
@@ -88,6 +101,19 @@ class MissingInputError(FileNotFoundError):
     """A features or centres file that SSK needs does not exist."""
 
 
+def int_or_auto(value: str) -> int | str:
+    """``--K``: a positive integer or ``auto``."""
+    if value.strip().lower() == AUTO_K:
+        return AUTO_K
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or '{AUTO_K}', got {value!r}")
+    return k
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The SSK parser; the dataset and model groups matter only when features are computed in memory."""
     parser = argparse.ArgumentParser(
@@ -95,9 +121,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         add_help=add_help,
         epilog=(
             f"Outputs go to <save_dir>/<experiment_idx>/{SSK_SUBDIR}/<experiment>/ ({RESULTS_FILE}, "
-            f"{PREDICTIONS_FILE}, {CENTRES_FILE}, {TSNE_FILE}): --experiment names the SSK run on those features "
-            f"('{DEFAULT_RUN}' when not given). Dataset and model flags are used only with --checkpoint_weights "
-            "(features computed in memory)."
+            f"{PREDICTIONS_FILE}, {CENTRES_FILE}, {TSNE_FILE}, with --K auto {K_ESTIMATION_FILE}): --experiment names "
+            f"the SSK run on those features ('{DEFAULT_RUN}' when not given). Dataset and model flags are used only "
+            "with --checkpoint_weights (features computed in memory)."
         ),
     )
     add_data_args(parser)
@@ -137,9 +163,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     group = parser.add_argument_group("SS-k-means")
     group.add_argument(
         "--K",
-        type=int,
+        type=int_or_auto,
         default=None,
-        help="number of clusters (default: the number of identities stored in the features)",
+        help=(
+            f"number of clusters, or '{AUTO_K}' to estimate it first (see 'K estimation') (default: the number of "
+            "identities stored in the features)"
+        ),
     )
     group.add_argument(
         "--max_kmeans_iter",
@@ -187,7 +216,54 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         ),
     )
     group.add_argument(
-        "--no-plots", "--no_plots", dest="no_plots", action="store_true", help=f"skip the t-SNE figure {TSNE_FILE}"
+        "--no-plots",
+        "--no_plots",
+        dest="no_plots",
+        action="store_true",
+        help=f"skip the figures ({TSNE_FILE}, {K_ESTIMATION_FILE})",
+    )
+    group = parser.add_argument_group(
+        "K estimation",
+        f"used with --K {AUTO_K}: plain k-means of all training features per candidate K, scored on the labelled "
+        "images only (GCD's estimator); --max_kmeans_iter, --tol, --kmeans-init and --seed apply to each candidate",
+    )
+    group.add_argument(
+        "--k-search",
+        "--k_search",
+        dest="k_search",
+        default=SEARCHES[0],
+        choices=list(SEARCHES),
+        help=(
+            "brent: bounded Brent search on the rounded K, then a climb to the best neighbour (GCD's default); "
+            "binary: bisection on acc(K) vs acc(K + 1) at the midpoint, assuming a unimodal curve (default: brent)"
+        ),
+    )
+    group.add_argument(
+        "--min-classes",
+        "--min_classes",
+        dest="min_classes",
+        type=int,
+        default=None,
+        help="smallest candidate K, at least M (default: the number M of labelled classes)",
+    )
+    group.add_argument(
+        "--max-classes",
+        "--max_classes",
+        dest="max_classes",
+        type=int,
+        default=None,
+        help=(
+            "largest candidate K; give it when the number of identities is unknown (default: 2 x the number of "
+            "identities stored in the features, at most the number of training images)"
+        ),
+    )
+    group.add_argument(
+        "--k-estimation-init",
+        "--k_estimation_init",
+        dest="k_estimation_init",
+        type=int,
+        default=K_ESTIMATION_INIT,
+        help=f"k-means restarts per candidate K, seeded by --kmeans-init from --seed (default: {K_ESTIMATION_INIT})",
     )
     add_compat_args(parser)
     return parser
@@ -453,6 +529,101 @@ def cluster_train(
     return result, _gather_rows(result.labels, device)
 
 
+def k_search_bounds(args: argparse.Namespace, num_labelled_classes: int, true_k: int, num_rows: int) -> tuple[int, int]:
+    """The [min, max] candidate range of ``--K auto`` from ``--min-classes`` / ``--max-classes`` and their defaults.
+
+    Args:
+        args: the SSK arguments.
+        num_labelled_classes: M, the number of classes among the labelled training images.
+        true_k: the number of identities stored in the features (sets the default upper bound, 2 x true_k).
+        num_rows: the number of training images (K cannot exceed it).
+
+    Returns:
+        ``(min_k, max_k)``, inclusive.
+    """
+    if num_labelled_classes == 0:
+        raise SSKInputError(f"--K {AUTO_K} scores candidates on the labelled training images, and there are none")
+    min_k = num_labelled_classes if args.min_classes is None else args.min_classes
+    if min_k < num_labelled_classes:
+        raise SSKInputError(
+            f"--min-classes {min_k} is below the number of labelled classes M={num_labelled_classes}: with fewer "
+            "clusters than labelled classes the labelled accuracy cannot peak; need --min-classes >= M"
+        )
+    if args.max_classes is None:
+        max_k = min(2 * true_k, num_rows)
+    else:
+        max_k = args.max_classes
+        if max_k > num_rows:
+            raise SSKInputError(f"--max-classes {max_k} exceeds the number of training images ({num_rows})")
+    if max_k <= min_k:
+        source = "--max-classes" if args.max_classes is not None else f"the default 2 x {true_k} identities"
+        raise SSKInputError(
+            f"the K search range is empty: {source} gives {max_k}, which must exceed the smallest candidate "
+            f"{min_k} (--min-classes, default M={num_labelled_classes})"
+        )
+    return min_k, max_k
+
+
+def _check_k_flags(args: argparse.Namespace) -> None:
+    """Flags that only make sense with ``--K auto`` are refused without it, and ``--K auto`` needs a fit."""
+    if args.K != AUTO_K:
+        given = [
+            flag
+            for flag, value in (("--min-classes", args.min_classes), ("--max-classes", args.max_classes))
+            if value is not None
+        ]
+        if given:
+            raise SSKInputError(
+                f"{' and '.join(given)}: used only by --K {AUTO_K} (bounds of its search); give --K {AUTO_K} or drop "
+                f"{'them' if len(given) > 1 else 'it'}"
+            )
+        return
+    if args.ssk_mode == "test":
+        raise SSKInputError(
+            f"--K {AUTO_K} estimates K before a fit; --ssk_mode test starts from saved centres, whose K is fixed: "
+            "pass their --K"
+        )
+    if args.k_estimation_init < 1:
+        raise SSKInputError(f"--k-estimation-init {args.k_estimation_init}: need at least one restart per candidate")
+
+
+def _estimate_k(
+    args: argparse.Namespace, train: dict, num_labelled_classes: int, device: torch.device
+) -> tuple[KEstimate, dict]:
+    """Run the ``--K auto`` search on this rank's block of the training features.
+
+    Returns:
+        The estimate and its ``ssk_results.json`` entry (the estimate, the true K, restarts and seed).
+    """
+    true_k = int(train["meta"]["num_classes"])
+    min_k, max_k = k_search_bounds(args, num_labelled_classes, true_k, train["features"].shape[0])
+    logger.info(
+        "estimating K: %s search over [%d, %d], %d restart(s) per candidate",
+        args.k_search,
+        min_k,
+        max_k,
+        args.k_estimation_init,
+    )
+    rows = contiguous_shard(train["features"].shape[0])
+    estimate = estimate_k(
+        train["features"][rows],
+        train["labels"][rows],
+        train["labelled_mask"][rows],
+        max_k,
+        min_k,
+        search=args.k_search,
+        n_init=args.k_estimation_init,
+        max_iter=args.max_kmeans_iter,
+        tol=args.tol,
+        seed=args.seed,
+        init=args.kmeans_init,
+        device=device,
+    )
+    logger.info("estimated K=%d (true K=%d)", estimate.k, true_k)
+    entry = {**estimate.to_dict(), "true_K": true_k, "n_init": args.k_estimation_init, "seed": args.seed}
+    return estimate, entry
+
+
 def _format_acc(value: float | None) -> str:
     return "  n/a " if value is None else f"{value:.4f}"
 
@@ -485,6 +656,13 @@ def report(results: dict, protocol: Protocol) -> str:
             f"{prefix} {set_name} clustering: pairwise F {scores['pairwise_f']:.4f} | "
             f"BCubed F {scores['bcubed_f']:.4f} | NMI {scores['nmi']:.4f} | ARI {scores['ari']:.4f}"
         )
+    if K_ESTIMATION_KEY in results:
+        est = results[K_ESTIMATION_KEY]
+        accuracy = {point["K"]: point["labelled_acc"] for point in est["evaluated"]}
+        clustering_lines.append(
+            f"K estimation ({est['search']} over [{est['min_K']}, {est['max_K']}], {len(accuracy)} candidates): "
+            f"K = {est['K']} (labelled accuracy {accuracy[est['K']]:.4f}) | true K = {est['true_K']}"
+        )
     return "\n".join(lines + [""] + reference_lines + clustering_lines)
 
 
@@ -510,13 +688,19 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     """Load, cluster, score and (rank 0) write; returns the results dict."""
     start = time.perf_counter()
     protocol = Protocol(args.ssk_protocol)
+    _check_k_flags(args)
     out_dir = output_dir(args)
     logger.info("SSK run folder: %s", out_dir)
     splits, sources = load_features(args, device)
     train, test = splits["train"], splits["test"]
     meta = train["meta"]
-    k = args.K if args.K is not None else int(meta["num_classes"])
     num_labelled_classes = int(torch.unique(train["labels"][train["labelled_mask"]]).numel())
+    estimate = k_estimation = None
+    if args.K == AUTO_K:
+        estimate, k_estimation = _estimate_k(args, train, num_labelled_classes, device)
+        k = estimate.k
+    else:
+        k = args.K if args.K is not None else int(meta["num_classes"])
     if k < 1:
         raise SSKInputError(f"--K {k}: need at least one cluster")
     if protocol is Protocol.GCD and k < num_labelled_classes:
@@ -572,6 +756,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
             "unlabelled" if protocol is Protocol.GCD else "all",
         ),
         "test": _score(test["labels"], test_pred, test["known_mask"], "test"),
+        **({K_ESTIMATION_KEY: k_estimation} if k_estimation is not None else {}),
         "features": sources,
         "train_features_sha256": fingerprint["sha256"],
         "output_dir": str(out_dir),
@@ -603,6 +788,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
         from utils.plots import plot_tsne  # lazy: sklearn's t-SNE and matplotlib
 
         plot_tsne(test["features"], test["known_mask"], out_dir / TSNE_FILE, seed=args.seed)
+        if k_estimation is not None:
+            plot_k_estimation(estimate, out_dir / K_ESTIMATION_FILE, true_k=k_estimation["true_K"])
     logger.info("wrote %s, %s, %s to %s", RESULTS_FILE, PREDICTIONS_FILE, CENTRES_FILE, out_dir)
     return results
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Embeddings of every train and test image of a benchmark with a trained FaceGCD checkpoint.
+"""Embeddings of every train and test image of a benchmark with a trained FaceGCD or recognition checkpoint.
 
 Described in docs/method.md, section 10.
 
 Writes ``<save_dir>/<experiment>/features_{train,test}.pt`` (L2-normalised CLS features of the prefixed backbone,
-fixed evaluation prompt, rows in ``uq_idx`` order, no padded duplicates) and ``extraction.json``.
+fixed evaluation prompt; or the L2-normalised embeddings of a ``--method recognition`` checkpoint), rows in ``uq_idx``
+order, no padded duplicates, and ``extraction.json``.
 
     python extract_features.py --dataset synthfaces_tiny --checkpoint_weights output/train/run/model_best.pth.tar \
         --save_dir results --experiment run
@@ -19,10 +20,12 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from model.facegcd import ModelConfig, build_facegcd, load_facegcd_checkpoint
+from model.facegcd import build_facegcd, load_facegcd_checkpoint
+from model.recognition import checkpoint_method, recognizer_from_checkpoint
 from trainer.args import (
     add_checkpoint_data_args,
     add_compat_args,
@@ -101,8 +104,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, ModelConfig, dict]:
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, Any, dict]:
     """Build the model from ``--checkpoint_weights`` (its ``model_config`` wins over disagreeing flags).
+
+    A FaceGCD checkpoint gives the prefixed ViT's CLS features; a recognition checkpoint (``--method recognition``)
+    its L2-normalised embeddings.
 
     Returns:
         The model in eval mode, its config and a description of where it came from.
@@ -119,6 +125,17 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
             weights_only=weights_only,
         )
         return model.to(device).eval(), cli_config, {"checkpoint": None}
+    method, ckpt = checkpoint_method(args.checkpoint_weights, weights_only=weights_only)
+    if method == "recognition":
+        model = recognizer_from_checkpoint(ckpt, args.checkpoint_weights)
+        source = {"checkpoint": str(args.checkpoint_weights), "epoch": ckpt.get("epoch")}
+        if ckpt.get("data_config", {}).get("train_set") == "all":
+            logger.info(
+                "%s was trained on a whole identity set: the data flags choose the benchmark", args.checkpoint_weights
+            )
+        else:
+            source["data_config"] = ckpt.get("data_config")
+        return model.to(device).eval(), model.cfg, source
     model, ckpt = load_facegcd_checkpoint(
         args.checkpoint_weights,
         cli_config,

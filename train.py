@@ -17,22 +17,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from data_loader import DatasetError
-from model.facegcd import build_facegcd, load_facegcd_checkpoint
+from data_loader.recognition import RECOGNITION_SETS
 from trainer.args import (
+    ARCHS,
     add_compat_args,
     add_data_args,
     add_model_args,
+    add_recognition_args,
     add_runtime_args,
     image_size_from_args,
     log_ignored_flags,
-    model_config_from_args,
 )
-from trainer.data import check_same_data, data_config, epoch_seed, load_datasets, make_train_loader
-from trainer.engine import NonFiniteLossError, evaluate, train_one_epoch
-from trainer.optim import CosineWarmupScheduler, create_optimizer, resolve_lr
+from trainer.data import check_same_data, epoch_seed, make_train_loader
+from trainer.engine import NonFiniteLossError, evaluate, evaluate_verification, train_one_epoch
+from trainer.methods import MethodSetup, build_method
+from trainer.optim import SUPPORTED_SCHEDULERS, create_optimizer, create_scheduler, resolve_lr
 from trainer.precision import enable_cuda_tf32, resolve_precision
 from utils.checkpoint import CheckpointError, CheckpointSaver, capture_rng_state, load_checkpoint, restore_rng_state
 from utils.config import parse_args_with_config, save_args_yaml
@@ -51,6 +52,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", default="", help="YAML file whose keys set parser defaults")
     add_data_args(parser)
     add_model_args(parser)
+    add_recognition_args(parser)
     add_runtime_args(parser)
 
     group = parser.add_argument_group("Losses")
@@ -116,7 +118,23 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="warm-up start lr (default: 1e-5)",
     )
     group.add_argument("--min-lr", "--min_lr", dest="min_lr", type=float, default=0.0, help="cosine floor (default: 0)")
-    group.add_argument("--sched", default="cosine", choices=("cosine",), help="lr schedule (default: cosine)")
+    group.add_argument(
+        "--sched",
+        default="cosine",
+        choices=SUPPORTED_SCHEDULERS,
+        help="lr schedule after the warm-up: cosine to --min-lr, or step (x --decay-rate at each of "
+        "--decay-milestones) (default: cosine)",
+    )
+    group.add_argument(
+        "--decay-milestones",
+        type=int,
+        nargs="+",
+        default=[],
+        help="--sched step: epochs at which the lr is multiplied by --decay-rate (GB-CosFace: 5 10 15 20 of 24)",
+    )
+    group.add_argument(
+        "--decay-rate", type=float, default=0.1, help="--sched step: lr factor at each milestone (default: 0.1)"
+    )
     group.add_argument(
         "--grad-accum-steps",
         "--grad_accum_steps",
@@ -200,12 +218,23 @@ def _check_args(args: argparse.Namespace) -> None:
     """Reject flag combinations that cannot work, before anything expensive happens."""
     if args.not_contrastive:
         raise ValueError("--not-contrastive is not supported: the reference's non-contrastive trainer is broken")
+    if args.method == "facegcd" and args.arch not in ARCHS:
+        raise ValueError(f"--arch {args.arch} is a recognition backbone; FaceGCD needs one of {', '.join(ARCHS)}")
+    for target in args.val_targets:
+        if not (Path(target).is_dir() or (Path(target).suffix == ".bin" and Path(target).is_file())):
+            raise ValueError(f"--val-targets {target}: expected an existing .bin pair set or IJB folder")
+    if args.method == "facegcd" and args.dataset in RECOGNITION_SETS:
+        raise ValueError(f"--dataset {args.dataset} has no GCD split; it trains with --method recognition")
     for name in ("epochs", "batch_size", "grad_accum_steps", "val_interval", "log_interval"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0.0 < args.prop_train_labels <= 1.0:
         raise ValueError(f"--prop-train-labels must be in (0, 1], got {args.prop_train_labels}")
-    if args.grad_from_block > 0 and not (args.pretrained_weights or args.resume or args.initial_checkpoint):
+    if (
+        args.method == "facegcd"
+        and args.grad_from_block > 0
+        and not (args.pretrained_weights or args.resume or args.initial_checkpoint)
+    ):
         raise ValueError(
             f"--grad-from-block {args.grad_from_block} without --pretrained_weights would train the prefixes over a "
             "frozen random ViT (blocks 0..{} stay at their random initialisation); pass --pretrained_weights with DINO "
@@ -244,11 +273,63 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _selection_metric(results: dict, args: argparse.Namespace) -> float:
+def _selection_metric(results: dict, args: argparse.Namespace, epoch: int) -> float:
+    """First verification target's accuracy when there are targets, else the clustering selection accuracy, else
+    the epoch (nothing validated: the latest wins)."""
+    if results.get("verification"):
+        return float(next(iter(results["verification"].values()))["accuracy"])
+    if "combined" not in results:
+        return float(epoch)
     variant = args.eval_funcs[0]
     source = results["combined"] if args.select_on == "combined" else results["unlabelled"]
     value = source[variant]["all"]
     return float(value) if value is not None else 0.0
+
+
+def _validate(
+    model: torch.nn.Module, setup: MethodSetup, args: argparse.Namespace, device, precision, epoch: int, out_dir: Path
+) -> dict:
+    """Clustering validation on the method's GCD sets (when it has them) and verification on ``--val-targets``
+    (primary rank; IJB tables and ROC curves in ``<run>/verification/``), logged per set."""
+    results: dict = {}
+    if setup.eval_sets:
+        results = evaluate(
+            model,
+            setup.eval_sets,
+            num_classes=setup.num_classes,
+            num_known=setup.num_known,
+            device=device,
+            precision=precision,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            n_init=args.val_kmeans_init,
+            max_iter=args.val_kmeans_iter,
+            seed=args.seed,
+            eval_funcs=tuple(args.eval_funcs),
+        )
+        for set_name, per_variant in results.items():
+            for variant, entries in per_variant.items():
+                logger.info(
+                    "epoch %d %s %s: All %s | Old %s | New %s",
+                    epoch,
+                    set_name,
+                    variant,
+                    *(_fmt(entries[e]) for e in ("all", "old", "new")),
+                )
+    if args.val_targets and is_primary():
+        results["verification"] = evaluate_verification(
+            model,
+            args.val_targets,
+            image_size=image_size_from_args(args),
+            device=device,
+            precision=precision,
+            batch_size=args.batch_size,
+            output_dir=out_dir / "verification",
+            progress=not args.no_progress,
+        )
+        for target, scores in results["verification"].items():
+            logger.info("epoch %d %s: %s", epoch, target, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return results
 
 
 def _summary_row(epoch: int, train_stats: dict, results: dict | None, args: argparse.Namespace) -> dict:
@@ -257,7 +338,8 @@ def _summary_row(epoch: int, train_stats: dict, results: dict | None, args: argp
     Epochs without validation (`results` None) get empty accuracy cells.
     """
     variant = args.eval_funcs[0]
-    combined = results["combined"][variant] if results is not None else {}
+    results = results or {}
+    combined = results["combined"][variant] if "combined" in results else {}
     row = {
         "epoch": epoch,
         "train_loss": train_stats["loss"],
@@ -266,7 +348,11 @@ def _summary_row(epoch: int, train_stats: dict, results: dict | None, args: argp
         "eval_new_acc": combined.get("new"),
         "lr": train_stats["lr"],
     }
-    for set_name, per_variant in (results or {}).items():
+    for target, scores in results.get("verification", {}).items():
+        row.update({f"{target}_{key}": value for key, value in scores.items() if isinstance(value, float)})
+    for set_name, per_variant in results.items():
+        if set_name == "verification":
+            continue
         for var, entries in per_variant.items():
             for entry, value in entries.items():
                 row[f"{set_name}_{var}_{entry}"] = value
@@ -276,16 +362,20 @@ def _summary_row(epoch: int, train_stats: dict, results: dict | None, args: argp
 def _checkpoint_state(
     epoch, args, model_config, data_cfg, recorded, model, optimizer, scheduler, scaler, sampler
 ) -> dict:
-    """Everything ``--resume`` needs, as tensors and plain types (loads with ``weights_only=True``)."""
+    """Everything ``--resume`` needs, as tensors and plain types (loads with ``weights_only=True``).
+
+    A collective for model-parallel methods (their weights and optimiser state are gathered): call on every rank.
+    """
     return {
         "epoch": epoch,
         "arch": args.arch,
-        "state_dict": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "method": args.method,
+        "state_dict": model.checkpoint_state_dict(),
+        "optimizer": model.optimizer_state_dict(optimizer),
         "scheduler": scheduler.state_dict(),
         "amp_scaler": scaler.state_dict(),
         "args": vars(args),
-        "model_config": model_config.to_dict(),
+        "model_config": model_config,
         "data_config": data_cfg,
         "recorded": recorded,
         "metric": None,
@@ -302,11 +392,14 @@ def _resume(args, data_cfg, model, optimizer, scheduler, scaler, sampler, saver)
     data settings must equal the run's (same labelled subset).
     """
     ckpt = load_checkpoint(args.resume, weights_only=not args.unsafe_load)
+    stored_method = ckpt.get("method", "facegcd")
+    if stored_method != args.method:
+        raise CheckpointError(f"--resume {args.resume} is a --method {stored_method} run; this run is {args.method}")
     check_same_data(ckpt.get("data_config"), data_cfg, f"--resume {args.resume}")
-    model.load_state_dict(ckpt["state_dict"])
+    model.load_checkpoint_state_dict(ckpt["state_dict"])
     start_epoch = 0
     if not args.no_resume_opt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        model.load_optimizer_state_dict(optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["amp_scaler"])
         sampler.load_state_dict(ckpt["sampler"])
@@ -334,45 +427,17 @@ def main(args: argparse.Namespace) -> int:
         "device %s, world size %d, precision %s, output %s", device, get_world_size(), precision.describe(), out_dir
     )
 
-    # data
+    # method: model, data, sampler
     image_size = image_size_from_args(args)
-    datasets = load_datasets(args, image_size)
-    loader, sampler, loader_generator = make_train_loader(datasets, args, device)
-    data_cfg = data_config(args, datasets, image_size)
+    setup = build_method(args, image_size)
+    model_without_ddp = setup.model.to(device)
+    loader, loader_generator = make_train_loader(setup.train_set, setup.sampler, args, device)
+    sampler, data_cfg = setup.sampler, setup.data_config
     recorded = precision.to_dict()  # what this run determined, stored in args.yaml and the checkpoints
-    eval_sets = {"unlabelled": datasets.unlabelled_eval, "test": datasets.test_eval}
-    logger.info(
-        "%s: %d classes (%d known), %d labelled + %d unlabelled training images, %d test images",
-        args.dataset,
-        datasets.num_classes,
-        datasets.num_known,
-        int(datasets.labelled_mask.sum()),
-        len(datasets.unlabelled_eval),
-        len(datasets.test_eval),
-    )
-
-    # model
-    model_config = model_config_from_args(args)
-    model = build_facegcd(
-        model_config,
-        pretrained_weights=args.pretrained_weights,
-        checkpoint_key=args.checkpoint_key,
-        weights_only=not args.unsafe_load,
-    ).to(device)
+    logger.info("%s (--method %s)", setup.description, args.method)
     if args.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    if args.initial_checkpoint:
-        load_facegcd_checkpoint(
-            args.initial_checkpoint,
-            model,
-            pretrained_weights=args.pretrained_weights,
-            weights_only=not args.unsafe_load,
-        )
-    model_without_ddp = model
-    if get_world_size() > 1:
-        model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=not args.no_ddp_bb
-        )
+        model_without_ddp.set_grad_checkpointing(True)
+    model = model_without_ddp.prepare_for_distributed_training(device, broadcast_buffers=not args.no_ddp_bb)
 
     # optimiser and schedule
     global_batch = args.batch_size * get_world_size() * args.grad_accum_steps
@@ -384,13 +449,16 @@ def main(args: argparse.Namespace) -> int:
         momentum=args.momentum,
         weight_decay=args.weight_decay,
     )
-    scheduler = CosineWarmupScheduler(
+    scheduler = create_scheduler(
+        args.sched,
         optimizer,
         base_lr=lr,
         epochs=args.epochs,
         warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr,
         min_lr=args.min_lr,
+        milestones=args.decay_milestones,
+        decay_rate=args.decay_rate,
     )
     scaler = precision.grad_scaler()
     saver = CheckpointSaver(out_dir, max_history=args.checkpoint_hist) if is_primary() else None
@@ -454,44 +522,32 @@ def main(args: argparse.Namespace) -> int:
             cleanup()
             return 2
         elapsed = time.perf_counter() - start
-        train_stats["throughput"] = len(loader) * args.batch_size * get_world_size() * 2 / max(elapsed, 1e-9)
+        views = 2 if args.method == "facegcd" else 1
+        train_stats["throughput"] = len(loader) * args.batch_size * get_world_size() * views / max(elapsed, 1e-9)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
 
         # validate
         results = None
         if (epoch + 1) % args.val_interval == 0 or epoch + 1 == args.epochs:
-            results = evaluate(
-                model_without_ddp,
-                eval_sets,
-                num_classes=datasets.num_classes,
-                num_known=datasets.num_known,
-                device=device,
-                precision=precision,
-                batch_size=args.batch_size,
-                num_workers=args.workers,
-                n_init=args.val_kmeans_init,
-                max_iter=args.val_kmeans_iter,
-                seed=args.seed,
-                eval_funcs=tuple(args.eval_funcs),
-            )
+            results = _validate(model_without_ddp, setup, args, device, precision, epoch, out_dir)
             record["eval"] = results
-            for set_name, per_variant in results.items():
-                for variant, entries in per_variant.items():
-                    logger.info(
-                        "epoch %d %s %s: All %s | Old %s | New %s",
-                        epoch,
-                        set_name,
-                        variant,
-                        *(_fmt(entries[e]) for e in ("all", "old", "new")),
-                    )
 
         # checkpointing and logging
+        state = _checkpoint_state(
+            epoch,
+            args,
+            setup.model_config,
+            data_cfg,
+            recorded,
+            model_without_ddp,
+            optimizer,
+            scheduler,
+            scaler,
+            sampler,
+        )
         if is_primary():
-            state = _checkpoint_state(
-                epoch, args, model_config, data_cfg, recorded, model_without_ddp, optimizer, scheduler, scaler, sampler
-            )
             if results is not None:
-                metric = _selection_metric(results, args) if args.checkpoint_select == "best" else float(epoch)
+                metric = _selection_metric(results, args, epoch) if args.checkpoint_select == "best" else float(epoch)
                 state["metric"] = metric
                 saver.save_checkpoint(state, epoch, metric)
             row = _summary_row(epoch, train_stats, results, args)

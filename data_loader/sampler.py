@@ -1,7 +1,8 @@
-"""Balanced labelled/unlabelled training sampler (docs/method.md, section 4).
+"""Training samplers: balanced labelled/unlabelled (FaceGCD, docs/method.md, section 4) and plain shuffling.
 
-Weighted sampling with replacement over D_L ++ D_U: weight 1 per labelled item and |D_L|/|D_U| per unlabelled item,
-so half of each batch is labelled in expectation, with |D_L| + |D_U| draws per epoch.
+``BalancedSampler``: weighted sampling with replacement over D_L ++ D_U: weight 1 per labelled item and |D_L|/|D_U|
+per unlabelled item, so half of each batch is labelled in expectation, with |D_L| + |D_U| draws per epoch.
+``ShuffleSampler``: one shared permutation per epoch, strided over the ranks.
 
 - ``mode="distributed"`` (default): one global stream per epoch from a generator seeded with (seed, epoch),
   identical on all ranks; rank r takes positions r, r+W, r+2W, ... of it, truncated to floor(len/W) per rank, so
@@ -104,5 +105,52 @@ class BalancedSampler(Sampler[int]):
         """Restore ``epoch`` and ``seed`` saved by :meth:`state_dict`."""
         if state.get("mode", self.mode) != self.mode:
             logger.warning("resuming sampler saved in mode %s with mode %s", state["mode"], self.mode)
+        self.epoch = int(state["epoch"])
+        self.seed = int(state["seed"])
+
+
+class ShuffleSampler(Sampler[int]):
+    """One permutation of the whole set per epoch, shared by the ranks: rank r takes positions r, r+W, ...
+
+    The permutation depends on (seed, epoch) only, so a resumed run draws the same batches; every rank gets
+    floor(n / W) items, so all ranks run the same number of steps (the recognition loader).
+
+    Args:
+        num_items: size of the training set.
+        seed: base seed.
+        num_replicas: world size W (default ``utils.distributed.get_world_size()``).
+        rank: this process's rank (default ``utils.distributed.get_rank()``).
+    """
+
+    def __init__(self, num_items: int, *, seed: int = 0, num_replicas: int | None = None, rank: int | None = None):
+        self.num_replicas = get_world_size() if num_replicas is None else int(num_replicas)
+        self.rank = get_rank() if rank is None else int(rank)
+        if self.num_replicas < 1 or not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} is not valid for num_replicas {self.num_replicas}")
+        if num_items < self.num_replicas:
+            raise ValueError(f"{num_items} training items cannot be shared by {self.num_replicas} ranks")
+        self.total = int(num_items)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.total // self.num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator()
+        generator.manual_seed((self.seed * _EPOCH_STRIDE + self.epoch) % (2**63))
+        order = torch.randperm(self.total, generator=generator)[: len(self) * self.num_replicas]
+        return iter(order[self.rank :: self.num_replicas].tolist())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        """Returns: the state needed to resume (epoch, seed)."""
+        return {"epoch": self.epoch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved."""
         self.epoch = int(state["epoch"])
         self.seed = int(state["seed"])

@@ -1,6 +1,7 @@
 """FaceGCD model package: prefix-aware timm ViT, conditioning pass, HyperNetwork prefix generator, DINO head, losses.
 
-Importing the package registers the `vit_tiny`, `vit_small` and `vit_base` entrypoints with timm.
+Importing the package registers the `vit_tiny`, `vit_small` and `vit_base` entrypoints and the IResNets
+(`iresnet18/34/50/100`) with timm.
 """
 
 from model.timm_version import check_timm_version
@@ -10,6 +11,7 @@ check_timm_version()  # before any timm import: a clear message instead of an Im
 from model.conditioner import FrozenConditioner  # noqa: E402
 from model.facegcd import FaceGCD, ModelConfig, build_facegcd, infer_model_config  # noqa: E402
 from model.head import DINOHead, WeightNormLinear  # noqa: E402
+from model.iresnet import IResNet  # noqa: E402
 from model.losses import gcd_loss, info_nce_loss, supcon_loss  # noqa: E402
 from model.prefix_attention import PrefixAttention, PrefixBlock  # noqa: E402
 from model.prefix_generator import PrefixGenerator, PrefixHyperNet  # noqa: E402
@@ -26,6 +28,7 @@ __all__ = [
     "DINOHead",
     "FaceGCD",
     "FrozenConditioner",
+    "IResNet",
     "ModelConfig",
     "PrefixAttention",
     "PrefixBlock",

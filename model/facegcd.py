@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from model.conditioner import FrozenConditioner
 from model.head import DINOHead
+from model.meta_arch import MetaArch
 from model.losses import gcd_loss
 from model.prefix_generator import EVAL_PROMPTS, INITIALIZERS, PrefixGenerator
 from model.vit import BACKBONE_ARCHS, PrefixViT, create_backbone, load_pretrained_backbone
@@ -135,7 +136,7 @@ class ModelConfig:
         return max(self.grad_from_block, 0)
 
 
-class FaceGCD(nn.Module):
+class FaceGCD(MetaArch):
     """FaceGCD model: `backbone` (PrefixViT with `backbone.prefix_generator`), `conditioner`, `projection_head`.
 
     Training: images (2B, 3, S, S) -> token embedding (once) -> frozen conditioning pass (no grad) -> prefixes ->
@@ -257,12 +258,12 @@ class FaceGCD(nn.Module):
             labelled_mask: (B,) bool, True for labelled samples.
 
         Returns:
-            {"loss", "loss_unsup", "loss_sup", "has_labelled"}.
+            {"loss", "loss_unsup", "loss_sup", "has_labelled", "labelled_fraction"}.
         """
         if images.shape[0] != 2 * labels.shape[0]:
             raise ValueError(f"expected 2B images for B = {labels.shape[0]} labels, got {images.shape[0]}")
         cfg = self.cfg
-        return gcd_loss(
+        losses = gcd_loss(
             self.project(images),
             labels,
             labelled_mask,
@@ -271,6 +272,14 @@ class FaceGCD(nn.Module):
             sup_con_temperature=cfg.sup_con_temperature,
             contrast_unlabel_only=cfg.contrast_unlabel_only,
         )
+        losses["labelled_fraction"] = labelled_mask.float().mean()
+        return losses
+
+    def batch_inputs(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``(views, label, uq_idx, is_labelled)`` -> ``(images (2B, ...), labels, labelled_mask)`` on ``device``."""
+        views, labels, _, is_labelled = batch
+        images = torch.cat(views, dim=0).to(device, non_blocking=True)
+        return images, labels.to(device, non_blocking=True), is_labelled.to(device, non_blocking=True).bool()
 
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Named parameters that require gradients.

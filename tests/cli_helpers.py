@@ -1,9 +1,11 @@
 """Helpers for tests that run the top-level scripts as real subprocesses (plain python or torchrun)."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,3 +59,19 @@ def run_cli(script: str, args: list[str], nproc: int = 1, check: bool = True, ti
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def kill_when_written(script: str, args: list[str], path, timeout: float = 300.0) -> None:
+    """Start ``script`` and SIGKILL it as soon as ``path`` exists (or it exits, or ``timeout`` passes)."""
+    proc = subprocess.Popen(
+        script_command(script, args),
+        cwd=ROOT,
+        env=script_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + timeout
+    while not os.path.exists(path) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import SSK
 from utils import report
@@ -264,6 +265,12 @@ def test_bare_tensor_centres_are_used_with_a_warning_only_when_their_shape_fits(
         ("width", "feature widths differ"),
         ("corrupt", "cannot read features file"),
         ("run_name", "--experiment '../up': SSK run name '../up' must be one plain folder name"),
+        ("auto_empty_range", "the K search range is empty: --max-classes gives 4, which must exceed the smallest"),
+        ("auto_min_below_m", "--min-classes 3 is below the number of labelled classes M=4"),
+        ("auto_max_rows", "--max-classes 241 exceeds the number of training images (240)"),
+        ("auto_no_labelled", "--K auto scores candidates on the labelled training images, and there are none"),
+        ("auto_test_mode", "--K auto estimates K before a fit; --ssk_mode test starts from saved centres"),
+        ("bounds_without_auto", "--min-classes and --max-classes: used only by --K auto (bounds of its search)"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, caplog, case, match):
@@ -273,18 +280,80 @@ def test_bad_input_is_one_clear_error(tmp_path, caplog, case, match):
         "lengths": {"train": {"labels": train["labels"][:-1]}},
         "nan": {"train": {"features": train["features"].clone().index_fill_(0, torch.tensor([3]), float("nan"))}},
         "width": {"test": {"features": torch.zeros(80, DIM + 1)}},
+        "auto_no_labelled": {"train": {"labelled_mask": torch.zeros(240, dtype=torch.bool)}},
     }
     if case != "missing":
         write_features(tmp_path, **overrides.get(case, {}))
     if case == "corrupt":
         (tmp_path / "feats" / "features_test.pt").write_bytes(b"not a torch file")
-    argv += {"small_k": ["--K", "2"], "no_centres": ["--ssk_mode", "test"], "run_name": ["--experiment", "../up"]}.get(
-        case, []
-    )
+    auto = ["--K", "auto"]
+    argv += {
+        "small_k": ["--K", "2"],
+        "no_centres": ["--ssk_mode", "test"],
+        "run_name": ["--experiment", "../up"],
+        "auto_empty_range": [*auto, "--max-classes", "4"],
+        "auto_min_below_m": [*auto, "--min-classes", "3"],
+        "auto_max_rows": [*auto, "--max-classes", "241"],
+        "auto_no_labelled": auto,
+        "auto_test_mode": [*auto, "--ssk_mode", "test"],
+        "bounds_without_auto": ["--min-classes", "5", "--max-classes", "12"],
+    }.get(case, [])
     assert SSK.main(parse(*argv)) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and match in errors[0]
     assert not list(tmp_path.rglob(SSK.RESULTS_FILE))
+
+
+def test_k_auto_estimates_k_then_clusters_with_it(tmp_path, capsys):
+    """GCD's estimator over the default range [M, 2 x stored identities] = [4, 16] finds the 8 separated classes."""
+    write_features(tmp_path)
+    argv = ("--save_dir", str(tmp_path), "--experiment_idx", "feats", "--K", "auto")
+    assert SSK.main(parse(*argv)) == 0
+    out = run_dir(tmp_path)
+    results = read_results(out)
+    est = results[SSK.K_ESTIMATION_KEY]
+    assert (est["search"], est["min_K"], est["max_K"], est["true_K"]) == ("brent", NUM_KNOWN, 2 * NUM_CLASSES, 8)
+    assert (est["n_init"], est["seed"]) == (SSK.K_ESTIMATION_INIT, results["seed"])
+    assert est["num_labelled"] == int(make_split("train", 30, 1)["labelled_mask"].sum())
+    accuracy = {point["K"]: point["labelled_acc"] for point in est["evaluated"]}
+    assert len(accuracy) == len(est["evaluated"]) and all(NUM_KNOWN <= k <= 2 * NUM_CLASSES for k in accuracy)
+    assert est["K"] == NUM_CLASSES and accuracy[NUM_CLASSES] == 1.0 and max(accuracy.values()) == 1.0
+    assert results["K"] == NUM_CLASSES and load_centres(out)["K"] == NUM_CLASSES
+    assert results["train"]["v2"]["all"] == 1.0
+    printed = capsys.readouterr().out
+    assert (
+        f"K estimation (brent over [4, 16], {len(accuracy)} candidates): K = 8 (labelled accuracy 1.0000) | true K = 8"
+    ) in printed
+    with Image.open(out / SSK.K_ESTIMATION_FILE) as img:
+        assert img.format == "PNG"
+    assert (out / SSK.TSNE_FILE).stat().st_size > 0
+
+
+def test_k_auto_search_stays_within_the_given_bounds(tmp_path):
+    """A range that excludes the true K: the binary search picks the best K inside it and SSK clusters with that K."""
+    write_features(tmp_path)
+    argv = ("--save_dir", str(tmp_path), "--experiment_idx", "feats", "--no-plots", "--K", "auto")
+    assert SSK.main(parse(*argv, "--k-search", "binary", "--min-classes", "9", "--max-classes", "12")) == 0
+    out = run_dir(tmp_path)
+    results = read_results(out)
+    est = results[SSK.K_ESTIMATION_KEY]
+    accuracy = {point["K"]: point["labelled_acc"] for point in est["evaluated"]}
+    assert (est["search"], est["min_K"], est["max_K"], est["true_K"]) == ("binary", 9, 12, NUM_CLASSES)
+    assert set(accuracy) <= set(range(9, 13)) and est["K"] in accuracy
+    assert accuracy[est["K"]] == max(accuracy.values())
+    assert results["K"] == est["K"] and load_centres(out)["centres"].shape == (est["K"], DIM)
+    preds = torch.load(out / SSK.PREDICTIONS_FILE, weights_only=True)
+    assert int(preds["cluster"].max()) < est["K"]
+    assert not (out / SSK.K_ESTIMATION_FILE).exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many", "2.5"])
+def test_k_flag_takes_a_positive_integer_or_auto(value, capsys):
+    assert SSK.get_args_parser().parse_args(["--K", "AUTO"]).K == "auto"
+    assert SSK.get_args_parser().parse_args(["--K", "12"]).K == 12
+    with pytest.raises(SystemExit):
+        SSK.get_args_parser().parse_args(["--K", value])
+    assert f"expected a positive integer or 'auto', got '{value}'" in capsys.readouterr().err
 
 
 def test_missing_features_are_computed_with_checkpoint(tmp_path, monkeypatch):
@@ -383,3 +452,29 @@ def test_torchrun_matches_single_process(tmp_path):
     c_single, c_dist = load_centres(run_dir(tmp_path, run="single")), load_centres(run_dir(tmp_path, run="dist"))
     assert c_single["features"] == c_dist["features"]
     assert torch.allclose(c_single["centres"], c_dist["centres"], atol=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_torchrun_k_auto_matches_single_process(tmp_path):
+    """Sharded estimation: the labelled predictions are gathered, so both ranks walk the same candidates."""
+    write_features(tmp_path)
+    common = ["--save_dir", str(tmp_path), "--experiment_idx", "feats", "--device", "cpu", "--no-plots", "--K", "auto"]
+    common += ["--k-search", "binary", "--k-estimation-init", "2", "--k_means_init", "2"]
+    assert SSK.main(SSK.get_args_parser().parse_args([*common, "--experiment", "single"])) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    proc = subprocess.run(
+        [*cmd, "SSK.py", *common, "--experiment", "dist"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, dist = read_results(run_dir(tmp_path, run="single")), read_results(run_dir(tmp_path, run="dist"))
+    assert dist["world_size"] == 2
+    assert dist[SSK.K_ESTIMATION_KEY]["evaluated"] == single[SSK.K_ESTIMATION_KEY]["evaluated"]
+    assert dist["K"] == single["K"] == single[SSK.K_ESTIMATION_KEY]["K"]
+    assert dist["train"] == single["train"] and dist["test"] == single["test"]

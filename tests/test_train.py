@@ -6,16 +6,12 @@ import json
 import logging
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from cli_helpers import ROOT, TINY_MODEL_ARGS, script_env
+from cli_helpers import TINY_MODEL_ARGS, kill_when_written
 
 
 def _train_args(data: str, out: Path, experiment: str, *extra: str) -> list[str]:
@@ -85,19 +81,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_faces, tmp_pat
 
     # the same run, killed as soon as its first epoch is on disk, then resumed from last.pth.tar
     args = _train_args(tiny_faces, tmp_path, "cut", *epochs)
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(ROOT) / "train.py"), *args],
-        cwd=ROOT,
-        env=script_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     last = tmp_path / "cut" / "last.pth.tar"
-    deadline = time.time() + 300
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written("train.py", args, last)
     stopped_at = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
     assert stopped_at < 3, "the run finished before it could be interrupted"
     run_script("train.py", args + ["--resume", str(last)])

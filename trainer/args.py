@@ -14,6 +14,8 @@ from model.facegcd import ModelConfig
 logger = logging.getLogger(__name__)
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base")
+RECOGNITION_ARCHS = ARCHS + ("iresnet18", "iresnet34", "iresnet50", "iresnet100")
+METHODS = ("facegcd", "recognition")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +102,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Backbone, prefix generator and head flags (docs/method.md, section 5)."""
     group = parser.add_argument_group("Model")
     group.add_argument(
-        "--arch", "--model", dest="arch", default="vit_base", choices=ARCHS, help="ViT variant (default: %(default)s)"
+        "--arch",
+        "--model",
+        dest="arch",
+        default="vit_base",
+        choices=RECOGNITION_ARCHS,
+        help="backbone: a ViT variant; IResNets with --method recognition only (default: %(default)s)",
     )
     group.add_argument(
         "--patch_size",
@@ -187,6 +194,59 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="key of the state dict inside a DINO checkpoint (default: teacher)",
     )
     group.add_argument("--grad-checkpointing", action="store_true", help="per-block activation checkpointing")
+
+
+def _head_arg(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--head-args expects NAME=NUMBER items such as s=64 or m2=0.5, got {text!r}")
+
+
+def add_recognition_args(parser: argparse.ArgumentParser) -> None:
+    """The training method and the margin-softmax recognition flags (docs/recognition.md)."""
+    group = parser.add_argument_group("Method")
+    group.add_argument(
+        "--method",
+        choices=METHODS,
+        default="facegcd",
+        help="facegcd (prefix-tuned ViT, GCD losses) or recognition (margin-softmax identity classification on the "
+        "labelled identities: the ArcFace baseline, or a whole --dataset recognition_folders/recognition_recordio "
+        "set) (default: facegcd)",
+    )
+    group = parser.add_argument_group("Recognition (--method recognition)")
+    group.add_argument(
+        "--head",
+        choices=("arcface", "cosface", "sphereface", "combined", "adaface", "gbcosface"),
+        default="arcface",
+        help="margin head (default: arcface)",
+    )
+    group.add_argument(
+        "--head-args",
+        nargs="*",
+        type=_head_arg,
+        default=[],
+        metavar="NAME=VALUE",
+        help="overrides of the head's defaults, e.g. s=64 m2=0.5 (names: the head class's arguments)",
+    )
+    group.add_argument(
+        "--sample-rate",
+        type=float,
+        default=1.0,
+        help="Partial FC: fraction of each rank's class centres in the softmax, positives always kept (default: 1)",
+    )
+    group.add_argument("--embedding-size", type=int, default=512, help="embedding dimension (default: 512)")
+    group.add_argument("--dropout", type=float, default=0.0, help="IResNet dropout before the feature layer")
+    group.add_argument(
+        "--val-targets",
+        nargs="*",
+        default=[],
+        help="verification sets validated with the clustering: insightface .bin pair sets (lfw.bin, ...) and IJB "
+        "folders (holding meta/ and loose_crop/)",
+    )
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:

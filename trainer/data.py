@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader
 
 from data_loader import build_gcd_datasets, get_spec
 from data_loader.datasets import GCDDatasets
-from data_loader.sampler import BalancedSampler
 from utils.distributed import barrier, get_rank, is_primary
 
 logger = logging.getLogger(__name__)
@@ -199,16 +198,13 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
 
 
 def make_train_loader(
-    datasets: GCDDatasets, args: argparse.Namespace, device: torch.device
-) -> tuple[DataLoader, BalancedSampler, torch.Generator]:
-    """The balanced, distributed training loader (``drop_last=True``).
+    dataset: torch.utils.data.Dataset, sampler: torch.utils.data.Sampler, args: argparse.Namespace, device: torch.device
+) -> tuple[DataLoader, torch.Generator]:
+    """The distributed training loader of a method's dataset and sampler (``drop_last=True``).
 
     Returns:
-        The loader, its sampler (call ``set_epoch``) and the generator that seeds its workers (reseed per epoch).
+        The loader and the generator that seeds its workers (reseed per epoch).
     """
-    labelled = torch.zeros(len(datasets.train), dtype=torch.bool)
-    labelled[: int(datasets.labelled_mask.sum())] = True
-    sampler = BalancedSampler(labelled, seed=args.seed, mode=args.sampler)
     generator = torch.Generator()
     generator.manual_seed(epoch_seed(args.seed, get_rank(), 0))
     if len(sampler) < args.batch_size:
@@ -217,7 +213,7 @@ def make_train_loader(
             f"from {args.dataset}; lower --batch-size"
         )
     loader = DataLoader(
-        datasets.train,
+        dataset,
         batch_size=args.batch_size,
         sampler=sampler,
         num_workers=args.workers,
@@ -226,4 +222,4 @@ def make_train_loader(
         generator=generator,
         persistent_workers=False,
     )
-    return loader, sampler, generator
+    return loader, generator

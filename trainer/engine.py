@@ -5,18 +5,23 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from data_loader.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_size
 from trainer.features import embed_dataset
 from trainer.precision import Precision
 from utils.distributed import all_gather_variable, is_primary
 from utils.kmeans import kmeans
 from utils.logging import MetricLogger, SmoothedValue
 from utils.evaluation.clustering import evaluate_clustering
+from utils.evaluation.ijb import DEFAULT_MODE, evaluate_ijb, ijb_name
+from utils.evaluation.pair_sets import evaluate_pair_set
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +45,18 @@ def train_one_epoch(
     save_images_dir: Path | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Train ``model`` (a ``FaceGCD``, possibly DDP-wrapped) for one pass over ``loader``.
+    """Train one pass over ``loader`` for any method (``model.meta_arch.MetaArch``).
 
     Args:
-        model: module whose forward returns the loss dict of ``FaceGCD.forward``.
-        loader: yields ``(views, label, uq_idx, is_labelled)`` with ``views`` a list of two (B, 3, S, S) batches.
+        model: the module ``prepare_for_distributed_training`` returned (the method, or DDP around it); its forward
+            takes the method's ``batch_inputs`` and returns a dict of scalars with ``loss``.
+        loader: the method's training loader.
         optimizer: optimiser over the trainable parameters.
         scaler: GradScaler (disabled unless float16 on CUDA).
         precision: autocast settings.
         epoch: 0-based epoch, for messages.
         device: compute device.
-        grad_accum_steps: micro-batches per optimiser step (DDP ``no_sync`` on all but the last of each group).
+        grad_accum_steps: micro-batches per optimiser step (``no_sync`` on all but the last of each group).
             When ``len(loader)`` is not a multiple of it, the epoch's last, shorter group still takes its optimiser
             step, with each loss divided by that group's size, so every step uses the mean gradient over the
             micro-batches it holds and DDP synchronises on the epoch's last micro-batch.
@@ -60,10 +66,12 @@ def train_one_epoch(
         progress: show a progress bar on the primary rank.
 
     Returns:
-        Epoch averages (``loss``, ``loss_unsup``, ``loss_sup``, ``labelled_fraction``, ``no_labelled_batches``).
+        Epoch averages of ``loss`` and of the method's other scalars, ``lr``, and ``no_labelled_batches`` for
+        methods that report ``has_labelled``.
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps (--grad-accum-steps) must be >= 1, got {grad_accum_steps}")
+    method = model.module if isinstance(model, DistributedDataParallel) else model
     num_steps = len(loader)  # the epoch's last accumulation group may be shorter; it still steps
     model.train()
     metric_logger = MetricLogger(delimiter="  ")
@@ -71,28 +79,21 @@ def train_one_epoch(
     header = f"Epoch: [{epoch}]"
     optimizer.zero_grad(set_to_none=True)
     batches = no_labelled_batches = 0
-    for step, (views, labels, _, is_labelled) in enumerate(
-        metric_logger.log_every(loader, log_interval, header, progress=progress)
-    ):
+    reports_labelled = False
+    for step, batch in enumerate(metric_logger.log_every(loader, log_interval, header, progress=progress)):
         if step >= num_steps:
             raise RuntimeError(f"the training loader yielded more batches than its len() of {num_steps}")
-        images = torch.cat(views, dim=0).to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        is_labelled = is_labelled.to(device, non_blocking=True).bool()
+        inputs = method.batch_inputs(batch, device)
         if save_images_dir is not None and step % log_interval == 0 and is_primary():
-            _save_input_grid(images, save_images_dir / f"train-batch-{step}.jpg")
+            _save_input_grid(inputs[0], save_images_dir / f"train-batch-{step}.jpg")
 
         group_start = step - step % grad_accum_steps
         group_size = min(grad_accum_steps, num_steps - group_start)
         final_micro_step = step + 1 == group_start + group_size
-        sync_ctx = (
-            model.no_sync()
-            if isinstance(model, DistributedDataParallel) and not final_micro_step
-            else contextlib.nullcontext()
-        )
+        sync_ctx = contextlib.nullcontext() if final_micro_step else model.no_sync()
         with sync_ctx:
             with precision.autocast():
-                losses = model(images, labels, is_labelled)
+                losses = model(*inputs)
             loss = losses["loss"]
             loss_value = loss.item()
             if not torch.isfinite(loss):
@@ -112,15 +113,11 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
 
         batches += 1
-        has_labelled = bool(losses["has_labelled"])
-        no_labelled_batches += int(not has_labelled)
-        metric_logger.update(
-            loss=loss_value,
-            loss_unsup=float(losses["loss_unsup"]),
-            loss_sup=float(losses["loss_sup"]),
-            labelled_fraction=float(is_labelled.float().mean()),
-            lr=optimizer.param_groups[0]["lr"],
-        )
+        if "has_labelled" in losses:
+            reports_labelled = True
+            no_labelled_batches += int(not bool(losses["has_labelled"]))
+        scalars = {k: float(v) for k, v in losses.items() if k not in ("loss", "has_labelled")}
+        metric_logger.update(loss=loss_value, lr=optimizer.param_groups[0]["lr"], **scalars)
     if batches != num_steps:
         raise RuntimeError(
             f"the training loader yielded {batches} batches but its len() is {num_steps}; the last gradient "
@@ -128,7 +125,8 @@ def train_one_epoch(
         )
     metric_logger.synchronize_between_processes()
     stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
-    stats["no_labelled_batches"] = float(no_labelled_batches)
+    if reports_labelled:
+        stats["no_labelled_batches"] = float(no_labelled_batches)
     if no_labelled_batches:
         logger.info("epoch %d: %d batches had no labelled sample (SupCon term skipped)", epoch, no_labelled_batches)
     return stats
@@ -218,3 +216,62 @@ def _mean_over_sets(
             values = [r[variant][entry] for r in results.values() if r[variant][entry] is not None]
             combined[variant][entry] = sum(values) / len(values) if values else None
     return combined
+
+
+def uint8_embedder(
+    model: nn.Module, image_size: int, device: torch.device, precision: Precision
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The verification protocols' ``embed``: (B, 3, H, W) uint8 RGB -> the model's unnormalised features.
+
+    Images pass the evaluation preset of ``data_loader.transforms`` (resize to int(S / 0.875) bicubic, centre crop S,
+    ImageNet normalisation), as tensors, so a model sees aligned faces as it saw its validation images.
+    """
+    resize, mean, std = resize_size(image_size), IMAGENET_MEAN, IMAGENET_STD
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    top = (resize - image_size) // 2
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        x = images.to(device, non_blocking=True).float().div_(255.0)
+        x = F.interpolate(x, size=(resize, resize), mode="bicubic", align_corners=False, antialias=True)
+        x = (x[..., top : top + image_size, top : top + image_size].clamp_(0.0, 1.0) - mean_t) / std_t
+        with torch.no_grad(), precision.autocast():
+            return model.forward_features(x).float()
+
+    return embed
+
+
+def evaluate_verification(
+    model: nn.Module,
+    targets: list[str],
+    *,
+    image_size: int,
+    device: torch.device,
+    precision: Precision,
+    batch_size: int = 64,
+    output_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Face verification on each target: ``.bin`` pair sets (10-fold accuracy) and IJB folders (TAR@FAR).
+
+    Returns:
+        ``{target name: scores}``; every entry has ``accuracy`` (pair sets: mean 10-fold accuracy; IJB: TAR at
+        FAR 1e-4 of the default N1D1F1 mode, the figure IJB papers lead with).
+    """
+    was_training = model.training
+    model.eval()
+    embed = uint8_embedder(model, image_size, device, precision)
+    results: dict[str, dict[str, float]] = {}
+    for target in targets:
+        path = Path(target)
+        if path.suffix == ".bin":
+            scores = evaluate_pair_set(path, embed, batch_size=batch_size, progress=progress).to_dict()
+            results[path.stem] = {k: scores[k] for k in ("accuracy", "accuracy_std", "threshold", "val", "far")}
+        else:
+            name = ijb_name(path)
+            ijb = evaluate_ijb(path, name, embed, output_dir=output_dir, batch_size=batch_size, progress=progress)
+            tars = ijb.to_dict()["tar_at_far"][DEFAULT_MODE]
+            results[name] = {"accuracy": float(ijb.tar_at_far[DEFAULT_MODE][1e-4]), "auc": float(ijb.auc[DEFAULT_MODE])}
+            results[name].update({f"tar@{far}": float(tar) for far, tar in tars.items()})
+    model.train(was_training)
+    return results

@@ -1,16 +1,18 @@
-"""Optimiser, learning-rate scaling rule and the per-epoch cosine schedule with linear warm-up.
+"""Optimiser, learning-rate scaling rule and the per-epoch schedules (cosine or step) with linear warm-up.
 
 Described in docs/method.md, section 7.
 
 References: timm ``timm/optim/_optim_factory.py`` (``sgd`` = Nesterov SGD), timm ``train.py`` (``--lr-base``
-scaling), timm ``timm/scheduler/cosine_lr.py`` (cosine with warm-up, ``warmup_prefix=False``).
+scaling), timm ``timm/scheduler/cosine_lr.py`` (cosine with warm-up, ``warmup_prefix=False``), PyTorch
+``torch.optim.lr_scheduler.MultiStepLR`` (milestone semantics of the step schedule).
 """
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -115,20 +117,20 @@ def resolve_lr(
     return resolved
 
 
-class CosineWarmupScheduler:
-    """Per-epoch learning rate: linear warm-up, then cosine decay counted from epoch 0 (no warm-up prefix).
+class WarmupScheduler(abc.ABC):
+    """Per-epoch learning rate with a linear warm-up; subclasses give the decay after it.
 
     ``lr(t) = warmup_lr + t · (base_lr − warmup_lr) / warmup_epochs`` for ``t < warmup_epochs``, else
-    ``min_lr + ½ · (base_lr − min_lr) · (1 + cos(π t / epochs))``; ``min_lr`` from ``epochs`` on. A group's
-    ``lr_scale`` key, if present, multiplies its learning rate. The constructor applies ``lr(0)``.
+    :meth:`decayed_lr`. A group's ``lr_scale`` key, if present, multiplies its learning rate. Subclass constructors
+    finish with ``self.step(0)``, so the optimiser holds ``lr(0)`` once the schedule exists.
 
     Args:
         optimizer: the optimiser whose groups are set.
         base_lr: peak learning rate.
-        epochs: length of the cosine (total epochs).
+        epochs: total epochs.
         warmup_epochs: number of warm-up epochs (0 for none).
         warmup_lr: learning rate at epoch 0 of the warm-up.
-        min_lr: floor of the cosine.
+        min_lr: floor of the decay.
     """
 
     def __init__(
@@ -152,7 +154,17 @@ class CosineWarmupScheduler:
         self.warmup_lr = float(warmup_lr)
         self.min_lr = float(min_lr)
         self.last_epoch = 0
-        self.step(0)
+
+    @abc.abstractmethod
+    def decayed_lr(self, epoch: float) -> float:
+        """Learning rate of an epoch at or after the warm-up.
+
+        Args:
+            epoch: the epoch (``>= warmup_epochs``).
+
+        Returns:
+            The learning rate.
+        """
 
     def lr_at(self, epoch: float) -> float:
         """Learning rate of epoch ``epoch`` (0-based).
@@ -167,9 +179,7 @@ class CosineWarmupScheduler:
             raise ValueError(f"epoch must be non-negative, got {epoch}")
         if epoch < self.warmup_epochs:
             return self.warmup_lr + epoch * (self.base_lr - self.warmup_lr) / self.warmup_epochs
-        if epoch >= self.epochs:
-            return self.min_lr
-        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * epoch / self.epochs))
+        return self.decayed_lr(epoch)
 
     def step(self, epoch: int) -> float:
         """Set every group's learning rate for ``epoch``.
@@ -219,3 +229,170 @@ class CosineWarmupScheduler:
                 ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()),
             )
         self.step(int(state["last_epoch"]))
+
+
+class CosineWarmupScheduler(WarmupScheduler):
+    """Per-epoch learning rate: linear warm-up, then cosine decay counted from epoch 0 (no warm-up prefix).
+
+    ``lr(t) = warmup_lr + t · (base_lr − warmup_lr) / warmup_epochs`` for ``t < warmup_epochs``, else
+    ``min_lr + ½ · (base_lr − min_lr) · (1 + cos(π t / epochs))``; ``min_lr`` from ``epochs`` on. A group's
+    ``lr_scale`` key, if present, multiplies its learning rate. The constructor applies ``lr(0)``.
+
+    Args:
+        optimizer: the optimiser whose groups are set.
+        base_lr: peak learning rate.
+        epochs: length of the cosine (total epochs).
+        warmup_epochs: number of warm-up epochs (0 for none).
+        warmup_lr: learning rate at epoch 0 of the warm-up.
+        min_lr: floor of the cosine.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        base_lr: float,
+        epochs: int,
+        warmup_epochs: int = 5,
+        warmup_lr: float = 1e-5,
+        min_lr: float = 0.0,
+    ) -> None:
+        super().__init__(
+            optimizer, base_lr=base_lr, epochs=epochs, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr
+        )
+        self.step(0)
+
+    def decayed_lr(self, epoch: float) -> float:
+        """Cosine value at ``epoch``; ``min_lr`` from ``epochs`` on.
+
+        Args:
+            epoch: the epoch (``>= warmup_epochs``).
+
+        Returns:
+            The learning rate.
+        """
+        if epoch >= self.epochs:
+            return self.min_lr
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * epoch / self.epochs))
+
+
+class StepWarmupScheduler(WarmupScheduler):
+    """Per-epoch learning rate: linear warm-up, then ``base_lr`` multiplied by ``decay_rate`` at each milestone.
+
+    ``lr(t) = warmup_lr + t · (base_lr − warmup_lr) / warmup_epochs`` for ``t < warmup_epochs``, else
+    ``max(min_lr, base_lr · decay_rate^k)`` with ``k`` the number of milestones ``<= t`` (epochs are 0-based, so
+    milestone 5 makes epoch 5 the first decayed one, as ``torch.optim.lr_scheduler.MultiStepLR``). A group's
+    ``lr_scale`` key, if present, multiplies its learning rate. The constructor applies ``lr(0)``.
+
+    Example (GB-CosFace's recipe): ``base_lr=0.1, epochs=24, warmup_epochs=0, milestones=(5, 10, 15, 20)`` gives
+    0.1 for epochs 0-4, 0.01 for 5-9, 1e-3 for 10-14, 1e-4 for 15-19 and 1e-5 for 20-23.
+
+    Args:
+        optimizer: the optimiser whose groups are set.
+        base_lr: learning rate after the warm-up, before the first milestone.
+        epochs: total epochs.
+        milestones: strictly increasing epochs in ``[warmup_epochs, epochs)`` at which the rate is multiplied by
+            ``decay_rate``.
+        decay_rate: factor in ``(0, 1]`` applied at each milestone.
+        warmup_epochs: number of warm-up epochs (0 for none).
+        warmup_lr: learning rate at epoch 0 of the warm-up.
+        min_lr: floor of the decayed rate.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        base_lr: float,
+        epochs: int,
+        milestones: Sequence[int],
+        decay_rate: float = 0.1,
+        warmup_epochs: int = 5,
+        warmup_lr: float = 1e-5,
+        min_lr: float = 0.0,
+    ) -> None:
+        super().__init__(
+            optimizer, base_lr=base_lr, epochs=epochs, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr
+        )
+        values = list(milestones)
+        if any(isinstance(m, bool) or int(m) != m for m in values):
+            raise ValueError(f"--decay-milestones must be whole epochs, got {values}")
+        values = [int(m) for m in values]
+        if any(b <= a for a, b in zip(values, values[1:])):
+            raise ValueError(f"--decay-milestones must be strictly increasing, got {values}")
+        outside = [m for m in values if not self.warmup_epochs <= m < self.epochs]
+        if outside:
+            raise ValueError(
+                f"--decay-milestones must lie in [--warmup-epochs={self.warmup_epochs}, --epochs={self.epochs}), "
+                f"got {outside} in {values}"
+            )
+        if not 0 < decay_rate <= 1:
+            raise ValueError(f"--decay-rate must be in (0, 1], got {decay_rate}")
+        self.milestones = values
+        self.decay_rate = float(decay_rate)
+        self.step(0)
+
+    def decayed_lr(self, epoch: float) -> float:
+        """``base_lr`` times ``decay_rate`` per milestone reached, at least ``min_lr``.
+
+        Args:
+            epoch: the epoch (``>= warmup_epochs``).
+
+        Returns:
+            The learning rate.
+        """
+        reached = sum(1 for m in self.milestones if m <= epoch)
+        return max(self.min_lr, self.base_lr * self.decay_rate**reached)
+
+    def _hparams(self) -> dict:
+        return super()._hparams() | {"milestones": list(self.milestones), "decay_rate": self.decay_rate}
+
+
+SUPPORTED_SCHEDULERS = ("cosine", "step")
+
+
+def create_scheduler(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    *,
+    base_lr: float,
+    epochs: int,
+    warmup_epochs: int = 5,
+    warmup_lr: float = 1e-5,
+    min_lr: float = 0.0,
+    milestones: Sequence[int] = (),
+    decay_rate: float = 0.1,
+) -> WarmupScheduler:
+    """Build the per-epoch learning-rate schedule by name.
+
+    ``cosine`` is :class:`CosineWarmupScheduler` (``milestones`` and ``decay_rate`` do not apply to it and are
+    reported with a warning when milestones are given); ``step`` is :class:`StepWarmupScheduler`.
+
+    Args:
+        name: schedule name (case-insensitive), one of ``SUPPORTED_SCHEDULERS``.
+        optimizer: the optimiser whose groups are set.
+        base_lr: peak learning rate.
+        epochs: total epochs.
+        warmup_epochs: number of warm-up epochs (0 for none).
+        warmup_lr: learning rate at epoch 0 of the warm-up.
+        min_lr: floor of the decay.
+        milestones: epochs at which ``step`` multiplies the rate by ``decay_rate``.
+        decay_rate: factor of ``step`` at each milestone.
+
+    Returns:
+        The schedule, already applied for epoch 0.
+    """
+    key = name.lower()
+    common = dict(base_lr=base_lr, epochs=epochs, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr)
+    if key == "cosine":
+        if milestones:
+            logger.warning("--decay-milestones %s do not apply to the cosine schedule; ignored", list(milestones))
+        scheduler: WarmupScheduler = CosineWarmupScheduler(optimizer, **common)
+    elif key == "step":
+        scheduler = StepWarmupScheduler(optimizer, milestones=milestones, decay_rate=decay_rate, **common)
+    else:
+        raise ValueError(
+            f"unknown learning-rate schedule --sched {name!r}; supported: {', '.join(SUPPORTED_SCHEDULERS)}"
+        )
+    logger.info("lr schedule %s: %s", type(scheduler).__name__, scheduler.state_dict())
+    return scheduler

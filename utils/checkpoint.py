@@ -95,7 +95,11 @@ SAFE_GLOBALS = (argparse.Namespace,)
 
 
 def load_checkpoint(
-    path: str | os.PathLike, *, weights_only: bool = True, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    *,
+    weights_only: bool = True,
+    map_location: str | torch.device = "cpu",
+    mmap: bool = False,
 ) -> dict:
     """Read a checkpoint file: the one reader for every checkpoint the scripts load.
 
@@ -109,6 +113,8 @@ def load_checkpoint(
         weights_only: restrict unpickling to tensors, plain types and ``SAFE_GLOBALS``; False (``--unsafe-load``)
             runs arbitrary pickled code, so use it only for files you trust.
         map_location: where tensors are loaded (CPU by default).
+        mmap: map the tensors from the file instead of reading them (cheap look-ups of the metadata; zip-format
+            files, i.e. anything saved by torch >= 1.6).
 
     Returns:
         The checkpoint dict.
@@ -125,7 +131,7 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path} is not readable: check the file's permissions")
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            obj = torch.load(path, map_location=map_location, weights_only=weights_only)
+            obj = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as e:
         detail = _unpickling_detail(e)
         if "Unsupported global" in detail:

@@ -30,7 +30,9 @@ def test_shapes(make_model, batch):
     assert model.prefixes(tokens).shape == (12, 2, 2 * batch, 3, 4, 64)
     assert model.project(images).shape == (2 * batch, 128)
     out = model(images, torch.arange(batch), torch.ones(batch, dtype=torch.bool))
-    assert set(out) == {"loss", "loss_unsup", "loss_sup", "has_labelled"} and torch.isfinite(out["loss"])
+    assert set(out) == {"loss", "loss_unsup", "loss_sup", "has_labelled", "labelled_fraction"} and torch.isfinite(
+        out["loss"]
+    )
     features = model.eval().extract_features(images)
     assert features.shape == (2 * batch, 192)
     torch.testing.assert_close(features.norm(dim=-1), torch.ones(2 * batch))

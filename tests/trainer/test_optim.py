@@ -1,12 +1,22 @@
-"""Tests for trainer/optim.py: optimiser construction, lr scaling rule, schedule values (docs/method.md, section 7)."""
+"""Tests for trainer/optim.py: optimiser construction, lr scaling rule, cosine and step schedule values (docs/method.md,
+section 7)."""
 
 from __future__ import annotations
+
+import io
+import logging
 
 import pytest
 import torch
 from torch import nn
 
-from trainer.optim import CosineWarmupScheduler, create_optimizer, resolve_lr
+from trainer.optim import (
+    CosineWarmupScheduler,
+    StepWarmupScheduler,
+    create_optimizer,
+    create_scheduler,
+    resolve_lr,
+)
 
 
 def _groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -106,3 +116,95 @@ def test_schedule_rejects_bad_settings():
         CosineWarmupScheduler(optimizer, base_lr=0.1, epochs=3, warmup_epochs=5)
     with pytest.raises(ValueError, match="epochs"):
         CosineWarmupScheduler(optimizer, base_lr=0.1, epochs=0)
+
+
+GB_COSFACE = dict(base_lr=0.1, epochs=24, milestones=(5, 10, 15, 20), decay_rate=0.1)
+
+
+def test_step_schedule_gb_cosface_recipe_without_warmup():
+    optimizer = create_optimizer(_groups(_model(), 5e-4), opt="momentum", lr=0.1, weight_decay=5e-4)
+    scheduler = StepWarmupScheduler(optimizer, warmup_epochs=0, **GB_COSFACE)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # the constructor applies epoch 0
+    # 0.1 · 0.1^k, k = milestones <= epoch: epochs 0-4 -> 0.1, 5-9 -> 0.01, 10-14 -> 1e-3, 15-19 -> 1e-4, 20-23 -> 1e-5
+    expected = [0.1] * 5 + [0.01] * 5 + [1e-3] * 5 + [1e-4] * 5 + [1e-5] * 4
+    assert [scheduler.step(t) for t in range(24)] == pytest.approx(expected, rel=1e-12)
+    assert scheduler.get_last_lr() == pytest.approx([1e-5, 1e-5])
+
+
+def test_step_schedule_gb_cosface_recipe_with_warmup_and_floor():
+    optimizer = create_optimizer(_model().parameters(), lr=0.1)
+    scheduler = StepWarmupScheduler(optimizer, warmup_epochs=4, warmup_lr=0.02, **GB_COSFACE)
+    # warm-up: 0.02 + t · (0.1 - 0.02) / 4 = 0.02, 0.04, 0.06, 0.08 for t = 0..3; epoch 4 is at base_lr
+    expected = [0.02, 0.04, 0.06, 0.08, 0.1] + [0.01] * 5 + [1e-3] * 5 + [1e-4] * 5 + [1e-5] * 4
+    assert [scheduler.lr_at(t) for t in range(24)] == pytest.approx(expected, rel=1e-12)
+    # min_lr floors the decay: max(5e-4, 0.1 · 0.1^k) -> 0.1, 0.01, 1e-3, then 5e-4 from epoch 15
+    floored = StepWarmupScheduler(optimizer, warmup_epochs=0, min_lr=5e-4, **GB_COSFACE)
+    assert [floored.lr_at(t) for t in (4, 5, 10, 15, 23)] == pytest.approx([0.1, 0.01, 1e-3, 5e-4, 5e-4])
+
+
+def test_step_schedule_state_round_trip_resumes_exactly(caplog):
+    groups = _groups(_model(), 5e-4)
+    groups[1]["lr_scale"] = 0.5
+    optimizer = create_optimizer(groups, lr=0.1)
+    scheduler = StepWarmupScheduler(optimizer, warmup_epochs=2, **GB_COSFACE)
+    uninterrupted = [scheduler.step(t) for t in range(24)]
+    scheduler.step(12)
+    buffer = io.BytesIO()
+    torch.save(scheduler.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)  # plain types only
+    assert state["milestones"] == [5, 10, 15, 20] and state["decay_rate"] == 0.1 and state["last_epoch"] == 12
+
+    resumed = StepWarmupScheduler(create_optimizer(groups, lr=0.1), warmup_epochs=2, **GB_COSFACE)
+    with caplog.at_level(logging.WARNING, logger="trainer.optim"):
+        resumed.load_state_dict(state)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert resumed.last_epoch == 12 and resumed.get_last_lr() == pytest.approx([1e-3, 5e-4])
+    assert [resumed.step(t) for t in range(12, 24)] == uninterrupted[12:]
+
+    # Changed milestones on the command line win, with a warning naming them.
+    changed = StepWarmupScheduler(create_optimizer(groups, lr=0.1), base_lr=0.1, epochs=24, milestones=(8, 16))
+    with caplog.at_level(logging.WARNING, logger="trainer.optim"):
+        changed.load_state_dict(state)
+    assert "milestones [5, 10, 15, 20] -> [8, 16]" in caplog.text
+    assert changed.get_last_lr()[0] == pytest.approx(0.01)  # epoch 12 under (8, 16): one decay
+
+
+@pytest.mark.parametrize(
+    "milestones,match",
+    [
+        ((10, 5), r"--decay-milestones must be strictly increasing, got \[10, 5\]"),
+        ((5, 5), r"--decay-milestones must be strictly increasing"),
+        ((5, 24), r"--decay-milestones must lie in \[--warmup-epochs=0, --epochs=24\), got \[24\]"),
+        ((-1, 5), r"--decay-milestones must lie in .*got \[-1\]"),
+        ((2.5,), r"--decay-milestones must be whole epochs"),
+    ],
+)
+def test_step_schedule_rejects_bad_milestones(milestones, match):
+    optimizer = create_optimizer(_model().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=match):
+        StepWarmupScheduler(optimizer, base_lr=0.1, epochs=24, milestones=milestones, warmup_epochs=0)
+
+
+def test_step_schedule_rejects_milestones_inside_warmup_and_bad_decay_rate():
+    optimizer = create_optimizer(_model().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"--decay-milestones must lie in \[--warmup-epochs=5, --epochs=24\).*\[3\]"):
+        StepWarmupScheduler(optimizer, base_lr=0.1, epochs=24, milestones=(3, 10), warmup_epochs=5)
+    for rate in (0.0, 1.5):
+        with pytest.raises(ValueError, match="--decay-rate"):
+            StepWarmupScheduler(optimizer, base_lr=0.1, epochs=24, milestones=(5,), decay_rate=rate, warmup_epochs=0)
+
+
+def test_create_scheduler_by_name(caplog):
+    optimizer = create_optimizer(_model().parameters(), lr=0.1)
+    common = dict(base_lr=0.1, epochs=24, warmup_epochs=0, warmup_lr=1e-5, min_lr=0.0)
+    step = create_scheduler("Step", optimizer, milestones=(5, 10, 15, 20), decay_rate=0.1, **common)
+    assert isinstance(step, StepWarmupScheduler) and step.lr_at(10) == pytest.approx(1e-3)
+    cosine = create_scheduler("cosine", optimizer, **common)
+    assert isinstance(cosine, CosineWarmupScheduler)
+    assert cosine.lr_at(12) == pytest.approx(0.05)  # 0.5 · 0.1 · (1 + cos(π · 12 / 24)) = 0.05
+    with caplog.at_level(logging.WARNING, logger="trainer.optim"):
+        create_scheduler("cosine", optimizer, milestones=(5,), **common)
+    assert "do not apply to the cosine schedule" in caplog.text
+    with pytest.raises(ValueError, match=r"'poly'.*supported: cosine, step"):
+        create_scheduler("poly", optimizer, **common)

@@ -1,0 +1,53 @@
+"""What the one training loop asks of a method (DINOv2's ``SSLMetaArch`` pattern).
+
+A method (FaceGCD, margin-softmax recognition, ...) is an ``nn.Module`` that owns its parts and losses. The loop in
+``trainer/engine.py`` and ``train.py`` only calls the methods below, so checkpoints, resume, precision, distribution
+and logging exist once. The defaults fit a method whose parameters are all replicated (data parallel); a method with
+model-parallel parts (Partial FC) overrides the state and distribution hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from utils.distributed import get_world_size
+
+
+class MetaArch(nn.Module):
+    """Base of the training methods; see the module docstring."""
+
+    def batch_inputs(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The loader's batch as the positional inputs of ``forward`` (the first one is the image batch)."""
+        raise NotImplementedError
+
+    def prepare_for_distributed_training(self, device: torch.device, broadcast_buffers: bool = True) -> nn.Module:
+        """The module the loop calls each step: DDP around the whole method when several processes run."""
+        if get_world_size() == 1:
+            return self
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(self, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
+
+    def no_sync(self) -> ContextManager:
+        """Skip gradient synchronisation (gradient accumulation); a no-op unless a method wraps parts in DDP."""
+        return contextlib.nullcontext()
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights to save, identical on every rank (a collective for model-parallel methods: call on all ranks)."""
+        return self.state_dict()
+
+    def load_checkpoint_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`checkpoint_state_dict` saved (any world size)."""
+        self.load_state_dict(state_dict)
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Optimiser state to save (a collective for model-parallel methods)."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load what :meth:`optimizer_state_dict` saved."""
+        optimizer.load_state_dict(state)

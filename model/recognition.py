@@ -1,0 +1,262 @@
+"""Margin-softmax face recognition as a training method: embedding backbone + Partial FC with a margin head.
+
+The backbone (a registered ViT with an embedding neck, or an IResNet) is data parallel: under several processes only
+it is wrapped in DDP. The class centres are model parallel (``PartialFC``: each rank holds a contiguous block of the
+classes, embeddings and labels are all-gathered), so they are never wrapped. Checkpoints hold the full centre matrix
+and the full optimiser state of it (gathered from all ranks), so a run resumes exactly and loads on any world size.
+Evaluation features are the L2-normalised embeddings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from model.backbones import ViTEmbedder, create_embedding_backbone
+from model.margin_heads import build_margin_head
+from model.meta_arch import MetaArch
+from model.partial_fc import PartialFC
+from model.vit import load_pretrained_backbone
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.distributed import get_world_size
+
+logger = logging.getLogger(__name__)
+
+METHOD = "recognition"
+
+
+@dataclass
+class RecognitionConfig:
+    """Everything that defines a recognition model (stored in its checkpoints as ``model_config``).
+
+    Attributes:
+        arch: embedding backbone (``model.backbones.list_embedding_backbones``).
+        img_size: square input side in pixels.
+        patch_size: ViT patch size (unused by IResNets).
+        embedding_size: embedding dimension.
+        num_classes: identities of the classifier.
+        head: margin head name (``model.margin_heads.MARGIN_HEADS``).
+        head_args: overrides of the head's defaults (e.g. ``{"s": 64.0, "m2": 0.5}``).
+        sample_rate: Partial FC sampling rate r in (0, 1].
+        dropout: dropout before the IResNet feature layer.
+    """
+
+    arch: str = "iresnet50"
+    img_size: int = 112
+    patch_size: int = 8
+    embedding_size: int = 512
+    num_classes: int = 0
+    head: str = "arcface"
+    head_args: dict[str, float] = field(default_factory=dict)
+    sample_rate: float = 1.0
+    dropout: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type copy with ``method`` = recognition (loads with ``weights_only=True``)."""
+        return {"method": METHOD, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, stored: dict[str, Any]) -> RecognitionConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
+        values = {k: v for k, v in stored.items() if k != "method"}
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise CheckpointError(f"recognition model_config has unknown fields {unknown}")
+        return cls(**values)
+
+
+class FaceRecognizer(MetaArch):
+    """Embedding backbone trained with a margin head over Partial FC class centres.
+
+    Args:
+        cfg: the model configuration (``num_classes`` >= 1).
+    """
+
+    def __init__(self, cfg: RecognitionConfig) -> None:
+        super().__init__()
+        if cfg.num_classes < 2:
+            raise ValueError(f"a recognition model needs at least 2 identities, got {cfg.num_classes}")
+        self.cfg = cfg
+        self.backbone = create_embedding_backbone(
+            cfg.arch,
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            embedding_size=cfg.embedding_size,
+            dropout=cfg.dropout,
+        )
+        self.partial_fc = PartialFC(
+            cfg.embedding_size, cfg.num_classes, build_margin_head(cfg.head, **cfg.head_args), cfg.sample_rate
+        )
+        self._ddp_backbone: list[DistributedDataParallel] = []  # a list: not registered as a submodule
+
+    # ------------------------------------------------------------------ training
+    def batch_inputs(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``(image, label, ...)`` items -> ``(images, labels)`` on ``device``."""
+        return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+
+    def prepare_for_distributed_training(self, device: torch.device, broadcast_buffers: bool = True) -> nn.Module:
+        """Wrap only the backbone in DDP (the class centres are model parallel); returns this module."""
+        if get_world_size() > 1 and not self._ddp_backbone:
+            device_ids = [device.index] if device.type == "cuda" else None
+            self._ddp_backbone.append(
+                DistributedDataParallel(self.backbone, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
+            )
+        return self
+
+    def no_sync(self) -> ContextManager:
+        """DDP ``no_sync`` of the backbone (the Partial FC gradients are local to each rank anyway)."""
+        return self._ddp_backbone[0].no_sync() if self._ddp_backbone else contextlib.nullcontext()
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, embedding_size) embeddings, through DDP when distributed.
+
+        Partial FC gives each rank's embeddings the gradient of the loss averaged over the global batch, and DDP
+        averages the backbone gradients over the W ranks once more; the embedding gradient is scaled by W so the
+        backbone gets the gradient of the global mean loss, as with one process (arcface_torch does the same).
+        """
+        if not self._ddp_backbone:
+            return self.backbone(images)
+        embeddings = self._ddp_backbone[0](images)
+        if embeddings.requires_grad:
+            world = get_world_size()
+            embeddings.register_hook(lambda grad: grad * world)
+        return embeddings
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training step forward: embeddings, margin logits over the (sampled) centres, the loss.
+
+        Returns:
+            The Partial FC outputs, with ``loss``.
+        """
+        return self.partial_fc(self.embed(images), labels)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings, not normalised (their norm is the quality weight of IJB's N1 pooling)."""
+        return self.backbone(images)
+
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Evaluation features: L2-normalised embeddings, float32 (call in eval mode)."""
+        return F.normalize(self.forward_features(images).float(), dim=-1)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the backbone."""
+        self.backbone.set_grad_checkpointing(enable)
+
+    def get_params_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Decay on trainable >= 2-D weights (class centres included), none on 1-D ones and ViT tokens."""
+        skip = {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay", set)()}
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        ]
+        return [g for g in groups if g["params"]]
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights with the full (num_classes, D) centre matrix; a collective under several processes."""
+        state = self.state_dict()
+        state["partial_fc.weight"] = self.partial_fc.full_weight()
+        return state
+
+    def load_checkpoint_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load :meth:`checkpoint_state_dict` output; this rank keeps its block of the centres."""
+        state = dict(state_dict)
+        full = state.pop("partial_fc.weight", None)
+        if full is None or tuple(full.shape) != (self.cfg.num_classes, self.cfg.embedding_size):
+            got = None if full is None else tuple(full.shape)
+            raise CheckpointError(
+                f"checkpoint centres have shape {got}; the model needs ({self.cfg.num_classes}, "
+                f"{self.cfg.embedding_size})"
+            )
+        result = self.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if k != "partial_fc.weight"]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(
+                f"checkpoint does not fit the model: missing {missing}, unexpected {list(result.unexpected_keys)}"
+            )
+        self.partial_fc.load_full_weight(full)
+
+    def _centre_state_index(self, optimizer: torch.optim.Optimizer) -> int | None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        matches = [i for i, p in enumerate(params) if p is self.partial_fc.weight]
+        return matches[0] if matches else None
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Optimiser state with the centres' per-class tensors (e.g. momentum) gathered to all classes."""
+        state = optimizer.state_dict()
+        index = self._centre_state_index(optimizer)
+        local = self.partial_fc.weight.shape[0]
+        if index is not None and index in state["state"]:
+            state["state"][index] = {
+                k: self.partial_fc.gather_classes(v) if _per_class(v, local) else v
+                for k, v in state["state"][index].items()
+            }
+        return state
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load :meth:`optimizer_state_dict` output, keeping this rank's block of the per-class tensors."""
+        state = {**state, "state": dict(state["state"])}
+        index = self._centre_state_index(optimizer)
+        if index is not None and index in state["state"]:
+            state["state"][index] = {
+                k: self.partial_fc.shard_classes(v) if _per_class(v, self.cfg.num_classes) else v
+                for k, v in state["state"][index].items()
+            }
+        optimizer.load_state_dict(state)
+
+
+def _per_class(value: Any, rows: int) -> bool:
+    return torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == rows
+
+
+def build_recognizer(
+    cfg: RecognitionConfig,
+    pretrained_weights: str | Path | None = None,
+    checkpoint_key: str = "teacher",
+    weights_only: bool = True,
+) -> FaceRecognizer:
+    """A recognition model; ``pretrained_weights`` (DINO or timm ViT weights) initialise a ViT backbone."""
+    model = FaceRecognizer(cfg)
+    if pretrained_weights:
+        if not isinstance(model.backbone, ViTEmbedder):
+            raise ValueError(f"--pretrained_weights loads ViT weights; --arch {cfg.arch} is not a ViT")
+        load_pretrained_backbone(model.backbone.vit, pretrained_weights, checkpoint_key, weights_only=weights_only)
+    return model
+
+
+def checkpoint_method(path: str | Path, *, weights_only: bool = True) -> tuple[str, dict]:
+    """The training method of a checkpoint (``facegcd`` for files that do not say) and the file, memory-mapped."""
+    ckpt = load_checkpoint(path, weights_only=weights_only, mmap=True)
+    stored = ckpt.get("model_config")
+    return (stored.get("method", "facegcd") if isinstance(stored, dict) else "facegcd"), ckpt
+
+
+def recognizer_from_checkpoint(ckpt: dict, source: str | Path) -> FaceRecognizer:
+    """Rebuild a recognition model from its training checkpoint dict (its ``model_config``), on the CPU.
+
+    Raises:
+        CheckpointError: not a recognition checkpoint, or weights that do not fit its config (``source`` named).
+    """
+    stored = ckpt.get("model_config")
+    if not isinstance(stored, dict) or stored.get("method") != METHOD:
+        raise CheckpointError(f"{source} is not a recognition checkpoint (no model_config with method {METHOD})")
+    model = FaceRecognizer(RecognitionConfig.from_dict(stored))
+    try:
+        model.load_checkpoint_state_dict(ckpt["state_dict"])
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+    logger.info("loaded recognition model from %s (epoch %s)", source, ckpt.get("epoch", "not stored"))
+    return model

@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# ArcFace baseline on casia_500 (see shell/run_arcface_gfd.sh for the environment variables).
+exec bash "$(dirname "$0")/run_arcface_gfd.sh" casia_500 "$@"

@@ -1,0 +1,181 @@
+"""Real recognition runs of train.py (--method recognition) on the tiny SynthFaces preset, through the shared loop."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import TINY_MODEL_ARGS, kill_when_written
+from data_loader.protocol_writers import write_synthface_ijb, write_synthface_pair_set
+
+
+def _recognition_args(data: str, out: Path, experiment: str, *extra: str) -> list[str]:
+    """IResNet-18 at 32 px with ArcFace on D_L of the tiny preset (12 labelled images of 4 identities)."""
+    return [
+        "--method",
+        "recognition",
+        "--dataset",
+        "synthfaces_tiny",
+        "--data-path",
+        data,
+        "--arch",
+        "iresnet18",
+        "--input-size",
+        "3",
+        "32",
+        "32",
+        "--embedding-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--seed",
+        "3",
+        "--opt",
+        "sgd",
+        "--lr",
+        "0.1",
+        "--weight-decay",
+        "5e-4",
+        "--warmup-epochs",
+        "0",
+        "--val-interval",
+        "1",
+        "--val-kmeans-init",
+        "2",
+        "--output",
+        str(out),
+        "--experiment",
+        experiment,
+        "--no-progress",
+        *extra,
+    ]
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_recognition_training_lowers_the_loss_and_feeds_verification_extraction_and_ssk(
+    tiny_faces, tmp_path, run_script
+):
+    # held-out identities (ids from 1,000,000 on) as an insightface pair set and an IJB-style folder
+    write_synthface_pair_set(tmp_path / "synth.bin", identities=6, pairs=20, progress=False)
+    write_synthface_ijb(tmp_path / "ijb", "ijbb", identities=4, progress=False)
+    targets = ["--val-targets", str(tmp_path / "synth.bin"), str(tmp_path / "ijb")]
+    run_script("train.py", _recognition_args(tiny_faces, tmp_path, "arc", "--epochs", "2", *targets))
+    run = tmp_path / "arc"
+    records = _records(run)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    assert "unlabelled" in records[1]["eval"] and "test" in records[1]["eval"]  # clustering validation of D_U, test
+    verification = records[1]["eval"]["verification"]
+    assert 0.0 <= verification["synth"]["accuracy"] <= 1.0 and 0.0 <= verification["ijbb"]["auc"] <= 1.0
+    assert (run / "verification" / "ijbb_roc.png").is_file() and (run / "verification" / "ijbb_tar_at_far.md").is_file()
+    best = max(r["eval"]["verification"]["synth"]["accuracy"] for r in records)
+    assert _state(run / "model_best.pth.tar")["metric"] == best  # model_best is selected on the first target
+
+    # verify.py on its own scores the last checkpoint as the last validation did
+    verify_out = tmp_path / "verify"
+    run_script(
+        "verify.py",
+        ["--checkpoint_weights", str(run / "last.pth.tar"), "--targets", *targets[1:], "--output", str(verify_out)],
+    )
+    alone = json.loads((verify_out / "results.json").read_text())["results"]
+    assert alone["synth"] == pytest.approx(verification["synth"]) and alone["ijbb"] == pytest.approx(
+        verification["ijbb"]
+    )
+    ckpt = _state(run / "last.pth.tar")
+    assert ckpt["method"] == "recognition" and ckpt["model_config"]["head"] == "arcface"
+    assert ckpt["model_config"]["num_classes"] == 4  # the known identities of D_L
+    assert ckpt["state_dict"]["partial_fc.weight"].shape == (4, 64)
+    assert ckpt["data_config"]["train_set"] == "labelled" and ckpt["data_config"]["num_labelled"] == 12
+
+    # the ArcFace GFD baseline: extraction reads the benchmark settings from the checkpoint, then SSK as usual
+    feats = tmp_path / "feats"
+    run_script(
+        "extract_features.py",
+        ["--checkpoint_weights", str(run / "last.pth.tar"), "--save_dir", str(feats), "--experiment", "arc"],
+    )
+    train = torch.load(feats / "arc" / "features_train.pt", weights_only=True)
+    assert train["features"].shape == (48, 64)
+    torch.testing.assert_close(train["features"].norm(dim=1), torch.ones(48))
+    assert train["meta"]["model_config"]["arch"] == "iresnet18"
+    run_script("SSK.py", ["--save_dir", str(feats), "--experiment_idx", "arc", "--k_means_init", "2"])
+    results = json.loads(next((feats / "arc").rglob("ssk_results.json")).read_text())
+    assert results["M"] == 4 and results["train"]["num_samples"] == 36  # clustered D_U with the 4 labelled classes
+    assert 0.0 <= results["train"]["v2"]["all"] <= 1.0
+
+
+def test_recognition_resumes_exactly_after_a_kill(tiny_faces, tmp_path, run_script):
+    epochs = ["--epochs", "3"]
+    run_script("train.py", _recognition_args(tiny_faces, tmp_path, "full", *epochs))
+    args = _recognition_args(tiny_faces, tmp_path, "cut", *epochs)
+    last = tmp_path / "cut" / "last.pth.tar"
+    kill_when_written("train.py", args, last)
+    assert _state(last)["epoch"] < 2, "the run finished before it could be interrupted"
+    run_script("train.py", args + ["--resume", str(last)])
+    full, resumed = _state(tmp_path / "full" / "last.pth.tar"), _state(last)
+    assert full["state_dict"].keys() == resumed["state_dict"].keys()
+    for key in full["state_dict"]:
+        torch.testing.assert_close(resumed["state_dict"][key], full["state_dict"][key], rtol=0, atol=0, msg=key)
+    momentum = [s["momentum_buffer"] for s in resumed["optimizer"]["state"].values()]
+    assert any(m.shape == (4, 64) for m in momentum)  # the centres' momentum is saved whole
+
+
+@pytest.mark.distributed
+def test_two_process_recognition_shards_the_centres_and_resumes_on_one(tiny_faces, tmp_path, run_script):
+    args = _recognition_args(tiny_faces, tmp_path, "ddp", "--epochs", "2", "--batch-size", "2")
+    run_script("train.py", args, nproc=2)
+    ckpt = _state(tmp_path / "ddp" / "last.pth.tar")
+    assert ckpt["state_dict"]["partial_fc.weight"].shape == (4, 64)  # both ranks' blocks, gathered
+    assert _records(tmp_path / "ddp")[1]["train_loss"] < _records(tmp_path / "ddp")[0]["train_loss"]
+    # the 2-process checkpoint continues on one process (each rank's block of centres and momentum re-sliced)
+    one = _recognition_args(tiny_faces, tmp_path, "ddp", "--epochs", "3", "--batch-size", "2")
+    run_script("train.py", one + ["--resume", str(tmp_path / "ddp" / "last.pth.tar")])
+    assert _state(tmp_path / "ddp" / "last.pth.tar")["epoch"] == 2
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--sample-rate", "1.5"], "--sample-rate"),
+        (["--sample-rate", "0"], "--sample-rate"),
+        (["--method", "facegcd"], "--arch iresnet18 is a recognition backbone"),
+        (["--head-args", "s"], "--head-args expects NAME=NUMBER"),
+        (["--sched", "step", "--decay-milestones", "3", "1"], "--decay-milestones"),
+    ],
+)
+def test_bad_recognition_flags_fail_with_a_clear_message(tiny_faces, tmp_path, run_script, flags, message):
+    proc = run_script("train.py", _recognition_args(tiny_faces, tmp_path, "bad", *flags), check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_resuming_a_recognition_run_as_facegcd_is_refused(tiny_faces, tmp_path, run_script):
+    run_script("train.py", _recognition_args(tiny_faces, tmp_path, "arc", "--epochs", "1"))
+    proc = run_script(
+        "train.py",
+        [
+            "--dataset",
+            "synthfaces_tiny",
+            "--data-path",
+            tiny_faces,
+            *TINY_MODEL_ARGS,
+            "--batch-size",
+            "8",
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            "arc",
+            "--resume",
+            str(tmp_path / "arc" / "last.pth.tar"),
+        ],
+        check=False,
+    )
+    assert proc.returncode == 2 and "--method recognition run" in proc.stderr, proc.stderr[-2000:]

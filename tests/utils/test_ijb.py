@@ -1,0 +1,151 @@
+"""Tests for utils/evaluation/ijb.py: feature switches, template pooling by hand, blocked pair scoring, meta errors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from utils.evaluation.ijb import (
+    IJBDataError,
+    IJBMode,
+    image_features,
+    load_ijb_meta,
+    meta_paths,
+    pair_scores,
+    template_features,
+    template_rows,
+)
+
+R2 = 1 / math.sqrt(2)
+
+
+def test_mode_names():
+    assert IJBMode().name == "N1D1F1"
+    assert IJBMode.parse("n0d1f0") == IJBMode(flip=False, keep_norm=False, detector_score=True)
+    with pytest.raises(ValueError, match="N<0|1>D<0|1>F<0|1>"):
+        IJBMode.parse("N1F1")
+
+
+def test_image_feature_switches_by_hand():
+    emb, flip, score = torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 0.0]]), np.array([0.5])
+    # F1: (3, 4) + (1, 0) = (4, 4); D1: x 0.5 = (2, 2); N0 first normalises (4, 4) to (1, 1)/sqrt 2.
+    assert image_features(emb, flip, score, IJBMode(True, True, True)).tolist() == [[2.0, 2.0]]
+    assert image_features(emb, flip, score, IJBMode(False, True, False)).tolist() == [[3.0, 4.0]]
+    np.testing.assert_allclose(image_features(emb, flip, score, IJBMode(True, False, True)), [[0.5 * R2, 0.5 * R2]])
+    np.testing.assert_allclose(image_features(emb, None, None, IJBMode(False, False, False)), [[0.6, 0.8]])
+    with pytest.raises(ValueError, match="flip embeddings"):
+        image_features(emb, None, score, IJBMode())
+    with pytest.raises(ValueError, match="detector scores"):
+        image_features(emb, flip, None, IJBMode())
+
+
+def test_template_pooling_by_hand():
+    # Template 7: media 10 holds (1, 0) and (3, 0) -> mean (2, 0); media 11 holds (0, 2); sum (2, 2) -> (1, 1)/sqrt 2.
+    # Template 3: media 10 (the same media id, another template) holds (0, -5) -> (0, -1).
+    # Template 9: media 4 holds (10, 0) and media 5 holds (0, 1): the norms weigh the sum, (10, 1) / sqrt 101.
+    feats = torch.tensor([[1.0, 0.0], [0.0, -5.0], [3.0, 0.0], [0.0, 2.0], [10.0, 0.0], [0.0, 1.0]])
+    templates = np.array([7, 3, 7, 7, 9, 9])
+    medias = np.array([10, 10, 10, 11, 4, 5])
+    ids, pooled = template_features(feats, templates, medias)
+    assert ids.tolist() == [3, 7, 9]
+    np.testing.assert_allclose(pooled, [[0, -1], [R2, R2], [10 / math.sqrt(101), 1 / math.sqrt(101)]], rtol=1e-6)
+    # Averaging within a media, not over images: three images of one media count once against one of another.
+    ids, pooled = template_features(torch.tensor([[1.0, 0], [1.0, 0], [1.0, 0], [0, 1.0]]), [1, 1, 1, 1], [5, 5, 5, 6])
+    np.testing.assert_allclose(pooled, [[R2, R2]], rtol=1e-6)
+    rows = template_rows(torch.tensor([3, 7, 9]), np.array([[7, 3], [9, 9]]))
+    assert rows.tolist() == [[1, 0], [2, 2]]
+    with pytest.raises(IJBDataError, match="template 8"):
+        template_rows(torch.tensor([3, 7, 9]), np.array([[7, 8]]))
+
+
+def _naive(feats, first, second):
+    return (feats[first] * feats[second]).sum(1)
+
+
+@pytest.mark.parametrize(
+    "layout, block_bytes",
+    [
+        ("random", 256 << 20),  # one GEMM block
+        ("random", 4 * 40 * 300),  # 300 columns x 40 rows a block: 8 blocks
+        ("narrow_second", 4 * 300),  # 7 distinct second rows: sides swap, 1 row of 300 columns a block
+        ("sparse", 256 << 20),  # 100 pairs in a ~90 x 90 block (under 1/64 of it): scored pair by pair
+    ],
+)
+def test_pair_scores_equal_row_wise_dot_products(layout, block_bytes):
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.nn.functional.normalize(torch.randn(300, 16, generator=gen), dim=1)
+    count = 100 if layout == "sparse" else 5000
+    first = torch.randint(300, (count,), generator=gen)
+    second = (
+        torch.randint(7, (count,), generator=gen) * 11 if layout == "narrow_second" else torch.randint(300, (count,))
+    )
+    scores = pair_scores(feats, first, second, max_block_bytes=block_bytes)
+    torch.testing.assert_close(scores, _naive(feats, first, second), rtol=0, atol=1e-6)
+
+
+def test_pair_scores_checks_indices():
+    feats = torch.eye(3)
+    assert pair_scores(feats, torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64)).numel() == 0
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        pair_scores(feats, torch.tensor([0, 3]), torch.tensor([1, 1]))
+
+
+def _write_meta(root, faces="a.jpg 1 10\nb.jpg 1 11\nc.jpg 2 12\n", pairs="1 2 0\n1 1 1\n", marks=None):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "loose_crop").mkdir(exist_ok=True)
+    paths = meta_paths(root, "ijbb")
+    paths["faces"].parent.mkdir(exist_ok=True)
+    if marks is None:
+        points = " ".join(["10.0"] * 10)
+        marks = "".join(f"{name} {points} 0.9\n" for name in ("a.jpg", "b.jpg", "c.jpg"))
+    for kind, text in (("faces", faces), ("pairs", pairs), ("landmarks", marks)):
+        if text is not None:
+            paths[kind].write_text(text)
+    return paths
+
+
+def test_meta_reads_a_well_formed_folder(tmp_path):
+    marks = [
+        "c.jpg 0 1 2 3 4 5 6 7 8 9 0.25",
+        "b.jpg 1 1 1 1 1 1 1 1 1 1 1",
+        "a.jpg 2 2 2 2 2 2 2 2 2 2 0.5",
+        "unused.jpg 3 3 3 3 3 3 3 3 3 3 0.1",
+    ]
+    _write_meta(tmp_path, marks="\n".join(marks) + "\n")
+    meta = load_ijb_meta(tmp_path, "ijbb")
+    assert meta.image_names == ["a.jpg", "b.jpg", "c.jpg"]
+    assert meta.templates.tolist() == [1, 1, 2] and meta.medias.tolist() == [10, 11, 12]
+    # Joined by name, not by line: c.jpg is the first landmarks line but the third face.
+    np.testing.assert_array_equal(meta.landmarks[2], np.arange(10).reshape(5, 2))
+    assert meta.detector_scores.tolist() == [0.5, 1.0, 0.25]
+    assert meta.pairs.tolist() == [[1, 2], [1, 1]] and meta.labels.tolist() == [False, True]
+
+
+def test_meta_errors_name_the_file_line_and_expectation(tmp_path):
+    paths = _write_meta(tmp_path / "missing", pairs=None)
+    with pytest.raises(IJBDataError, match=f"missing IJB meta file {paths['pairs']}; expected lines 'template_id_1"):
+        load_ijb_meta(tmp_path / "missing", "ijbb")
+    paths = _write_meta(tmp_path / "faces", faces="a.jpg 1 10\nb.jpg 1\n")
+    with pytest.raises(IJBDataError, match=f"{paths['faces']}:2: expected 'image_name template_id media_id"):
+        load_ijb_meta(tmp_path / "faces", "ijbb")
+    paths = _write_meta(tmp_path / "pairs", pairs="1 2 0\n\n1 x 1\n")
+    with pytest.raises(IJBDataError, match=f"{paths['pairs']}:3: expected 'template_id_1 .*got '1 x 1'"):
+        load_ijb_meta(tmp_path / "pairs", "ijbb")
+    paths = _write_meta(tmp_path / "label", pairs="1 2 0\n\n1 1 2\n")
+    with pytest.raises(IJBDataError, match=f"{paths['pairs']}:3: label 2 is not 0 or 1"):
+        load_ijb_meta(tmp_path / "label", "ijbb")
+    paths = _write_meta(tmp_path / "marks", marks="a.jpg 1 2 3\n")
+    with pytest.raises(IJBDataError, match=f"{paths['landmarks']}:1: expected 'image_name x1 y1"):
+        load_ijb_meta(tmp_path / "marks", "ijbb")
+    paths = _write_meta(tmp_path / "nomark", marks="a.jpg " + "1 " * 11 + "\n")
+    with pytest.raises(IJBDataError, match=f"{paths['landmarks']}: no line for image b.jpg .*2 faces lack"):
+        load_ijb_meta(tmp_path / "nomark", "ijbb")
+    paths = _write_meta(tmp_path / "unknown", pairs="1 2 0\n2 5 0\n")
+    with pytest.raises(IJBDataError, match=f"{paths['pairs']}:2: template 5 has no face"):
+        load_ijb_meta(tmp_path / "unknown", "ijbb")
+    paths = _write_meta(tmp_path / "empty", pairs="\n")
+    with pytest.raises(IJBDataError, match="no pairs"):
+        load_ijb_meta(tmp_path / "empty", "ijbb")
+    with pytest.raises(ValueError, match="not one of ijbb, ijbc"):
+        load_ijb_meta(tmp_path / "faces", "lfw")

@@ -1,0 +1,140 @@
+"""The parts of a run that depend on the training method (``--method``); everything else in train.py is shared.
+
+Each builder returns a :class:`MethodSetup`: the method's model (a ``model.meta_arch.MetaArch``), the configuration
+stored in its checkpoints, its training set and sampler, the data settings checkpoints carry, and the sets the
+clustering validation runs on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from data_loader.recognition import (
+    RECOGNITION_SETS,
+    identity_training_set,
+    labelled_training_set,
+    recognition_data_path,
+)
+from data_loader.sampler import BalancedSampler, ShuffleSampler
+from model.facegcd import build_facegcd, load_facegcd_checkpoint
+from model.meta_arch import MetaArch
+from model.recognition import RecognitionConfig, build_recognizer
+from trainer.args import model_config_from_args
+from trainer.data import data_config, load_datasets
+from utils.checkpoint import load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MethodSetup:
+    """What the shared loop needs from a method.
+
+    Attributes:
+        model: the method (unwrapped).
+        model_config: plain-type configuration stored in checkpoints (``method`` names the method).
+        train_set: the training dataset.
+        sampler: its sampler (``set_epoch``, ``state_dict``).
+        data_config: the data settings and listing facts stored in checkpoints.
+        eval_sets: name -> dataset for the clustering validation (empty when the data has no GCD split).
+        num_classes: K of the validation clustering.
+        num_known: labels below this are old (validation metrics).
+        description: one log line about the data.
+    """
+
+    model: MetaArch
+    model_config: dict[str, Any]
+    train_set: Dataset
+    sampler: Any
+    data_config: dict[str, Any]
+    eval_sets: dict[str, Dataset] = field(default_factory=dict)
+    num_classes: int = 0
+    num_known: int = 0
+    description: str = ""
+
+
+def build_facegcd_setup(args: argparse.Namespace, image_size: int) -> MethodSetup:
+    """FaceGCD on D_L ++ D_U with the balanced sampler."""
+    datasets = load_datasets(args, image_size)
+    config = model_config_from_args(args)
+    model = build_facegcd(
+        config,
+        pretrained_weights=args.pretrained_weights,
+        checkpoint_key=args.checkpoint_key,
+        weights_only=not args.unsafe_load,
+    )
+    if args.initial_checkpoint:
+        load_facegcd_checkpoint(
+            args.initial_checkpoint,
+            model,
+            pretrained_weights=args.pretrained_weights,
+            weights_only=not args.unsafe_load,
+        )
+    labelled = datasets.labelled_mask.new_zeros(len(datasets.train))
+    labelled[: int(datasets.labelled_mask.sum())] = True
+    return MethodSetup(
+        model=model,
+        model_config=config.to_dict(),
+        train_set=datasets.train,
+        sampler=BalancedSampler(labelled, seed=args.seed, mode=args.sampler),
+        data_config=data_config(args, datasets, image_size),
+        eval_sets={"unlabelled": datasets.unlabelled_eval, "test": datasets.test_eval},
+        num_classes=datasets.num_classes,
+        num_known=datasets.num_known,
+        description=(
+            f"{args.dataset}: {datasets.num_classes} classes ({datasets.num_known} known), "
+            f"{int(datasets.labelled_mask.sum())} labelled + {len(datasets.unlabelled_eval)} unlabelled training "
+            f"images, {len(datasets.test_eval)} test images"
+        ),
+    )
+
+
+def build_recognition_setup(args: argparse.Namespace, image_size: int) -> MethodSetup:
+    """Margin-softmax recognition on a GFD benchmark's D_L, or on a whole identity-labelled set."""
+    if args.dataset in RECOGNITION_SETS:
+        data = identity_training_set(args.dataset, recognition_data_path(args), image_size)
+        settings = data.facts
+    else:
+        datasets = load_datasets(args, image_size)
+        data = labelled_training_set(datasets, image_size)
+        settings = {**data_config(args, datasets, image_size), **data.facts}
+    config = RecognitionConfig(
+        arch=args.arch,
+        img_size=image_size,
+        patch_size=args.patch_size,
+        embedding_size=args.embedding_size,
+        num_classes=data.num_classes,
+        head=args.head,
+        head_args=dict(args.head_args),
+        sample_rate=args.sample_rate,
+        dropout=args.dropout,
+    )
+    model = build_recognizer(config, args.pretrained_weights, args.checkpoint_key, weights_only=not args.unsafe_load)
+    if args.initial_checkpoint:
+        model.load_checkpoint_state_dict(
+            load_checkpoint(args.initial_checkpoint, weights_only=not args.unsafe_load)["state_dict"]
+        )
+    gcd = data.gcd
+    return MethodSetup(
+        model=model,
+        model_config=config.to_dict(),
+        train_set=data.train,
+        sampler=ShuffleSampler(len(data.train), seed=args.seed),
+        data_config=settings,
+        eval_sets={} if gcd is None else {"unlabelled": gcd.unlabelled_eval, "test": gcd.test_eval},
+        num_classes=0 if gcd is None else gcd.num_classes,
+        num_known=0 if gcd is None else gcd.num_known,
+        description=f"{args.dataset}: {data.num_classes} identities, {len(data.train)} training images"
+        + ("" if gcd is None else f" (the labelled subset D_L; validation clusters {gcd.num_classes} classes)"),
+    )
+
+
+def build_method(args: argparse.Namespace, image_size: int) -> MethodSetup:
+    """The :class:`MethodSetup` of ``args.method``."""
+    builders = {"facegcd": build_facegcd_setup, "recognition": build_recognition_setup}
+    return builders[args.method](args, image_size)
