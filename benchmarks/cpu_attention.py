@@ -8,6 +8,8 @@ Usage (from the repository root):
     python -m benchmarks.cpu_attention --threads 2
 """
 
+from __future__ import annotations
+
 import argparse
 import statistics
 import sys
@@ -15,6 +17,7 @@ import time
 
 import torch
 
+from benchmarks.common import add_common_args, setup
 from model import PrefixAttention
 
 WIDTHS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
@@ -28,7 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefix-length", type=int, default=10, help="prefix length P (default: 10)")
     parser.add_argument("--batch", type=int, default=64, help="sequences per call (default: 64)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (default: 5)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_common_args(parser, device=False, output=False)
     return parser
 
 
@@ -51,8 +54,7 @@ def time_kernel(kernel: str, dim: int, heads: int, args: argparse.Namespace, tok
 
 def main(args: argparse.Namespace) -> int:
     """Print one line per (arch, tokens, precision): both times and their ratio."""
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    setup(args.threads)
     print(f"threads {torch.get_num_threads()}, batch {args.batch}, P {args.prefix_length}, torch {torch.__version__}")
     print(f"{'arch':<10}{'T':>5}  {'precision':<9}{'explicit ms':>13}{'fused ms':>10}{'ratio':>8}")
     for arch in args.arch:

@@ -21,19 +21,16 @@ Usage: ``python -m benchmarks.pair_scoring --threads 2 --output pair_scoring.jso
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import sklearn
 import torch
 from sklearn.metrics import roc_curve as sklearn_roc_curve
 
+from benchmarks.common import add_common_args, environment, resolve_device, save_results, setup, timed
 from utils.evaluation.ijb import pair_scores
 from utils.evaluation.roc import DEFAULT_FARS, RocCurve, far_label, roc_curve, tar_at_far
 
@@ -43,6 +40,7 @@ IJBB_PROBE_TEMPLATES = 1845
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line arguments of the benchmark."""
     parser = argparse.ArgumentParser(description="Blocked-GEMM pair scoring against gathered dot products.")
     parser.add_argument("--templates", type=int, default=12_115, help="number of templates (default: 12115)")
     parser.add_argument("--pairs", type=int, default=8_010_270, help="number of pairs (default: 8010270)")
@@ -56,10 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--atol", type=float, default=1e-5, help="allowed absolute score difference (default: 1e-5)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each scorer, best kept (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: library default)")
     parser.add_argument("--skip-sklearn", action="store_true", help="skip the insightface/sklearn TAR@FAR check")
-    parser.add_argument("--output", default=None, help="results JSON file (default: log only)")
+    add_common_args(parser)
     return parser
 
 
@@ -90,22 +86,6 @@ def gathered_scores(feats: torch.Tensor, first: torch.Tensor, second: torch.Tens
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[Any, float]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        out = fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return out, best
-
-
 def _roc_and_tars(scores: torch.Tensor, labels: torch.Tensor) -> tuple[RocCurve, dict[float, float]]:
     curve = roc_curve(scores, labels)
     return curve, tar_at_far(curve, fars=DEFAULT_FARS)
@@ -120,7 +100,7 @@ def insightface_tar_at_far(labels: np.ndarray, scores: np.ndarray, fars: tuple[f
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Runs every timing of the module docstring and returns the results dict."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     feats, first, second, labels = make_problem(
         args.templates, args.pairs, args.genuine, args.dim, args.layout, args.seed
     )
@@ -137,11 +117,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     )
     block_bytes = int(args.max_block_mb * 2**20)
     pair_scores(feats, first[:1000], second[:1000], max_block_bytes=block_bytes)  # warm-up
-    ours, ours_s = _best_time(
-        lambda: pair_scores(feats, first, second, max_block_bytes=block_bytes), device, args.repeats
-    )
+    ours, ours_s = timed(lambda: pair_scores(feats, first, second, max_block_bytes=block_bytes), device, args.repeats)
     logger.info("ours (blocked GEMM): %.2f s", ours_s)
-    baseline, baseline_s = _best_time(
+    baseline, baseline_s = timed(
         lambda: gathered_scores(feats, first, second, args.baseline_block), device, args.repeats
     )
     logger.info("baseline (gathered dot products, %d pairs a block): %.2f s", args.baseline_block, baseline_s)
@@ -151,7 +129,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     logger.info("speed-up %.2fx, max |ours - baseline| = %.3g (atol %g)", baseline_s / ours_s, max_diff, args.atol)
 
     labels_dev = labels.to(device)
-    (curve, tars), roc_s = _best_time(lambda: _roc_and_tars(ours, labels_dev), device, args.repeats)
+    (curve, tars), roc_s = timed(lambda: _roc_and_tars(ours, labels_dev), device, args.repeats)
     logger.info("ROC + TAR@FAR on %d scores: %.2f s (%d ROC points)", args.pairs, roc_s, len(curve.fpr))
     results: dict[str, Any] = {
         "ours_seconds": ours_s,
@@ -165,8 +143,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     if not args.skip_sklearn:
         scores_np, labels_np = ours.cpu().numpy(), labels.numpy()
-        reference, sklearn_s = _best_time(
-            lambda: insightface_tar_at_far(labels_np, scores_np, DEFAULT_FARS), torch.device("cpu"), 1
+        reference, sklearn_s = timed(
+            lambda: insightface_tar_at_far(labels_np, scores_np, DEFAULT_FARS), torch.device("cpu")
         )
         dropped = tar_at_far(ours, labels_dev, DEFAULT_FARS, drop_intermediate=True)
         if dropped != reference:
@@ -179,33 +157,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def environment(device: str | None) -> dict[str, Any]:
-    """Library versions, machine and thread settings."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "sklearn": sklearn.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-    }
-
-
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    results = {"args": vars(args), "environment": environment(args.device), "results": run_benchmark(args)}
-    text = json.dumps(results, indent=2)
-    logger.info("results:\n%s", text)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        logger.info("wrote %s", args.output)
+    """Runs the benchmark; logs the results (arguments, environment, timings) and writes them to --output."""
+    setup(args.threads)
+    env = environment(resolve_device(args.device), {"numpy": np.__version__, "sklearn": sklearn.__version__})
+    save_results({"args": vars(args), "environment": env, "results": run_benchmark(args)}, args.output, logger)
     return 0
 
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import add_common_args, environment, save_results, setup
 from model.margin_heads import build_margin_head
 from model.partial_fc import PartialFC
 
@@ -38,16 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 _RESULT_PREFIX = "PARTIAL_FC_RESULT "
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    """Command-line arguments of the benchmark.
-
-    Args:
-        add_help: Add -h/--help.
-
-    Returns:
-        The parser.
-    """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=add_help)
+def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line arguments of the benchmark."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--classes", type=int, nargs="+", default=[100_000, 1_000_000], help="class counts (default: 100000 1000000)"
     )
@@ -58,14 +51,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--dim", type=int, default=512, help="embedding size D (default: 512)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default: 2)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
     parser.add_argument("--seed", type=int, default=0, help="centre and data seed (default: 0)")
     parser.add_argument(
         "--in-process",
         action="store_true",
         help="run the configurations in this process (used by the per-configuration subprocesses; default: off)",
     )
-    parser.add_argument("--output", default=None, help="results JSON file (default: log only)")
+    add_common_args(parser, device=False, threads_default=2)
     return parser
 
 
@@ -138,22 +130,9 @@ def run_in_subprocess(num_classes: int, sample_rate: float, args: argparse.Names
     return json.loads(lines[-1][len(_RESULT_PREFIX) :])
 
 
-def environment(threads: int) -> dict[str, Any]:
-    """Library versions, machine and thread settings."""
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "device": "cpu",
-    }
-
-
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
+    """Runs every configuration (each in its own subprocess unless --in-process) and logs / writes the results."""
+    setup(args.threads)
     results = []
     for num_classes in args.classes:
         for rate in args.sample_rates:
@@ -173,12 +152,8 @@ def main(args: argparse.Namespace) -> int:
             )
             results.append(result)
     if not args.in_process:
-        text = json.dumps({"args": vars(args), "environment": environment(args.threads), "results": results}, indent=2)
-        logger.info("results:\n%s", text)
-        if args.output:
-            with open(args.output, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-            logger.info("wrote %s", args.output)
+        report = {"args": vars(args), "environment": environment(torch.device("cpu")), "results": results}
+        save_results(report, args.output, logger)
     return 0
 
 

@@ -16,13 +16,13 @@ Usage (from the repository root):
     python -m benchmarks.prefix_overhead --arch vit_small --patch 8 --img 112 --batch 32 --output overhead.json
 """
 
+from __future__ import annotations
+
 import argparse
-import json
 import logging
 import platform
 import statistics
 import sys
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -31,6 +31,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.common import add_common_args, cli_main, resolve_device, save_results, setup, synchronize, timed
 from model import FaceGCD, ModelConfig, PrefixAttention, build_facegcd
 from trainer.precision import enable_cuda_tf32
 
@@ -40,16 +41,9 @@ TARGETS = {"time": 1.6, "memory": 1.5}
 AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    """Command-line arguments of the benchmark.
-
-    Args:
-        add_help: Add -h/--help.
-
-    Returns:
-        The parser.
-    """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=add_help)
+def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line arguments of the benchmark."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="vit_small", help="backbone (default: vit_small)")
     parser.add_argument("--patch", type=int, default=8, help="patch size (default: 8)")
     parser.add_argument("--img", type=int, default=112, help="image size (default: 112)")
@@ -74,10 +68,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="attention kernel for CPU training (default: auto, see "
         "model.prefix_attention.PrefixAttention.cpu_training_kernel)",
     )
-    parser.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: 0)")
-    parser.add_argument("--output", default=None, help="also write the JSON results to this file (default: none)")
+    add_common_args(parser)
     return parser
 
 
@@ -94,11 +86,6 @@ def _versions(device: torch.device) -> dict[str, Any]:
         "device_name": name,
         "threads": torch.get_num_threads(),
     }
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _static_bytes(model: FaceGCD, optimizer: torch.optim.Optimizer) -> int:
@@ -165,19 +152,13 @@ def run_variant(
 
     for _ in range(args.warmup):
         step()
-    times = []
-    for _ in range(args.steps):
-        _synchronize(device)
-        start = time.perf_counter()
-        step()
-        _synchronize(device)
-        times.append((time.perf_counter() - start) * 1000.0)
+    times = [timed(step, device)[1] * 1000.0 for _ in range(args.steps)]
 
     static = _static_bytes(model, optimizer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         step()
-        _synchronize(device)
+        synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = static + _cpu_step_peak_bytes(step)
@@ -210,17 +191,15 @@ def main(args: argparse.Namespace) -> int:
     Returns:
         Exit status.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup(args.threads)
     logging.getLogger("model.facegcd").setLevel(logging.ERROR)  # the random-init warning is expected here
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         raise ValueError("--steps must be >= 1, --warmup >= 0 and --batch >= 1")
     if args.prefix_length < 1:
         raise ValueError(f"--prefix-length must be >= 1 for the prefix model, got {args.prefix_length}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if args.amp == "float16" and device.type != "cuda":
         raise ValueError("--amp float16 needs CUDA; use bfloat16 on CPU")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     PrefixAttention.cpu_training_kernel = args.cpu_attention
     if device.type == "cuda":
         enable_cuda_tf32()
@@ -269,13 +248,9 @@ def main(args: argparse.Namespace) -> int:
         "ratios_vs_baseline": ratios,
         "targets": TARGETS,
     }
-    text = json.dumps(report, indent=2, sort_keys=True)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-    print(text)
+    print(save_results(report, args.output, sort_keys=True))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(cli_main(get_args_parser(), main, errors=(ValueError,)))

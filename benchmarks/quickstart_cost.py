@@ -12,17 +12,16 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.common import add_common_args, save_results, setup
 from data_loader import build_gcd_datasets
 from data_loader.synthface import ensure_synthfaces
 from model import ModelConfig, build_facegcd
@@ -43,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default="data/synthfaces_quick", help="synthfaces_quick root (generated if missing)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per recipe (default: 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_common_args(parser, device=False, output=False)
     parser.add_argument("--out", default="", help="also write the results as JSON here")
     return parser
 
@@ -75,9 +74,7 @@ def time_recipe(recipe: dict, args: argparse.Namespace) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     """Time both recipes and print the ratio."""
-    logging.basicConfig(level=logging.WARNING)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    setup(args.threads, level=logging.WARNING)
     ensure_synthfaces(args.data, "synthfaces_quick")
     results = {name: time_recipe(recipe, args) for name, recipe in RECIPES.items()}
     ratio = results["current"]["training_seconds"] / results["previous"]["training_seconds"]
@@ -92,17 +89,16 @@ def main(args: argparse.Namespace) -> int:
             f"{r['seconds_per_step']:>9.3f}{r['training_seconds']:>12.0f}"
         )
     print(f"training cost current / previous: {ratio:.3f}")
-    if args.out:
-        payload = {
-            "results": results,
-            "ratio": ratio,
-            "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "native_bf16": cpu_has_native_bf16(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        }
-        Path(args.out).write_text(json.dumps(payload, indent=2))
+    payload = {
+        "results": results,
+        "ratio": ratio,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_native_bf16(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    save_results(payload, args.out)
     return 0
 
 

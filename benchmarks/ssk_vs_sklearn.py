@@ -19,13 +19,10 @@ Usage: ``python -m benchmarks.ssk_vs_sklearn --n 20000 --dim 256 --k 200 --max-i
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import scipy
@@ -34,6 +31,8 @@ import torch
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from benchmarks import common
+from benchmarks.common import add_common_args, resolve_device, save_results, setup, timed
 from utils.kmeans import kmeans, semi_supervised_kmeans
 
 logger = logging.getLogger(__name__)
@@ -42,6 +41,7 @@ ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENB
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line arguments of the benchmark."""
     parser = argparse.ArgumentParser(description="Our (SS-)k-means against scikit-learn KMeans.")
     parser.add_argument("--n", type=int, default=50_000, help="number of points N (default: 50000)")
     parser.add_argument("--dim", type=int, default=768, help="feature width D (default: 768)")
@@ -59,12 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--noise", type=float, default=0.6, help="noise around the class directions (default: 0.6)")
     parser.add_argument("--seed", type=int, default=0, help="data and k-means seed (default: 0)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch and scikit-learn (default: library defaults)"
-    )
     parser.add_argument("--skip-sklearn", action="store_true", help="time only our implementation")
-    parser.add_argument("--output", default=None, help="results JSON file (default: log only)")
+    add_common_args(parser)
     return parser
 
 
@@ -77,19 +73,6 @@ def make_features(n: int, dim: int, k: int, noise: float, seed: int) -> tuple[to
     return torch.nn.functional.normalize(x, dim=1), labels
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - start
-
-
 def bare_mm_rate(x: torch.Tensor, k: int, repeats: int) -> dict[str, float]:
     """Seconds and GFLOP/s of torch.mm (N, D) x (D, K) in float32 (TF32 off), after two warm-up calls."""
     centres_t = x[:k].t().contiguous()
@@ -99,7 +82,7 @@ def bare_mm_rate(x: torch.Tensor, k: int, repeats: int) -> dict[str, float]:
     try:
         for _ in range(2):
             torch.mm(x, centres_t)
-        _, seconds = _timed(lambda: [torch.mm(x, centres_t) for _ in range(repeats)], x.device)
+        _, seconds = timed(lambda: [torch.mm(x, centres_t) for _ in range(repeats)], x.device)
     finally:
         torch.backends.cuda.matmul.fp32_precision = prev
     per_call = seconds / repeats
@@ -115,7 +98,7 @@ def lloyd_rate(x: torch.Tensor, k: int, iters: int, device: torch.device) -> dic
     start = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))[:k]]
 
     def fit(n_iter: int) -> float:
-        return _timed(
+        return timed(
             lambda: kmeans(x, k, n_init=1, max_iter=n_iter, tol=0.0, init_centres=start, device=device, progress=False),
             device,
         )[1]
@@ -131,7 +114,7 @@ def lloyd_rate(x: torch.Tensor, k: int, iters: int, device: torch.device) -> dic
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Runs every timing of the module docstring and returns the results dict."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     x_cpu, labels = make_features(args.n, args.dim, args.k, args.noise, args.seed)
     x = x_cpu.to(device)
     logger.info(
@@ -152,12 +135,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     fit_kwargs = dict(
         n_init=args.n_init, max_iter=args.max_iter, tol=args.tol, seed=args.seed, device=device, progress=False
     )
-    ours, ours_s = _timed(lambda: kmeans(x, args.k, **fit_kwargs), device)
+    ours, ours_s = timed(lambda: kmeans(x, args.k, **fit_kwargs), device)
     logger.info("torch kmeans: %.2f s, %d iterations (best restart), inertia %.4f", ours_s, ours.n_iter, ours.inertia)
 
     gen = torch.Generator().manual_seed(args.seed + 1)
     labelled = (labels < args.k // 2) & (torch.rand(args.n, generator=gen) < args.labelled_frac)
-    ss, ss_s = _timed(lambda: semi_supervised_kmeans(x, args.k, labels.to(device), labelled, **fit_kwargs), device)
+    ss, ss_s = timed(lambda: semi_supervised_kmeans(x, args.k, labels.to(device), labelled, **fit_kwargs), device)
     logger.info(
         "torch SS-kmeans: %.2f s, %d iterations, M=%d labelled classes", ss_s, ss.n_iter, ss.labelled_classes.numel()
     )
@@ -186,7 +169,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             algorithm="lloyd",
         )
         with threadpool_limits(limits=args.threads):
-            _, sk_s = _timed(lambda: model.fit(x_np), torch.device("cpu"))
+            _, sk_s = timed(lambda: model.fit(x_np), torch.device("cpu"))
         results["sklearn_kmeans"] = {"seconds": sk_s, "n_iter": int(model.n_iter_), "inertia": float(model.inertia_)}
         results["speedup_vs_sklearn"] = sk_s / ours_s
         logger.info(
@@ -200,35 +183,20 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def environment(device: str | None) -> dict[str, Any]:
-    """Library versions, machine and thread settings."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "sklearn": sklearn.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "threadpools": threadpool_info(),
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "env": {name: os.environ.get(name) for name in ENV_VARS},
-    }
+    """Library versions, machine, thread pools (threadpoolctl) and thread variables of a run on ``--device``."""
+    return common.environment(
+        resolve_device(device),
+        {"sklearn": sklearn.__version__, "numpy": np.__version__, "scipy": scipy.__version__},
+        threadpools=threadpool_info(),
+        env={name: os.environ.get(name) for name in ENV_VARS},
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    results = {"args": vars(args), "environment": environment(args.device), "results": run_benchmark(args)}
-    text = json.dumps(results, indent=2)
-    logger.info("results:\n%s", text)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        logger.info("wrote %s", args.output)
+    """Runs the benchmark; logs the results (arguments, environment, timings) and writes them to --output."""
+    setup(args.threads)
+    report = {"args": vars(args), "environment": environment(args.device), "results": run_benchmark(args)}
+    save_results(report, args.output, logger)
     return 0
 
 

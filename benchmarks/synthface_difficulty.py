@@ -11,7 +11,6 @@ Usage: ``python -m benchmarks.synthface_difficulty --ids 100 --train-per-id 20 -
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import PIL
 
+from benchmarks.common import cli_main, save_results, setup
 from data_loader.synthface import (
     GENERATOR_VERSION,
     generate_synthfaces,
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line arguments of the benchmark."""
     parser = argparse.ArgumentParser(description="SynthFaces generation speed and pixel 1-NN difficulty.")
     parser.add_argument("--ids", type=int, default=100, help="number of identities (default: 100)")
     parser.add_argument("--train-per-id", type=int, default=20, help="training images per identity (default: 20)")
@@ -110,23 +111,15 @@ def run_benchmark(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Runs the benchmark in a scratch folder; logs the results and writes them to --output."""
+    setup(threads=None)
     if args.data_dir and Path(args.data_dir).exists():
         raise FileExistsError(f"--data-dir {args.data_dir} already exists; expected a new folder")
     with tempfile.TemporaryDirectory(prefix="synthface_bench_") as tmp:
         results = run_benchmark(args, Path(tmp))
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    logger.info("results:\n%s", json.dumps(results, indent=2))
-    logger.info("wrote %s", output)
+    save_results(results, args.output, logger)
     return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = get_args_parser()
-    cli_args = parser.parse_args()
-    try:
-        sys.exit(main(cli_args))
-    except (ValueError, FileExistsError) as err:
-        parser.error(str(err))
+    sys.exit(cli_main(get_args_parser(), main, errors=(ValueError, FileExistsError)))

@@ -74,9 +74,35 @@ def _encode(image: Image.Image, quality: int = _JPEG_QUALITY) -> bytes:
     return buffer.getvalue()
 
 
-def _check_nuisance(nuisance: float) -> None:
+def _check_population(seed: int, identities: int, first_identity: int, nuisance: float) -> None:
+    """Checks the arguments both writers take: which SynthFaces identities to render, and how."""
+    _check_int("seed", seed, 0)
+    _check_int("identities", identities, 2)
+    _check_int("first_identity", first_identity, 0)
     if not isinstance(nuisance, (int, float)) or isinstance(nuisance, bool) or not 0.0 <= nuisance <= 3.0:
         raise ValueError(f"SynthFaces protocols: nuisance (--nuisance) must be a number in [0, 3], got {nuisance!r}")
+
+
+def _render(
+    seed: int, identity: int, stream: tuple[int, ...], size: int, nuisance: float
+) -> tuple[Image.Image, np.ndarray]:
+    """One SynthFaces render of `identity` (prototypes of `seed`).
+
+    Args:
+        seed: SynthFaces seed.
+        identity: identity id.
+        stream: domain tag and indices; the render's pose, expression, lighting, ... are drawn from the generator
+            seeded with ``[seed, *stream]``.
+        size: image side in pixels.
+        nuisance: nuisance strength.
+
+    Returns:
+        The decoded RGB image and its (5, 2) true landmarks in pixels.
+    """
+    rng = np.random.default_rng([seed, *stream])
+    data, landmarks = _render_face(_make_identity(seed, identity), rng, size, nuisance)
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB"), landmarks
 
 
 def detector_score(landmarks: np.ndarray) -> float:
@@ -98,10 +124,8 @@ def detector_score(landmarks: np.ndarray) -> float:
 
 
 def _aligned_face_bytes(seed: int, identity: int, index: int, size: int, nuisance: float) -> bytes:
-    rng = np.random.default_rng([seed, _TAG_PAIR_IMAGES, identity, index])
-    data, landmarks = _render_face(_make_identity(seed, identity), rng, size, nuisance)
-    with Image.open(io.BytesIO(data)) as img:
-        return _encode(align_face(img, landmarks))
+    image, landmarks = _render(seed, identity, (_TAG_PAIR_IMAGES, identity, index), size, nuisance)
+    return _encode(align_face(image, landmarks))
 
 
 def write_synthface_pair_set(
@@ -132,13 +156,10 @@ def write_synthface_pair_set(
     Returns:
         A summary dict (path, counts, parameters).
     """
-    _check_int("seed", seed, 0)
-    _check_int("identities", identities, 2)
+    _check_population(seed, identities, first_identity, nuisance)
     _check_int("pairs", pairs, 2)
     _check_int("images_per_identity", images_per_identity, 2)
     _check_int("size", size, 32, 1024)
-    _check_int("first_identity", first_identity, 0)
-    _check_nuisance(nuisance)
     if pairs % 2:
         raise ValueError(f"SynthFaces protocols: pairs (--pairs) must be even (half genuine), got {pairs}")
     rng = np.random.default_rng([seed, _TAG_PAIR_SAMPLING, first_identity])
@@ -179,10 +200,7 @@ def _media_frames(
     seed: int, identity: int, template: int, media: int, frames: int, size: int, nuisance: float
 ) -> list[tuple[bytes, np.ndarray]]:
     """The frames of one media clip: (JPEG bytes, (5, 2) landmarks) each."""
-    rng = np.random.default_rng([seed, _TAG_IJB_MEDIA, identity, template, media])
-    data, landmarks = _render_face(_make_identity(seed, identity), rng, size, nuisance)
-    with Image.open(io.BytesIO(data)) as img:
-        base = img.convert("RGB")
+    base, landmarks = _render(seed, identity, (_TAG_IJB_MEDIA, identity, template, media), size, nuisance)
     centre = np.array([(size - 1) / 2.0, (size - 1) / 2.0])
     out = []
     for frame in range(frames):
@@ -258,16 +276,13 @@ def write_synthface_ijb(
     """
     if name not in IJB_NAMES:
         raise ValueError(f"SynthFaces protocols: name (--name) must be one of {', '.join(IJB_NAMES)}, got {name!r}")
-    _check_int("seed", seed, 0)
-    _check_int("identities", identities, 2)
+    _check_population(seed, identities, first_identity, nuisance)
     _check_int("templates_per_identity", templates_per_identity, 2)
     _check_int("media_per_template", media_per_template, 1)
     _check_int("images_per_media", images_per_media, 1)
     _check_int("loose_size", loose_size, 32, 1024)
-    _check_int("first_identity", first_identity, 0)
     if impostor_pairs is not None:
         _check_int("impostor_pairs", impostor_pairs, 1)
-    _check_nuisance(nuisance)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"SynthFaces protocols: --out {out} exists and is not an empty folder")

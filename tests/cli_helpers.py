@@ -1,11 +1,17 @@
-"""Helpers for tests that run the top-level scripts as real subprocesses (plain python or torchrun)."""
+"""Helpers for tests that run scripts as real subprocesses (python or torchrun) and load test worker scripts."""
 
+from __future__ import annotations
+
+import importlib.util
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import ModuleType
+from typing import Mapping, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,6 +38,15 @@ TINY_MODEL_ARGS = [
 ]
 
 
+def load_worker(path: str | os.PathLike) -> ModuleType:
+    """Import a test's worker script (not a package module) by path, to reuse its data builders in the parent test."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface for torchrun's rendezvous."""
     with socket.socket() as sock:
@@ -39,12 +54,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def script_command(script: str, args: list[str], nproc: int = 1) -> list[str]:
-    """The command line that runs ``script`` (relative to the repository root), with torchrun when nproc > 1."""
+def script_command(script: str | os.PathLike, args: Sequence[str | os.PathLike], nproc: int = 1) -> list[str]:
+    """The command running ``script`` (repository-relative or absolute), with torchrun on a free port if nproc > 1."""
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
-    return cmd + [os.path.join(ROOT, script), *args]
+    return cmd + [os.path.join(ROOT, script), *map(os.fspath, args)]
 
 
 def script_env() -> dict[str, str]:
@@ -52,13 +67,49 @@ def script_env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=ROOT)
 
 
-def run_cli(script: str, args: list[str], nproc: int = 1, check: bool = True, timeout: int = 600):
-    """Run a script to completion; with ``check``, a non-zero exit fails the test with the script's output."""
+def run_cli(
+    script: str | os.PathLike,
+    args: Sequence[str | os.PathLike],
+    nproc: int = 1,
+    check: bool = True,
+    timeout: float = 600,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run a script to completion from the repository root, in `script_env` updated with ``env``.
+
+    With ``check``, a non-zero exit fails the test with the command and the script's output.
+    """
     cmd = script_command(script, args, nproc)
-    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**script_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def run_torchrun_worker(
+    worker: str | os.PathLike,
+    args: Sequence[str | os.PathLike],
+    nproc: int = 2,
+    timeout: float = 110,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run a test's worker script in ``nproc`` processes with ``torch.distributed.run`` (one thread each).
+
+    Args:
+        worker: the worker script (absolute, or relative to the repository root).
+        args: its arguments (paths are converted).
+        nproc: number of processes (>= 2).
+        timeout: seconds before the run is killed (keep it under the test's own timeout).
+        env: extra environment variables.
+
+    Returns:
+        The finished process; a non-zero exit has already failed the test with the workers' output.
+    """
+    if nproc < 2:
+        raise ValueError(f"run_torchrun_worker: nproc must be >= 2, got {nproc}")
+    return run_cli(worker, args, nproc=nproc, timeout=timeout, env=env)
 
 
 def kill_when_written(script: str, args: list[str], path, timeout: float = 300.0) -> None:

@@ -1,8 +1,6 @@
 """GCD datasets on small generated trees: listing order, class split, labelled subset, items and transforms."""
 
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import ROOT, free_port, script_env
+from cli_helpers import run_torchrun_worker
 from data_loader import build_gcd_datasets
 from data_loader.recordio import write_recordio
 from data_loader.registry import DATASET_REGISTRY, BenchmarkSpec, KnownRule, Layout
@@ -100,20 +98,7 @@ def test_two_ranks_build_the_same_benchmark_and_only_rank_0_verifies(tmp_path):
     out.mkdir()
     _write_tree(root, ["d_id", "a_id", "c_id", "b_id", "e_id"], n_train=4, n_test=2)
     bad = root / "test" / "c_id" / "img_1.jpg"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        str(DIST_WORKER),
-        str(root),
-        str(out),
-        str(bad),
-    ]
-    env = dict(script_env(), XDG_CACHE_HOME=str(tmp_path / "cache"))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_torchrun_worker(DIST_WORKER, [root, out, bad], timeout=170, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     # the first build: rank 0 opened every image once, rank 1 none; both built the same benchmark
     assert ranks[0]["opened"] == 5 * (4 + 2) and ranks[1]["opened"] == 0

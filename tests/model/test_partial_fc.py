@@ -1,38 +1,18 @@
 """Partial FC: equality with a plain full classifier (1 and 2 processes), sampling, errors, checkpoint helpers."""
 
-import importlib.util
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cli_helpers import load_worker, run_torchrun_worker
 from model.margin_heads import build_margin_head
 from model.partial_fc import INIT_BLOCK, PartialFC
 from utils.kmeans import contiguous_shard
 
-REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_partial_fc_dist_worker.py")
-
-
-def _load_worker():
-    spec = importlib.util.spec_from_file_location("_partial_fc_dist_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load_worker()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+worker = load_worker(WORKER)
 
 
 def full_classifier_step(head, embeddings, labels, weight):
@@ -207,18 +187,7 @@ def test_cuda_matches_cpu(name):
 @pytest.mark.timeout(120)
 def test_two_processes(tmp_path):
     out = tmp_path / "pfc.pt"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        str(WORKER),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=110)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun_worker(WORKER, [out], timeout=110)
     saved = torch.load(out, weights_only=True)
 
     # (a) r = 1: same loss, embedding gradients, centre gradients and head buffers as one full classifier

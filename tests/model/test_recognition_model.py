@@ -1,17 +1,15 @@
 """FaceRecognizer: the recognition method's model (embedding backbone + Partial FC), its checkpoints and DDP."""
 
-import os
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import free_port
 
+from cli_helpers import run_torchrun_worker
 from model.recognition import FaceRecognizer, RecognitionConfig, recognizer_from_checkpoint
 from utils.checkpoint import CheckpointError
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORKER = Path(__file__).with_name("_recognizer_dist_worker.py")
 CONFIG = dict(arch="vit_tiny", img_size=32, patch_size=16, embedding_size=16, num_classes=5, head="arcface")
 
 
@@ -67,19 +65,7 @@ def test_two_processes_give_the_backbone_and_centre_gradients_of_one(tmp_path):
     out = model(batch["images"], batch["labels"])
     out["loss"].backward()
     torch.save({**batch, "config": CONFIG}, tmp_path / "batch.pt")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        os.path.join(REPO, "tests", "model", "_recognizer_dist_worker.py"),
-        str(tmp_path / "batch.pt"),
-        str(tmp_path / "out.pt"),
-    ]
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun_worker(WORKER, [tmp_path / "batch.pt", tmp_path / "out.pt"], timeout=120)
     dist = torch.load(tmp_path / "out.pt", weights_only=True)
     torch.testing.assert_close(dist["loss"], out["loss"].detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dist["centres"], model.partial_fc.weight.grad, rtol=1e-4, atol=1e-6)

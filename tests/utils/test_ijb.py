@@ -1,6 +1,7 @@
 """Tests for utils/evaluation/ijb.py: feature switches, template pooling by hand, blocked pair scoring, meta errors."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -122,30 +123,27 @@ def test_meta_reads_a_well_formed_folder(tmp_path):
     assert meta.pairs.tolist() == [[1, 2], [1, 1]] and meta.labels.tolist() == [False, True]
 
 
-def test_meta_errors_name_the_file_line_and_expectation(tmp_path):
-    paths = _write_meta(tmp_path / "missing", pairs=None)
-    with pytest.raises(IJBDataError, match=f"missing IJB meta file {paths['pairs']}; expected lines 'template_id_1"):
-        load_ijb_meta(tmp_path / "missing", "ijbb")
-    paths = _write_meta(tmp_path / "faces", faces="a.jpg 1 10\nb.jpg 1\n")
-    with pytest.raises(IJBDataError, match=f"{paths['faces']}:2: expected 'image_name template_id media_id"):
-        load_ijb_meta(tmp_path / "faces", "ijbb")
-    paths = _write_meta(tmp_path / "pairs", pairs="1 2 0\n\n1 x 1\n")
-    with pytest.raises(IJBDataError, match=f"{paths['pairs']}:3: expected 'template_id_1 .*got '1 x 1'"):
-        load_ijb_meta(tmp_path / "pairs", "ijbb")
-    paths = _write_meta(tmp_path / "label", pairs="1 2 0\n\n1 1 2\n")
-    with pytest.raises(IJBDataError, match=f"{paths['pairs']}:3: label 2 is not 0 or 1"):
-        load_ijb_meta(tmp_path / "label", "ijbb")
-    paths = _write_meta(tmp_path / "marks", marks="a.jpg 1 2 3\n")
-    with pytest.raises(IJBDataError, match=f"{paths['landmarks']}:1: expected 'image_name x1 y1"):
-        load_ijb_meta(tmp_path / "marks", "ijbb")
-    paths = _write_meta(tmp_path / "nomark", marks="a.jpg " + "1 " * 11 + "\n")
-    with pytest.raises(IJBDataError, match=f"{paths['landmarks']}: no line for image b.jpg .*2 faces lack"):
-        load_ijb_meta(tmp_path / "nomark", "ijbb")
-    paths = _write_meta(tmp_path / "unknown", pairs="1 2 0\n2 5 0\n")
-    with pytest.raises(IJBDataError, match=f"{paths['pairs']}:2: template 5 has no face"):
-        load_ijb_meta(tmp_path / "unknown", "ijbb")
-    paths = _write_meta(tmp_path / "empty", pairs="\n")
-    with pytest.raises(IJBDataError, match="no pairs"):
-        load_ijb_meta(tmp_path / "empty", "ijbb")
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        (dict(pairs=None), "missing IJB meta file {pairs}; expected lines 'template_id_1"),
+        (dict(faces="a.jpg 1 10\nb.jpg 1\n"), "{faces}:2: expected 'image_name template_id media_id"),
+        (dict(pairs="1 2 0\n\n1 x 1\n"), "{pairs}:3: expected 'template_id_1 .*got '1 x 1'"),
+        (dict(pairs="1 2 0\n\n1 1 2\n"), "{pairs}:3: label 2 is not 0 or 1"),
+        (dict(marks="a.jpg 1 2 3\n"), "{landmarks}:1: expected 'image_name x1 y1"),
+        (dict(marks="a.jpg " + "1 " * 11 + "\n"), "{landmarks}: no line for image b.jpg .*2 faces lack"),
+        (dict(pairs="1 2 0\n2 5 0\n"), "{pairs}:2: template 5 has no face"),
+        (dict(pairs="\n"), "no pairs"),
+    ],
+    ids=["missing", "faces", "pairs", "label", "marks", "nomark", "unknown", "empty"],
+)
+def test_meta_errors_name_the_file_line_and_expectation(tmp_path, files, message):
+    paths = _write_meta(tmp_path, **files)
+    with pytest.raises(IJBDataError, match=message.format(**{kind: re.escape(str(p)) for kind, p in paths.items()})):
+        load_ijb_meta(tmp_path, "ijbb")
+
+
+def test_meta_refuses_unknown_benchmark_names(tmp_path):
+    _write_meta(tmp_path)
     with pytest.raises(ValueError, match="not one of ijbb, ijbc"):
-        load_ijb_meta(tmp_path / "faces", "lfw")
+        load_ijb_meta(tmp_path, "lfw")
