@@ -84,13 +84,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="output root; features go to <save_dir>/<experiment>/ (default: results)",
     )
     group.add_argument(
-        "--landmark_cnn",
-        "--landmark-cnn",
-        dest="landmark_cnn",
-        action="store_true",
-        help="landmark front end; the checkpoint's model_config decides (docs/method.md, section 10)",
-    )
-    group.add_argument(
         "--features",
         choices=("model", "pixels"),
         default="model",
@@ -123,10 +116,12 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
             pretrained_weights=args.pretrained_weights,
             checkpoint_key=args.checkpoint_key,
             weights_only=weights_only,
+            landmark_weights=args.landmark_weights if args.landmark_cnn else None,
         )
         return model.to(device).eval(), cli_config, {"checkpoint": None}
     method, ckpt = checkpoint_method(args.checkpoint_weights, weights_only=weights_only)
     if method == "recognition":
+        _check_front_end(args, False)
         model = recognizer_from_checkpoint(ckpt, args.checkpoint_weights)
         source = {"checkpoint": str(args.checkpoint_weights), "epoch": ckpt.get("epoch")}
         if ckpt.get("data_config", {}).get("train_set") == "all":
@@ -149,14 +144,21 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
         given, stored = getattr(args, flag), getattr(config, field)
         if flag in explicit and given != stored:
             logger.warning("--%s %s disagrees with the checkpoint's %s; the checkpoint wins", flag, given, stored)
-    if args.landmark_cnn:
-        logger.warning("--landmark_cnn: this checkpoint has no landmark front end; extracting without it")
+    _check_front_end(args, config.landmark_cnn)
     source = {
         "checkpoint": str(args.checkpoint_weights),
         "epoch": ckpt.get("epoch"),
         "data_config": ckpt.get("data_config"),
     }
     return model.to(device).eval(), config, source
+
+
+def _check_front_end(args: argparse.Namespace, trained_with: bool) -> None:
+    """``--landmark_cnn`` must match the checkpoint: the front end changes what every patch token sees."""
+    if bool(args.landmark_cnn) != trained_with:
+        state = "has the landmark front end" if trained_with else "was trained without the landmark front end"
+        fix = "add --landmark_cnn" if trained_with else "drop --landmark_cnn"
+        raise CheckpointError(f"{args.checkpoint_weights} {state} (--landmark_cnn); {fix}")
 
 
 def explicit_flags(args: argparse.Namespace) -> set[str]:

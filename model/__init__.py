@@ -12,6 +12,7 @@ from model.conditioner import FrozenConditioner  # noqa: E402
 from model.facegcd import FaceGCD, ModelConfig, build_facegcd, infer_model_config  # noqa: E402
 from model.head import DINOHead, WeightNormLinear  # noqa: E402
 from model.iresnet import IResNet  # noqa: E402
+from model.landmark import LandmarkCNN, LandmarkFrontEnd, landmark_mosaic  # noqa: E402
 from model.losses import gcd_loss, info_nce_loss, supcon_loss  # noqa: E402
 from model.prefix_attention import PrefixAttention, PrefixBlock  # noqa: E402
 from model.prefix_generator import PrefixGenerator, PrefixHyperNet  # noqa: E402
@@ -29,6 +30,8 @@ __all__ = [
     "FaceGCD",
     "FrozenConditioner",
     "IResNet",
+    "LandmarkCNN",
+    "LandmarkFrontEnd",
     "ModelConfig",
     "PrefixAttention",
     "PrefixBlock",
@@ -41,6 +44,7 @@ __all__ = [
     "gcd_loss",
     "info_nce_loss",
     "infer_model_config",
+    "landmark_mosaic",
     "list_backbones",
     "load_pretrained_backbone",
     "supcon_loss",

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from model.conditioner import FrozenConditioner
 from model.head import DINOHead
+from model.landmark import LANDMARK_ORIENTATIONS, LandmarkFrontEnd, load_landmark_weights
 from model.meta_arch import MetaArch
 from model.losses import gcd_loss
 from model.prefix_generator import EVAL_PROMPTS, INITIALIZERS, PrefixGenerator
@@ -31,6 +32,7 @@ _WIDTH_TO_ARCH = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
 _EVAL_PROMPT_BUFFERS = ("backbone.prefix_generator.eval_prompt_key", "backbone.prefix_generator.eval_prompt_value")
 # ModelConfig fields that fix parameter shapes or names: a checkpoint fits a built model only if they agree.
 _SHAPE_FIELDS = (
+    "landmark_cnn",
     "arch",
     "patch_size",
     "img_size",
@@ -62,6 +64,9 @@ class ModelConfig:
         temperature: InfoNCE temperature (1.0).
         sup_con_temperature: SupCon temperature and base temperature (0.07).
         contrast_unlabel_only: InfoNCE on unlabelled samples only.
+        landmark_cnn: the frozen landmark front end (`--landmark_cnn`): a landmark CNN predicts (S/p)^2 landmarks
+            and their p x p tiles form the mosaic both ViT passes see (docs/method.md, section 6).
+        landmark_tiles: tile orientation of the mosaic, "natural" or "reference" (transposed tiles).
     """
 
     arch: str = "vit_base"
@@ -80,6 +85,8 @@ class ModelConfig:
     temperature: float = 1.0
     sup_con_temperature: float = 0.07
     contrast_unlabel_only: bool = False
+    landmark_cnn: bool = False
+    landmark_tiles: str = "natural"
 
     def __post_init__(self) -> None:
         self.freeze = tuple(self.freeze)
@@ -96,6 +103,10 @@ class ModelConfig:
             (self.hypernet_hidden_dim > 0, f"hypernet_hidden_dim {self.hypernet_hidden_dim} (expected > 0)"),
             (0.0 <= self.sup_con_weight <= 1.0, f"sup_con_weight {self.sup_con_weight} (expected in [0, 1])"),
             (self.temperature > 0 and self.sup_con_temperature > 0, "temperatures must be > 0"),
+            (
+                self.landmark_tiles in LANDMARK_ORIENTATIONS,
+                f"landmark_tiles {self.landmark_tiles!r} (expected one of {LANDMARK_ORIENTATIONS})",
+            ),
         ]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
@@ -155,6 +166,9 @@ class FaceGCD(MetaArch):
         """
         super().__init__()
         self.cfg = cfg
+        self.front_end: Optional[LandmarkFrontEnd] = None
+        if cfg.landmark_cnn:
+            self.front_end = LandmarkFrontEnd(cfg.img_size, cfg.patch_size, orientation=cfg.landmark_tiles, frozen=True)
         self.backbone = backbone
         self.conditioner: Optional[FrozenConditioner] = None
         if cfg.prefix_length > 0:
@@ -222,6 +236,8 @@ class FaceGCD(MetaArch):
         Returns:
             (N, D).
         """
+        if self.front_end is not None:
+            images = self.front_end(images)
         tokens = self.backbone.embed_tokens(images)
         return self.backbone.forward_head(self.backbone.forward_tokens(tokens, self.prefixes(tokens)))
 
@@ -360,6 +376,7 @@ def build_facegcd(
     checkpoint_key: str = "teacher",
     *,
     weights_only: bool = True,
+    landmark_weights: Optional[Union[str, Path]] = None,
 ) -> FaceGCD:
     """Build the backbone, load pretrained weights (if given) and assemble the FaceGCD model.
 
@@ -368,6 +385,8 @@ def build_facegcd(
         pretrained_weights: DINO/timm/FaceGCD checkpoint for the backbone; None = random init (with a warning).
         checkpoint_key: Entry of a full DINO checkpoint (`teacher` or `student`).
         weights_only: Safe loading of `pretrained_weights`; False for `--unsafe-load`.
+        landmark_weights: landmark CNN weights in the reference format (`--landmark-weights`) for a model with the
+            front end; None keeps its random initialisation (a checkpoint's own copy is loaded afterwards).
 
     Returns:
         The model (on CPU).
@@ -378,6 +397,8 @@ def build_facegcd(
     else:
         load_pretrained_backbone(backbone, pretrained_weights, checkpoint_key, weights_only=weights_only)
     model = FaceGCD(cfg, backbone)
+    if landmark_weights is not None and model.front_end is not None:
+        load_landmark_weights(landmark_weights, model.front_end, weights_only=weights_only)
     n_train = sum(p.numel() for p in model.trainable_parameters())
     n_total = sum(p.numel() for p in model.parameters())
     logger.info(

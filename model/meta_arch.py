@@ -32,6 +32,20 @@ class MetaArch(nn.Module):
         device_ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(self, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
 
+    def begin_epoch(self, epoch: int) -> None:
+        """Called before each training epoch (epoch-dependent losses: temperatures, regularisation weights)."""
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, progress: float) -> None:
+        """Called after backward (and clipping), before each optimiser step.
+
+        Args:
+            optimizer: the optimiser about to step (per-step schedules such as weight decay).
+            progress: training progress in epochs, ``epoch + step / steps_per_epoch``.
+        """
+
+    def after_optimizer_step(self, progress: float) -> None:
+        """Called after each optimiser step (e.g. an EMA teacher update); ``progress`` as above."""
+
     def no_sync(self) -> ContextManager:
         """Skip gradient synchronisation (gradient accumulation); a no-op unless a method wraps parts in DDP."""
         return contextlib.nullcontext()

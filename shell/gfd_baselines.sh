@@ -16,7 +16,9 @@ DATASET=synthfaces_quick
 DATA=data/$DATASET
 OUT=output/gfd_baselines
 RES=results/gfd_baselines
-rm -rf "$OUT" "$RES"
+# A rerun continues each training from its last.pth.tar (exact resume; a finished one is kept); FRESH=1 starts over.
+[ "${FRESH:-0}" = 1 ] && rm -rf "$OUT" "$RES"
+resume() { [ -f "$OUT/$1/last.pth.tar" ] && echo --resume "$OUT/$1/last.pth.tar"; true; }
 VIT=(--arch vit_tiny --patch_size 16 --input-size 3 48 48)
 COMMON=(--dataset "$DATASET" --data-path "$DATA" --workers 0)
 SCHEDULE=(--opt adamw --weight-decay 0.05 --warmup-epochs 3 --epochs 28 --batch-size 64 --clip-grad 1.0
@@ -29,11 +31,11 @@ stamp "== data: $DATASET in $DATA"
 
 stamp "== ArcFace on D_L (the FaceGCD paper's baseline)"
 "$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${SCHEDULE[@]}" --method recognition --head arcface --embedding-size 192 \
-  --lr 1e-3 --epochs 112 --experiment arcface
+  --lr 1e-3 --epochs 112 --experiment arcface $(resume arcface)
 stamp "== GCD: the same contrastive training without prefixes"
-"$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${SCHEDULE[@]}" "${GCD[@]}" --prefix_length 0 --experiment gcd
+"$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${SCHEDULE[@]}" "${GCD[@]}" --prefix_length 0 --experiment gcd $(resume gcd)
 stamp "== FaceGCD: prefixes from the HyperNetwork (the quickstart's recipe)"
-"$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${SCHEDULE[@]}" "${GCD[@]}" --prefix_length 4 --experiment facegcd
+"$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${SCHEDULE[@]}" "${GCD[@]}" --prefix_length 4 --experiment facegcd $(resume facegcd)
 
 for run in arcface gcd facegcd; do
   stamp "== extraction and SSK: $run"

@@ -1,6 +1,7 @@
 """extract_features.py and SSK.py on a real (tiny) trained checkpoint, single- and multi-process."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,21 +53,29 @@ def test_two_process_extraction_equals_single_process_without_duplicates(tiny_ru
     assert meta["train"]["rows"] == 48 and meta["train"]["model_config"]["layer_embed"] is True
 
 
-def test_reference_extraction_command_runs_verbatim_and_checkpoint_config_wins(tiny_run, tmp_path, run_script):
-    """The reference command omits --layer-embed and adds --landmark_cnn; the checkpoint's config decides."""
-    reference = (
-        "--pretrained --return-embed --save-images --pin-mem --experiment gcd_synth_pretrain_prefix10 --amp "
-        "--prefix_tuning --prefix_length 10 --data-path DATA --dataset synthfaces_tiny --amp-impl apex "
-        "--save_dir SAVE --landmark_cnn --pretrained_weights checkpoint.pth --checkpoint_weights CKPT "
-        "--patch_size 16 --input-size 3 32 32"
+REFERENCE_EXTRACTION = (
+    "--pretrained --return-embed --save-images --pin-mem --experiment gcd_synth_pretrain_prefix10 --amp "
+    "--prefix_tuning --prefix_length 10 --data-path DATA --dataset synthfaces_tiny --amp-impl apex "
+    "--save_dir SAVE --landmark_cnn --pretrained_weights checkpoint.pth --checkpoint_weights CKPT "
+    "--patch_size 16 --input-size 3 32 32"
+)
+
+
+def reference_extraction_args(data: str, save: Path, checkpoint: Path) -> list[str]:
+    """The reference's documented extraction command with its paths pointing at existing things."""
+    return (
+        REFERENCE_EXTRACTION.replace("DATA", data).replace("SAVE", str(save)).replace("CKPT", str(checkpoint)).split()
     )
-    args = (
-        reference.replace("DATA", tiny_run["data"])
-        .replace("SAVE", str(tmp_path))
-        .replace("CKPT", str(tiny_run["checkpoint"]))
-        .split()
-    )
-    proc = run_script("extract_features.py", args + ["--workers", "0"])
+
+
+def test_reference_extraction_command_on_a_model_without_the_front_end_says_so(tiny_run, tmp_path, run_script):
+    """The reference command adds --landmark_cnn; a checkpoint trained without the landmark front end refuses it."""
+    args = reference_extraction_args(tiny_run["data"], tmp_path, tiny_run["checkpoint"])
+    proc = run_script("extract_features.py", args + ["--workers", "0"], check=False)
+    assert proc.returncode == 2
+    assert "was trained without the landmark front end (--landmark_cnn); drop --landmark_cnn" in proc.stderr
+    # without the flag the command runs, and the checkpoint's config wins over the other model flags
+    proc = run_script("extract_features.py", [a for a in args if a != "--landmark_cnn"] + ["--workers", "0"])
     assert "--prefix_length 10 disagrees with the checkpoint's 2" in proc.stderr
     train = _load(tmp_path / "gcd_synth_pretrain_prefix10" / "features_train.pt")
     assert train["meta"]["model_config"]["prefix_length"] == 2 and train["meta"]["model_config"]["layer_embed"]

@@ -10,6 +10,7 @@ import copy
 import logging
 
 from model.facegcd import ModelConfig
+from model.landmark import LANDMARK_ORIENTATIONS, REFERENCE_LANDMARK_PATH
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,26 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="key of the state dict inside a DINO checkpoint (default: teacher)",
     )
     group.add_argument("--grad-checkpointing", action="store_true", help="per-block activation checkpointing")
+    group.add_argument(
+        "--landmark_cnn",
+        "--landmark-cnn",
+        dest="landmark_cnn",
+        action="store_true",
+        help="landmark front end: a frozen landmark CNN turns each image into a mosaic of landmark-centred patches "
+        "for both ViT passes (training reads --landmark-weights; extraction and SSK take the CNN from the "
+        "checkpoint and must be given the flag exactly when the checkpoint has the front end)",
+    )
+    group.add_argument(
+        "--landmark-weights",
+        default=REFERENCE_LANDMARK_PATH,
+        help="landmark CNN weights in the reference key format (stn.*, output.*) (default: %(default)s)",
+    )
+    group.add_argument(
+        "--landmark-tiles",
+        choices=LANDMARK_ORIENTATIONS,
+        default="natural",
+        help="mosaic tile orientation: natural, or reference (the reference's transposed tiles) (default: natural)",
+    )
 
 
 def _head_arg(text: str) -> tuple[str, float]:
@@ -378,5 +399,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         eval_prompt=args.eval_prompt,
         seed=args.seed,
         freeze=tuple(args.freeze),
+        landmark_cnn=args.landmark_cnn,
+        landmark_tiles=args.landmark_tiles,
         **losses,
     )

@@ -74,6 +74,7 @@ def train_one_epoch(
     method = model.module if isinstance(model, DistributedDataParallel) else model
     num_steps = len(loader)  # the epoch's last accumulation group may be shorter; it still steps
     model.train()
+    method.begin_epoch(epoch)
     metric_logger = MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
@@ -103,14 +104,17 @@ def train_one_epoch(
                 )
             scaler.scale(loss / group_size).backward()
         if final_micro_step:
+            progress_epochs = epoch + step / num_steps
             if clip_grad is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(
                     [p for group in optimizer.param_groups for p in group["params"]], clip_grad
                 )
+            method.before_optimizer_step(optimizer, progress_epochs)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            method.after_optimizer_step(progress_epochs)
 
         batches += 1
         if "has_labelled" in losses:

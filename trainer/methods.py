@@ -67,6 +67,7 @@ def build_facegcd_setup(args: argparse.Namespace, image_size: int) -> MethodSetu
         pretrained_weights=args.pretrained_weights,
         checkpoint_key=args.checkpoint_key,
         weights_only=not args.unsafe_load,
+        landmark_weights=args.landmark_weights if args.landmark_cnn else None,
     )
     if args.initial_checkpoint:
         load_facegcd_checkpoint(
