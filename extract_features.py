@@ -120,6 +120,11 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
         )
         return model.to(device).eval(), cli_config, {"checkpoint": None}
     method, ckpt = checkpoint_method(args.checkpoint_weights, weights_only=weights_only)
+    if method == "dino":
+        raise CheckpointError(
+            f"{args.checkpoint_weights} is a --method dino pretraining run; train FaceGCD (or recognition) from its "
+            "checkpoint.pth with --pretrained_weights, then extract with that run's checkpoint"
+        )
     if method == "recognition":
         _check_front_end(args, False)
         model = recognizer_from_checkpoint(ckpt, args.checkpoint_weights)

@@ -27,6 +27,7 @@ from trainer.args import (
     add_model_args,
     add_recognition_args,
     add_runtime_args,
+    add_ssl_args,
     image_size_from_args,
     log_ignored_flags,
 )
@@ -53,6 +54,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_data_args(parser)
     add_model_args(parser)
     add_recognition_args(parser)
+    add_ssl_args(parser)
     add_runtime_args(parser)
 
     group = parser.add_argument_group("Losses")
@@ -218,8 +220,10 @@ def _check_args(args: argparse.Namespace) -> None:
     """Reject flag combinations that cannot work, before anything expensive happens."""
     if args.not_contrastive:
         raise ValueError("--not-contrastive is not supported: the reference's non-contrastive trainer is broken")
-    if args.method == "facegcd" and args.arch not in ARCHS:
-        raise ValueError(f"--arch {args.arch} is a recognition backbone; FaceGCD needs one of {', '.join(ARCHS)}")
+    if args.method in ("facegcd", "dino") and args.arch not in ARCHS:
+        raise ValueError(
+            f"--arch {args.arch} is a recognition backbone; --method {args.method} needs one of {', '.join(ARCHS)}"
+        )
     for target in args.val_targets:
         if not (Path(target).is_dir() or (Path(target).suffix == ".bin" and Path(target).is_file())):
             raise ValueError(f"--val-targets {target}: expected an existing .bin pair set or IJB folder")
@@ -449,6 +453,8 @@ def main(args: argparse.Namespace) -> int:
         momentum=args.momentum,
         weight_decay=args.weight_decay,
     )
+    if setup.prepare_schedules is not None:
+        setup.prepare_schedules(len(loader), lr)
     scheduler = create_scheduler(
         args.sched,
         optimizer,
@@ -522,7 +528,7 @@ def main(args: argparse.Namespace) -> int:
             cleanup()
             return 2
         elapsed = time.perf_counter() - start
-        views = 2 if args.method == "facegcd" else 1
+        views = {"facegcd": 2, "recognition": 1, "dino": 2 + args.local_crops_number}[args.method]
         train_stats["throughput"] = len(loader) * args.batch_size * get_world_size() * views / max(elapsed, 1e-9)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
 
@@ -559,6 +565,7 @@ def main(args: argparse.Namespace) -> int:
                 wandb_logger.log(row, step=epoch)
             state["saver"] = saver.state_dict()
             saver.save_last(state)
+            model_without_ddp.export(out_dir, epoch, vars(args))
             wandb_logger.log(
                 {
                     "epoch": epoch,

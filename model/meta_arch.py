@@ -9,6 +9,7 @@ model-parallel parts (Partial FC) overrides the state and distribution hooks.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
@@ -42,6 +43,13 @@ class MetaArch(nn.Module):
             optimizer: the optimiser about to step (per-step schedules such as weight decay).
             progress: training progress in epochs, ``epoch + step / steps_per_epoch``.
         """
+
+    def clip_gradients(self, clip: float) -> None:
+        """Clip the (unscaled) gradients: one norm over all trainable parameters (``--clip-grad``)."""
+        torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.requires_grad], clip)
+
+    def export(self, out_dir: Path, epoch: int, args: dict[str, Any]) -> None:
+        """Write method-specific files after each epoch's checkpoint (primary rank); nothing by default."""
 
     def after_optimizer_step(self, progress: float) -> None:
         """Called after each optimiser step (e.g. an EMA teacher update); ``progress`` as above."""

@@ -169,13 +169,17 @@ def list_backbones() -> list[str]:
     return list(BACKBONE_ARCHS)
 
 
-def create_backbone(arch: str, *, patch_size: int = 8, img_size: int = 112) -> PrefixViT:
+def create_backbone(
+    arch: str, *, patch_size: int = 8, img_size: int = 112, dynamic_img_size: bool = False
+) -> PrefixViT:
     """Create a randomly initialised prefix-aware ViT by registered name.
 
     Args:
         arch: One of `list_backbones()`.
         patch_size: Patch size (8 or 16 in practice); must divide `img_size`.
         img_size: Square input size in pixels.
+        dynamic_img_size: accept other input sizes too, resampling the position embedding per size (timm's option;
+            DINO's local crops).
 
     Returns:
         The backbone.
@@ -184,7 +188,7 @@ def create_backbone(arch: str, *, patch_size: int = 8, img_size: int = 112) -> P
         raise ValueError(f"unknown backbone arch {arch!r}; expected one of {', '.join(BACKBONE_ARCHS)}")
     if patch_size <= 0 or img_size <= 0 or img_size % patch_size:
         raise ValueError(f"img_size {img_size} must be a positive multiple of patch_size {patch_size}")
-    return model_entrypoint(arch)(patch_size=patch_size, img_size=img_size)
+    return model_entrypoint(arch)(patch_size=patch_size, img_size=img_size, dynamic_img_size=dynamic_img_size)
 
 
 def _strip_prefixes(key: str) -> str:

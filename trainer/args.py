@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base")
 RECOGNITION_ARCHS = ARCHS + ("iresnet18", "iresnet34", "iresnet50", "iresnet100")
-METHODS = ("facegcd", "recognition")
+METHODS = ("facegcd", "recognition", "dino")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -234,9 +234,10 @@ def add_recognition_args(parser: argparse.ArgumentParser) -> None:
         "--method",
         choices=METHODS,
         default="facegcd",
-        help="facegcd (prefix-tuned ViT, GCD losses) or recognition (margin-softmax identity classification on the "
+        help="facegcd (prefix-tuned ViT, GCD losses), recognition (margin-softmax identity classification on the "
         "labelled identities: the ArcFace baseline, or a whole --dataset recognition_folders/recognition_recordio "
-        "set) (default: facegcd)",
+        "set) or dino (self-supervised pretraining on every training image, labels unused; writes the DINO "
+        "checkpoint.pth that --pretrained_weights loads) (default: facegcd)",
     )
     group = parser.add_argument_group("Recognition (--method recognition)")
     group.add_argument(
@@ -268,6 +269,29 @@ def add_recognition_args(parser: argparse.ArgumentParser) -> None:
         help="verification sets validated with the clustering: insightface .bin pair sets (lfw.bin, ...) and IJB "
         "folders (holding meta/ and loose_crop/)",
     )
+
+
+def add_ssl_args(parser: argparse.ArgumentParser) -> None:
+    """DINO pretraining flags (``--method dino``; DINO's ``main_dino.py`` names and defaults, LAFS values noted)."""
+    group = parser.add_argument_group("Self-supervised pretraining (--method dino)")
+    group.add_argument("--local-crops-number", type=int, default=8, help="local views per image (default: 8)")
+    group.add_argument(
+        "--local-crops-size", type=int, default=48, help="local view side in pixels (default: 48, DINO's 96/224)"
+    )
+    group.add_argument(
+        "--global-crops-scale", type=float, nargs=2, default=(0.4, 1.0), help="global crop area range (0.4 1)"
+    )
+    group.add_argument(
+        "--local-crops-scale", type=float, nargs=2, default=(0.05, 0.4), help="local crop area range (0.05 0.4)"
+    )
+    group.add_argument("--momentum-teacher", type=float, default=0.996, help="teacher EMA start, cosine to 1")
+    group.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 0")
+    group.add_argument("--teacher-temp", type=float, default=0.04, help="teacher temperature after the warm-up")
+    group.add_argument(
+        "--warmup-teacher-temp-epochs", type=int, default=0, help="teacher temperature warm-up (LAFS: 30, 0.07->0.04)"
+    )
+    group.add_argument("--weight-decay-end", type=float, default=0.4, help="weight decay at the end (cosine)")
+    group.add_argument("--freeze-last-layer", type=int, default=1, help="epochs with the head's last layer frozen")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:

@@ -86,7 +86,7 @@ def train_one_epoch(
             raise RuntimeError(f"the training loader yielded more batches than its len() of {num_steps}")
         inputs = method.batch_inputs(batch, device)
         if save_images_dir is not None and step % log_interval == 0 and is_primary():
-            _save_input_grid(inputs[0], save_images_dir / f"train-batch-{step}.jpg")
+            _save_input_grid(_first_images(inputs[0]), save_images_dir / f"train-batch-{step}.jpg")
 
         group_start = step - step % grad_accum_steps
         group_size = min(grad_accum_steps, num_steps - group_start)
@@ -107,9 +107,7 @@ def train_one_epoch(
             progress_epochs = epoch + step / num_steps
             if clip_grad is not None:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(
-                    [p for group in optimizer.param_groups for p in group["params"]], clip_grad
-                )
+                method.clip_gradients(clip_grad)
             method.before_optimizer_step(optimizer, progress_epochs)
             scaler.step(optimizer)
             scaler.update()
@@ -134,6 +132,13 @@ def train_one_epoch(
     if no_labelled_batches:
         logger.info("epoch %d: %d batches had no labelled sample (SupCon term skipped)", epoch, no_labelled_batches)
     return stats
+
+
+def _first_images(inputs: torch.Tensor | list | tuple) -> torch.Tensor:
+    """The image batch of a method's first input: itself, or the first view of a list of (pairs of) views."""
+    while not isinstance(inputs, torch.Tensor):
+        inputs = inputs[0]
+    return inputs
 
 
 def _save_input_grid(images: torch.Tensor, path: Path) -> None:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 from torch.utils.data import Dataset
 
+from data_loader.datasets import GCDDataset, Split
+from data_loader.multicrop import MultiCropTransform
 from data_loader.recognition import (
     RECOGNITION_SETS,
     identity_training_set,
@@ -21,9 +25,11 @@ from data_loader.recognition import (
     recognition_data_path,
 )
 from data_loader.sampler import BalancedSampler, ShuffleSampler
+from model.dino import DINOConfig, DINOMethod, DINOSchedules
 from model.facegcd import build_facegcd, load_facegcd_checkpoint
 from model.meta_arch import MetaArch
 from model.recognition import RecognitionConfig, build_recognizer
+from model.vit import create_backbone
 from trainer.args import model_config_from_args
 from trainer.data import data_config, load_datasets
 from utils.checkpoint import load_checkpoint
@@ -45,6 +51,8 @@ class MethodSetup:
         num_classes: K of the validation clustering.
         num_known: labels below this are old (validation metrics).
         description: one log line about the data.
+        prepare_schedules: called with (steps per epoch, lr) once the loader exists, for methods with per-step
+            schedules (DINO), or None.
     """
 
     model: MetaArch
@@ -56,6 +64,7 @@ class MethodSetup:
     num_classes: int = 0
     num_known: int = 0
     description: str = ""
+    prepare_schedules: Callable[[int, float], None] | None = None
 
 
 def build_facegcd_setup(args: argparse.Namespace, image_size: int) -> MethodSetup:
@@ -135,7 +144,66 @@ def build_recognition_setup(args: argparse.Namespace, image_size: int) -> Method
     )
 
 
+def build_dino_setup(args: argparse.Namespace, image_size: int) -> MethodSetup:
+    """DINO on every training image of a GFD benchmark (no label read), multi-crop views, clustering validation."""
+    if args.dataset in RECOGNITION_SETS:
+        data = identity_training_set(args.dataset, recognition_data_path(args), image_size)
+        source, count, gcd, settings = data.train.source, len(data.train), None, data.facts
+    else:
+        gcd = load_datasets(args, image_size)
+        source, count, settings = gcd.train_eval.source, len(gcd.train_eval), data_config(args, gcd, image_size)
+    config = DINOConfig(
+        arch=args.arch,
+        patch_size=args.patch_size,
+        img_size=image_size,
+        out_dim=args.head_out_dim,
+        n_local=args.local_crops_number,
+        epochs=args.epochs,
+        warmup_teacher_temp=args.warmup_teacher_temp,
+        teacher_temp=args.teacher_temp,
+        warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,
+    )
+    backbone = create_backbone(args.arch, patch_size=args.patch_size, img_size=image_size, dynamic_img_size=True)
+    model = DINOMethod(config, backbone=backbone)
+    transform = MultiCropTransform(
+        image_size,
+        args.local_crops_size,
+        args.local_crops_number,
+        tuple(args.global_crops_scale),
+        tuple(args.local_crops_scale),
+    )
+    labels = np.zeros(count, dtype=np.int64)  # self-supervised: no label is read
+    train_set = GCDDataset(source, np.arange(count), labels, transform, Split.TRAIN)
+
+    def use_schedules(steps_per_epoch: int, lr: float) -> None:
+        schedules = DINOSchedules.build(
+            lr=lr,
+            min_lr=args.min_lr,
+            epochs=args.epochs,
+            steps_per_epoch=steps_per_epoch,
+            warmup_epochs=args.warmup_epochs,
+            weight_decay=args.weight_decay,
+            weight_decay_end=args.weight_decay_end,
+            momentum_teacher=args.momentum_teacher,
+        )
+        model.use_schedules(schedules, freeze_last_layer=args.freeze_last_layer)
+
+    return MethodSetup(
+        model=model,
+        model_config=config.to_dict(),
+        train_set=train_set,
+        sampler=ShuffleSampler(count, seed=args.seed),
+        data_config={**settings, "train_set": "all images, unlabelled"},
+        eval_sets={} if gcd is None else {"unlabelled": gcd.unlabelled_eval, "test": gcd.test_eval},
+        num_classes=0 if gcd is None else gcd.num_classes,
+        num_known=0 if gcd is None else gcd.num_known,
+        description=f"{args.dataset}: {count} training images, self-supervised ({config.n_global} global + "
+        f"{config.n_local} local views)",
+        prepare_schedules=use_schedules,
+    )
+
+
 def build_method(args: argparse.Namespace, image_size: int) -> MethodSetup:
     """The :class:`MethodSetup` of ``args.method``."""
-    builders = {"facegcd": build_facegcd_setup, "recognition": build_recognition_setup}
+    builders = {"facegcd": build_facegcd_setup, "recognition": build_recognition_setup, "dino": build_dino_setup}
     return builders[args.method](args, image_size)

@@ -1,0 +1,689 @@
+"""DINO self-supervised pretraining: the loss, the per-iteration schedules and the student/teacher method.
+
+The student (backbone + DINO head) sees every view, the teacher (its EMA, never trained by gradients) only the global
+ones; the loss is the cross-entropy between the teacher's centred, sharpened softmax of each global view and the
+student's softmax of every other view (docs/method.md, section 12, "LAFS self-supervised pretraining"). An optional
+frozen front end (LAFS's landmark mosaic) turns each view into the backbone's input first.
+
+One training step, in the order of DINO's ``train_one_epoch``, as the shared loop (``trainer/engine.py``) runs it
+through the ``MetaArch`` hooks once ``method.use_schedules(DINOSchedules.build(...))`` was called::
+
+    method.begin_epoch(epoch)                        # teacher temperature of the epoch
+    losses = model(*method.batch_inputs(batch, device))
+    scaler.scale(losses["loss"]).backward()
+    method.before_optimizer_step(optimizer, progress)  # head's last layer frozen in the first epoch(s);
+                                                       # lr and weight decay of the iteration
+    scaler.step(optimizer); scaler.update()
+    method.after_optimizer_step(progress)            # teacher EMA with the iteration's momentum (same on all ranks)
+
+``progress`` is ``epoch + step / len(loader)``, so the schedules are built with ``steps_per_epoch = len(loader)``.
+DINO clips each parameter's gradient on its own (:meth:`DINOMethod.clip_gradients`, after ``scaler.unscale_``);
+the loop's ``clip_grad`` clips the global norm instead.
+
+References:
+    - DINO (Caron et al., ICCV 2021), facebookresearch/dino ``main_dino.py`` (``DINOLoss``, the training step,
+      the teacher temperature schedule) and ``utils.py`` (``cosine_scheduler``, ``MultiCropWrapper``,
+      ``get_params_groups``, ``clip_gradients``, ``cancel_gradients_last_layer``, checkpoint layout).
+    - DINOv2 ``dinov2/train/ssl_meta_arch.py`` (``SSLMetaArch``: the method owns student, teacher and losses).
+    - LAFS (Sun et al., CVPR 2024): DINO on landmark mosaics from a frozen landmark CNN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager, Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from model.head import DINOHead
+from model.meta_arch import MetaArch
+from model.vit import PrefixViT, create_backbone
+from utils.checkpoint import CheckpointError, atomic_save
+from utils.distributed import all_reduce_sum, broadcast, get_world_size
+
+logger = logging.getLogger(__name__)
+
+METHOD = "dino"
+DINO_CHECKPOINT = "checkpoint.pth"  # the file name DINO's main_dino.py writes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cosine_schedule(
+    base: float,
+    final: float,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: int = 0,
+    start_warmup: float = 0.0,
+) -> np.ndarray:
+    """Per-iteration values: linear warm-up, then a cosine from ``base`` to ``final`` (DINO's ``cosine_scheduler``).
+
+    With W = warmup_epochs * steps_per_epoch warm-up iterations and N = epochs * steps_per_epoch - W others, the
+    warm-up is ``np.linspace(start_warmup, base, W)`` (both ends included) and iteration W + i of the rest is
+    ``final + 0.5 * (base - final) * (1 + cos(pi * i / N))``, so the last value is just short of ``final``.
+
+    Args:
+        base: value at the end of the warm-up (the peak).
+        final: value the cosine tends to.
+        epochs: total epochs.
+        steps_per_epoch: iterations per epoch.
+        warmup_epochs: epochs of linear warm-up (0 for none).
+        start_warmup: first warm-up value.
+
+    Returns:
+        float64 array of length ``epochs * steps_per_epoch``.
+    """
+    if epochs < 1 or steps_per_epoch < 1:
+        raise ValueError(f"cosine_schedule needs epochs >= 1 and steps_per_epoch >= 1, got {epochs}, {steps_per_epoch}")
+    if not 0 <= warmup_epochs <= epochs:
+        raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}], got {warmup_epochs}")
+    warmup_iters = warmup_epochs * steps_per_epoch
+    warmup = np.linspace(start_warmup, base, warmup_iters)
+    iters = np.arange(epochs * steps_per_epoch - warmup_iters)
+    cosine = final + 0.5 * (base - final) * (1.0 + np.cos(np.pi * iters / max(len(iters), 1)))
+    return np.concatenate((warmup, cosine))
+
+
+@dataclass
+class DINOSchedules:
+    """DINO's per-iteration schedules, indexed by the global iteration ``epoch * steps_per_epoch + step``.
+
+    Attributes:
+        lr: learning rate (linear warm-up from 0, cosine to ``min_lr``).
+        weight_decay: weight decay of the decayed group (cosine 0.04 -> 0.4 in DINO and LAFS).
+        momentum: teacher EMA momentum (cosine 0.996 -> 1).
+        steps_per_epoch: iterations per epoch.
+    """
+
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray
+    steps_per_epoch: int
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        lr: float,
+        min_lr: float,
+        epochs: int,
+        steps_per_epoch: int,
+        warmup_epochs: int = 10,
+        weight_decay: float = 0.04,
+        weight_decay_end: float = 0.4,
+        momentum_teacher: float = 0.996,
+    ) -> DINOSchedules:
+        """The three schedules of ``main_dino.py``.
+
+        Args:
+            lr: peak learning rate (already scaled by the batch size: DINO uses lr * global batch / 256).
+            min_lr: final learning rate.
+            epochs: total epochs.
+            steps_per_epoch: optimiser steps per epoch.
+            warmup_epochs: learning-rate warm-up epochs.
+            weight_decay: initial weight decay.
+            weight_decay_end: final weight decay.
+            momentum_teacher: initial teacher momentum (it rises to 1).
+
+        Returns:
+            The schedules.
+        """
+        if not 0.0 <= momentum_teacher <= 1.0:
+            raise ValueError(f"momentum_teacher must be in [0, 1], got {momentum_teacher}")
+        return cls(
+            lr=cosine_schedule(lr, min_lr, epochs, steps_per_epoch, warmup_epochs),
+            weight_decay=cosine_schedule(weight_decay, weight_decay_end, epochs, steps_per_epoch),
+            momentum=cosine_schedule(momentum_teacher, 1.0, epochs, steps_per_epoch),
+            steps_per_epoch=steps_per_epoch,
+        )
+
+    def __len__(self) -> int:
+        return len(self.lr)
+
+    def iteration(self, progress: float) -> int:
+        """The iteration of a loop ``progress`` (epochs, ``epoch + step / steps_per_epoch``).
+
+        Raises:
+            IndexError: the iteration is outside the schedules (e.g. more epochs than they were built for).
+        """
+        it = round(progress * self.steps_per_epoch)
+        if not 0 <= it < len(self):
+            raise IndexError(
+                f"training progress {progress:.4f} epochs is iteration {it}, outside the schedules' {len(self)} "
+                f"iterations ({len(self) // self.steps_per_epoch} epochs of {self.steps_per_epoch} steps)"
+            )
+        return it
+
+    def apply(self, optimizer: torch.optim.Optimizer, it: int) -> float:
+        """Set iteration ``it``'s learning rate on every group and its weight decay on all but ``no_decay`` groups.
+
+        A group's ``lr_scale`` key, if present, multiplies its learning rate. Groups named ``no_decay`` (see
+        :meth:`DINOMethod.get_params_groups`) keep their weight decay of 0, as DINO's second group does.
+
+        Args:
+            optimizer: the optimiser.
+            it: global iteration, in ``[0, len(self))``.
+
+        Returns:
+            The teacher momentum of iteration ``it``, for :meth:`DINOMethod.update_teacher` after the step.
+        """
+        if not 0 <= it < len(self):
+            raise IndexError(f"iteration {it} is outside the schedules' {len(self)} iterations")
+        for group in optimizer.param_groups:
+            group["lr"] = float(self.lr[it]) * group.get("lr_scale", 1.0)
+            if group.get("name") != "no_decay":
+                group["weight_decay"] = float(self.weight_decay[it])
+        return float(self.momentum[it])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DINOLoss(nn.Module):
+    """DINO's cross-entropy between the centred, sharpened teacher softmax and the student softmax of other views.
+
+    With G global and L local views of a batch of B images, teacher outputs t_g (rows g*B .. (g+1)*B) and student
+    outputs s_v (all G + L views, globals first)::
+
+        q_g = softmax((t_g - center) / tau_t(epoch)),  p_v = log_softmax(s_v / tau_s)
+        loss = mean over the G * (G + L) - G pairs (g, v), v != g, of  mean_b  sum_k -q_g[b, k] * p_v[b, k]
+
+    After the loss, under no grad, ``center <- m * center + (1 - m) * mean of the teacher rows over all ranks``.
+    The teacher temperature rises linearly over ``warmup_teacher_temp_epochs`` (``np.linspace`` from
+    ``warmup_teacher_temp`` to ``teacher_temp``, both included, as DINO), then stays at ``teacher_temp``.
+    ``teacher_entropy`` holds the mean entropy (nats) of q over the last batch's teacher rows (this rank).
+
+    Args:
+        out_dim: width K of the head outputs.
+        n_local: local views L.
+        epochs: epochs of the run (length of the temperature schedule; later epochs use ``teacher_temp``).
+        n_global: global views G (the teacher's).
+        warmup_teacher_temp: teacher temperature at epoch 0.
+        teacher_temp: teacher temperature after the warm-up.
+        warmup_teacher_temp_epochs: warm-up epochs (0: ``teacher_temp`` throughout).
+        student_temp: student temperature tau_s.
+        center_momentum: EMA momentum m of the center.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        *,
+        n_local: int,
+        epochs: int,
+        n_global: int = 2,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 0,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        if out_dim < 1 or n_global < 1 or n_local < 0:
+            raise ValueError(
+                f"DINOLoss needs out_dim >= 1, n_global >= 1, n_local >= 0; got {out_dim}, {n_global}, {n_local}"
+            )
+        if n_global + n_local < 2:
+            raise ValueError("DINOLoss needs at least 2 views (a global view is never compared with itself)")
+        if epochs < 1 or not 0 <= warmup_teacher_temp_epochs <= epochs:
+            raise ValueError(
+                f"warmup_teacher_temp_epochs must be in [0, epochs={epochs}] (epochs >= 1), got "
+                f"{warmup_teacher_temp_epochs}"
+            )
+        if min(warmup_teacher_temp, teacher_temp, student_temp) <= 0:
+            raise ValueError(
+                f"temperatures must be positive, got warmup_teacher_temp {warmup_teacher_temp}, teacher_temp "
+                f"{teacher_temp}, student_temp {student_temp}"
+            )
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        self.out_dim = out_dim
+        self.n_global = n_global
+        self.n_local = n_local
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.teacher_temps = np.concatenate(
+            (
+                np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+                np.full(epochs - warmup_teacher_temp_epochs, teacher_temp),
+            )
+        )
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_entropy: torch.Tensor | None = None
+
+    @property
+    def n_views(self) -> int:
+        """Student views per image, G + L."""
+        return self.n_global + self.n_local
+
+    def teacher_temp(self, epoch: int) -> float:
+        """Teacher temperature of a 0-based epoch (the schedule's last value past its end)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be non-negative, got {epoch}")
+        return float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
+
+    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The loss of one batch; then updates ``center`` and ``teacher_entropy``.
+
+        Args:
+            student_out: ((G + L) * B, K) head outputs of all views, view-major (all images of view 0 first).
+            teacher_out: (G * B, K) teacher head outputs of the global views, same order.
+            epoch: 0-based epoch (teacher temperature).
+
+        Returns:
+            The scalar loss (float32).
+        """
+        if student_out.ndim != 2 or student_out.shape[1] != self.out_dim or student_out.shape[0] % self.n_views:
+            raise ValueError(
+                f"student_out must be ({self.n_views} * B, {self.out_dim}) for {self.n_views} views, got "
+                f"{tuple(student_out.shape)}"
+            )
+        batch = student_out.shape[0] // self.n_views
+        if tuple(teacher_out.shape) != (self.n_global * batch, self.out_dim):
+            raise ValueError(
+                f"teacher_out must be ({self.n_global} * {batch}, {self.out_dim}) for {self.n_global} global views, "
+                f"got {tuple(teacher_out.shape)}"
+            )
+        teacher_out = teacher_out.detach().float()
+        with torch.autocast(device_type=student_out.device.type, enabled=False):
+            q = F.softmax((teacher_out - self.center) / self.teacher_temp(epoch), dim=-1)
+            log_p = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
+            # cross[g, v] = mean over the batch of -sum_k q_g * log p_v
+            cross = (
+                -torch.einsum("gbk,vbk->gv", q.view(self.n_global, batch, -1), log_p.view(self.n_views, batch, -1))
+                / batch
+            )
+            same_view = torch.eye(self.n_global, self.n_views, dtype=torch.bool, device=cross.device)
+            loss = cross.masked_fill(same_view, 0.0).sum() / (cross.numel() - self.n_global)
+        with torch.no_grad():
+            self.teacher_entropy = torch.special.entr(q).sum(dim=-1).mean()
+            self.update_center(teacher_out)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        """EMA of the center with the mean teacher output over all rows of all ranks.
+
+        Args:
+            teacher_out: (N, K) teacher outputs of this rank.
+        """
+        stats = torch.cat([teacher_out.float().sum(dim=0), teacher_out.new_tensor([teacher_out.shape[0]]).float()])
+        stats = all_reduce_sum(stats)
+        batch_center = (stats[:-1] / stats[-1]).unsqueeze(0)
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The method
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class FrontEnd(Protocol):
+    """What :class:`DINOMethod` asks of a front end (an ``nn.Module``, frozen): one view batch -> backbone input.
+
+    ``front_end(image, clean, global_view=...)``: ``image`` (B, 3, s, s) is the view the network's pixels come from
+    (the photometric copy), ``clean`` the clean geometric crop of the same view when the data provides one
+    (``data_loader.multicrop.MultiCropTransform(split_photometric=True)``) else None, ``global_view`` tells a global
+    view from a local one (LAFS keeps all landmarks of a global view, 36 random ones of a local view). It returns the
+    (B, 3, h, w) backbone input (LAFS: the landmark mosaic). It is called under ``torch.no_grad()``, in the mode
+    (train/eval) of the method: random landmark jitter belongs to training mode only.
+    """
+
+    def __call__(self, image: torch.Tensor, clean: torch.Tensor | None, *, global_view: bool) -> torch.Tensor: ...
+
+
+class MultiCropWrapper(nn.Module):
+    """Backbone + head over a list of views; consecutive views of one resolution go through the backbone together.
+
+    Keys are ``backbone.*`` and ``head.*``, as DINO's ``MultiCropWrapper``.
+
+    Args:
+        backbone: image -> (N, D) CLS features.
+        head: (N, D) -> (N, K).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Project every view.
+
+        Args:
+            views: V tensors (B, 3, h_v, w_v).
+
+        Returns:
+            (V * B, K) head outputs, view-major.
+        """
+        features, start = [], 0
+        for end in range(1, len(views) + 1):
+            if end == len(views) or views[end].shape[-2:] != views[start].shape[-2:]:
+                features.append(self.backbone(torch.cat(list(views[start:end]))))
+                start = end
+        return self.head(torch.cat(features))
+
+
+@dataclass
+class DINOConfig:
+    """Everything that defines a DINO model (stored in training checkpoints as ``model_config``).
+
+    Attributes:
+        arch: backbone (``model.vit.list_backbones``).
+        patch_size: ViT patch size.
+        img_size: global view side in pixels (the backbone's input size).
+        out_dim: head output width K (DINO 65536, LAFS 100000).
+        hidden_dim: head MLP width.
+        bottleneck_dim: head width before the weight-normalised last layer.
+        n_global: global views (the teacher's).
+        n_local: local views.
+        epochs: epochs of the run (teacher temperature schedule).
+        warmup_teacher_temp: teacher temperature at epoch 0 (LAFS 0.07).
+        teacher_temp: teacher temperature after the warm-up (0.04).
+        warmup_teacher_temp_epochs: teacher temperature warm-up (LAFS 30).
+        student_temp: student temperature.
+        center_momentum: EMA momentum of the loss center.
+    """
+
+    arch: str = "vit_small"
+    patch_size: int = 8
+    img_size: int = 112
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    n_global: int = 2
+    n_local: int = 8
+    epochs: int = 100
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type copy with ``method`` = dino (loads with ``weights_only=True``)."""
+        return {"method": METHOD, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, stored: Mapping[str, Any]) -> DINOConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
+        values = {k: v for k, v in stored.items() if k != "method"}
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise CheckpointError(f"dino model_config has unknown fields {unknown}")
+        return cls(**values)
+
+
+class DINOMethod(MetaArch):
+    """DINO student/teacher self-distillation (see the module docstring for the training step).
+
+    ``student`` and ``teacher`` are :class:`MultiCropWrapper` (backbone + ``DINOHead``); the teacher starts as a
+    copy of the student, has no gradients, is never wrapped in DDP and moves only by :meth:`update_teacher`.
+    Evaluation features come from the teacher backbone.
+
+    Variable resolution: views are grouped by size; a backbone built by ``create_backbone`` only takes
+    ``img_size`` inputs, so local views (or front-end outputs) of another size need a backbone made with timm's
+    ``dynamic_img_size=True`` (position embeddings resampled per size), passed as ``backbone``.
+
+    Args:
+        cfg: the configuration.
+        front_end: frozen module applied to every view first (:class:`FrontEnd`; LAFS's landmark mosaic), or None.
+        backbone: the student backbone (default ``create_backbone(cfg.arch, patch_size=..., img_size=...)``).
+    """
+
+    def __init__(
+        self, cfg: DINOConfig, *, front_end: nn.Module | None = None, backbone: PrefixViT | None = None
+    ) -> None:
+        super().__init__()
+        if front_end is not None:
+            trainable = [name for name, p in front_end.named_parameters() if p.requires_grad]
+            if trainable:
+                raise ValueError(
+                    f"the front end must be frozen (it is not trained nor synchronised across ranks); "
+                    f"{len(trainable)} parameters require gradients, e.g. {trainable[:3]}"
+                )
+        self.cfg = cfg
+        if backbone is None:
+            backbone = create_backbone(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.img_size)
+        head = DINOHead(backbone.embed_dim, cfg.out_dim, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim)
+        self.student = MultiCropWrapper(backbone, head)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.front_end = front_end
+        self.dino_loss = DINOLoss(
+            cfg.out_dim,
+            n_local=cfg.n_local,
+            epochs=cfg.epochs,
+            n_global=cfg.n_global,
+            warmup_teacher_temp=cfg.warmup_teacher_temp,
+            teacher_temp=cfg.teacher_temp,
+            warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs,
+            student_temp=cfg.student_temp,
+            center_momentum=cfg.center_momentum,
+        )
+        self.epoch = 0
+        self.schedules: DINOSchedules | None = None
+        self.freeze_last_layer = 1
+        self._ddp_student: list[DistributedDataParallel] = []  # a list: not registered as a submodule
+
+    # ------------------------------------------------------------------ training
+    def use_schedules(self, schedules: DINOSchedules, *, freeze_last_layer: int = 1) -> None:
+        """Set what the optimiser hooks apply: per-iteration lr, weight decay and teacher momentum.
+
+        Args:
+            schedules: built with ``steps_per_epoch = len(loader)``.
+            freeze_last_layer: epochs during which the head's last layer is not updated (DINO: 1).
+        """
+        self.schedules = schedules
+        self.freeze_last_layer = int(freeze_last_layer)
+
+    def _iteration(self, progress: float) -> int:
+        if self.schedules is None:
+            raise RuntimeError(
+                "DINOMethod has no schedules: call use_schedules(DINOSchedules.build(...)) before training (the "
+                "teacher EMA momentum, learning rate and weight decay come from them)"
+            )
+        return self.schedules.iteration(progress)
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Select the epoch whose teacher temperature the next steps use."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be non-negative, got {epoch}")
+        self.epoch = int(epoch)
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, progress: float) -> None:
+        """Drop the last layer's gradients in the first epoch(s); set the iteration's lr and weight decay."""
+        it = self._iteration(progress)
+        self.cancel_last_layer_gradients(it // self.schedules.steps_per_epoch, self.freeze_last_layer)
+        self.schedules.apply(optimizer, it)
+
+    def after_optimizer_step(self, progress: float) -> None:
+        """EMA of the teacher with the iteration's momentum."""
+        self.update_teacher(float(self.schedules.momentum[self._iteration(progress)]))
+
+    def batch_inputs(self, batch: Any, device: torch.device) -> tuple[list, list]:
+        """``(views, label, uq_idx, ...)`` multi-crop items -> ``(global_views, local_views)`` on ``device``.
+
+        ``views`` is the collated output of ``MultiCropTransform``: a list of (B, 3, s, s) tensors, or of
+        ``(augmented, clean)`` pairs of them.
+        """
+        views = batch[0]
+        n_views = self.cfg.n_global + self.cfg.n_local
+        if not isinstance(views, (list, tuple)) or len(views) != n_views:
+            got = len(views) if isinstance(views, (list, tuple)) else type(views).__name__
+            raise ValueError(
+                f"a DINO batch needs {n_views} views ({self.cfg.n_global} global + {self.cfg.n_local} local, e.g. "
+                f"from data_loader.multicrop.MultiCropTransform), got {got}"
+            )
+
+        def move(view: Any) -> Any:
+            if isinstance(view, torch.Tensor):
+                return view.to(device, non_blocking=True)
+            return tuple(t.to(device, non_blocking=True) for t in view)
+
+        moved = [move(v) for v in views]
+        return moved[: self.cfg.n_global], moved[self.cfg.n_global :]
+
+    def prepare_for_distributed_training(self, device: torch.device, broadcast_buffers: bool = True) -> nn.Module:
+        """Wrap only the student in DDP; rank 0's teacher and loss center are broadcast. Returns this module."""
+        if get_world_size() > 1 and not self._ddp_student:
+            for tensor in (*self.teacher.state_dict().values(), self.dino_loss.center):
+                broadcast(tensor, src=0)
+            device_ids = [device.index] if device.type == "cuda" else None
+            self._ddp_student.append(
+                DistributedDataParallel(self.student, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
+            )
+        return self
+
+    def no_sync(self) -> ContextManager:
+        """DDP ``no_sync`` of the student (gradient accumulation)."""
+        return self._ddp_student[0].no_sync() if self._ddp_student else contextlib.nullcontext()
+
+    def _backbone_input(self, view: Any, *, global_view: bool) -> torch.Tensor:
+        """A view (tensor or ``(augmented, clean)`` pair) through the front end, if any."""
+        image, clean = (view, None) if isinstance(view, torch.Tensor) else view
+        if self.front_end is None:
+            return image
+        with torch.no_grad():
+            return self.front_end(image, clean, global_view=global_view)
+
+    def forward(self, global_views: Sequence[Any], local_views: Sequence[Any]) -> dict[str, Any]:
+        """One training forward: teacher on the global views, student on all, the DINO loss.
+
+        Args:
+            global_views: ``n_global`` views (B, 3, S, S) (tensors or ``(augmented, clean)`` pairs).
+            local_views: ``n_local`` views (B, 3, s, s), same kinds.
+
+        Returns:
+            ``loss``, ``teacher_entropy`` (mean entropy of the teacher softmax, nats) and ``teacher_temp``.
+        """
+        if len(global_views) != self.cfg.n_global or len(local_views) != self.cfg.n_local:
+            raise ValueError(
+                f"expected {self.cfg.n_global} global and {self.cfg.n_local} local views, got {len(global_views)} "
+                f"and {len(local_views)}"
+            )
+        global_inputs = [self._backbone_input(v, global_view=True) for v in global_views]
+        local_inputs = [self._backbone_input(v, global_view=False) for v in local_views]
+        with torch.no_grad():
+            teacher_out = self.teacher(global_inputs)
+        student = self._ddp_student[0] if self._ddp_student else self.student
+        student_out = student(global_inputs + local_inputs)
+        loss = self.dino_loss(student_out, teacher_out, self.epoch)
+        return {
+            "loss": loss,
+            "teacher_entropy": self.dino_loss.teacher_entropy,
+            "teacher_temp": self.dino_loss.teacher_temp(self.epoch),
+        }
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter.
+
+        Student parameters are equal on every rank after the (DDP-synchronised) step, so the teachers stay equal.
+
+        Args:
+            momentum: EMA momentum in [0, 1] (``DINOSchedules.momentum`` of the iteration).
+        """
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"teacher momentum must be in [0, 1], got {momentum}")
+        teacher = list(self.teacher.parameters())
+        student = [p.detach() for p in self.student.parameters()]
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+
+    def clip_gradients(self, clip: float) -> None:
+        """DINO's clipping: each student parameter's gradient is scaled to norm at most ``clip`` on its own.
+
+        Call after ``scaler.unscale_(optimizer)``. Unlike ``clip_grad_norm_`` (one global norm), DINO clips every
+        parameter tensor separately (``utils.clip_gradients``).
+
+        Args:
+            clip: maximum L2 norm of each parameter's gradient (DINO and LAFS: 3.0).
+        """
+        for p in self.student.parameters():
+            if p.grad is not None:
+                norm = torch.linalg.vector_norm(p.grad.detach().float())
+                p.grad.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0).to(p.grad.dtype))
+
+    def cancel_last_layer_gradients(self, epoch: int, freeze_last_layer: int = 1) -> None:
+        """Drop the head's last-layer gradients during the first ``freeze_last_layer`` epochs (DINO's recipe).
+
+        Args:
+            epoch: 0-based epoch.
+            freeze_last_layer: epochs during which the last layer is not updated.
+        """
+        if epoch >= freeze_last_layer:
+            return
+        for p in self.student.head.last_layer.parameters():
+            p.grad = None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the student backbone (the teacher runs without gradients)."""
+        self.student.backbone.set_grad_checkpointing(enable)
+
+    def get_params_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Student parameters: ``decay`` (weights) and ``no_decay`` (biases and 1-D parameters), as DINO."""
+        decay, no_decay = [], []
+        for name, param in self.student.named_parameters():
+            if param.requires_grad:
+                (no_decay if name.endswith(".bias") or param.ndim == 1 else decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        ]
+        return [g for g in groups if g["params"]]
+
+    # ------------------------------------------------------------------ evaluation
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Teacher backbone CLS features (B, D) of full images (through the front end as global views)."""
+        return self.teacher.backbone(self._backbone_input(images, global_view=True))
+
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Evaluation features: L2-normalised teacher CLS features, float32 (call in eval mode)."""
+        return F.normalize(self.forward_features(images).float(), dim=-1)
+
+    # ------------------------------------------------------------------ export
+    def export(self, out_dir: Path, epoch: int, args: dict[str, Any]) -> None:
+        """Write ``<out_dir>/checkpoint.pth`` in DINO's format: what ``train.py --pretrained_weights`` starts from."""
+        atomic_save(self.dino_checkpoint(epoch, args), Path(out_dir) / DINO_CHECKPOINT)
+
+    def dino_checkpoint(self, epoch: int, args: argparse.Namespace | Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The official DINO ``checkpoint.pth`` layout (weights, epoch, args and the loss center).
+
+        ``student`` keys are ``module.backbone.*`` / ``module.head.*`` (DINO saves its DDP-wrapped student),
+        ``teacher`` keys ``backbone.*`` / ``head.*``; ``args`` is a plain dict, so the file loads with
+        ``weights_only=True``, e.g. by ``model.vit.load_pretrained_backbone(..., checkpoint_key="teacher")``.
+        The front end is not part of it (its own weights live wherever it came from).
+
+        Args:
+            epoch: the next epoch to train, as ``main_dino.py`` stores it (``epoch + 1`` after an epoch).
+            args: the run's arguments.
+
+        Returns:
+            ``{"student", "teacher", "epoch", "args", "dino_loss"}``.
+        """
+        if isinstance(args, argparse.Namespace):
+            args = vars(args)
+        return {
+            "student": {f"module.{k}": v for k, v in self.student.state_dict().items()},
+            "teacher": dict(self.teacher.state_dict()),
+            "epoch": int(epoch),
+            "args": dict(args or {}),
+            "dino_loss": self.dino_loss.state_dict(),
+        }

@@ -1,0 +1,141 @@
+"""Self-supervised pretraining (train.py --method dino) on tiny SynthFaces, through the shared loop."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import TINY_MODEL_ARGS, kill_when_written
+
+
+def _dino_args(data: str, out: Path, experiment: str, *extra: str) -> list[str]:
+    """DINO with ViT-T/16 at 32 px, 2 global + 2 local views of 16 px, on all 48 training images."""
+    return [
+        "--method",
+        "dino",
+        "--dataset",
+        "synthfaces_tiny",
+        "--data-path",
+        data,
+        "--arch",
+        "vit_tiny",
+        "--patch_size",
+        "16",
+        "--input-size",
+        "3",
+        "32",
+        "32",
+        "--local-crops-number",
+        "2",
+        "--local-crops-size",
+        "16",
+        "--head-out-dim",
+        "256",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--seed",
+        "5",
+        "--opt",
+        "adamw",
+        "--lr",
+        "1e-3",
+        "--weight-decay",
+        "0.04",
+        "--warmup-epochs",
+        "1",
+        "--clip-grad",
+        "3.0",
+        "--val-interval",
+        "1",
+        "--val-kmeans-init",
+        "1",
+        "--output",
+        str(out),
+        "--experiment",
+        experiment,
+        "--no-progress",
+        *extra,
+    ]
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_dino_pretraining_lowers_the_loss_and_its_checkpoint_starts_facegcd(tiny_faces, tmp_path, run_script):
+    run_script("train.py", _dino_args(tiny_faces, tmp_path, "dino", "--epochs", "2"))
+    run = tmp_path / "dino"
+    records = _records(run)
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    assert 0.0 < records[1]["train_teacher_entropy"] <= torch.log(torch.tensor(256.0)).item()
+    assert "unlabelled" in records[1]["eval"]  # clustering validation on the teacher's features
+    dino = _state(run / "checkpoint.pth")  # DINO's own format
+    assert dino["epoch"] == 1 and {"student", "teacher", "args"} <= set(dino)
+    assert any(k.startswith("module.backbone.") for k in dino["student"])
+    assert any(k.startswith("backbone.") for k in dino["teacher"]) and any(
+        k.startswith("head.") for k in dino["teacher"]
+    )
+
+    # FaceGCD starts from it as from the official checkpoint.pth (teacher or student)
+    for key in ("teacher", "student"):
+        proc = run_script(
+            "train.py",
+            [
+                "--dataset",
+                "synthfaces_tiny",
+                "--data-path",
+                tiny_faces,
+                *TINY_MODEL_ARGS,
+                "--pretrained_weights",
+                str(run / "checkpoint.pth"),
+                "--checkpoint_key",
+                key,
+                "--batch-size",
+                "8",
+                "--epochs",
+                "1",
+                "--warmup-epochs",
+                "0",
+                "--val-kmeans-init",
+                "1",
+                "--output",
+                str(tmp_path),
+                "--experiment",
+                f"facegcd_{key}",
+                "--no-progress",
+            ],
+        )
+        assert f"backbone tensors from {run / 'checkpoint.pth'} (key '{key}')" in proc.stderr
+    facegcd = _state(tmp_path / "facegcd_teacher" / "last.pth.tar")["state_dict"]
+    conditioner_copy = facegcd["conditioner.blocks.0.attn.qkv.weight"]  # frozen copy of the pretrained block 0
+    torch.testing.assert_close(conditioner_copy, dino["teacher"]["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_dino_resumes_exactly_after_a_kill(tiny_faces, tmp_path, run_script):
+    epochs = ["--epochs", "3"]
+    run_script("train.py", _dino_args(tiny_faces, tmp_path, "full", *epochs))
+    args = _dino_args(tiny_faces, tmp_path, "cut", *epochs)
+    last = tmp_path / "cut" / "last.pth.tar"
+    kill_when_written("train.py", args, last)
+    assert _state(last)["epoch"] < 2, "the run finished before it could be interrupted"
+    run_script("train.py", args + ["--resume", str(last)])
+    full, resumed = _state(tmp_path / "full" / "last.pth.tar"), _state(last)
+    for key in full["state_dict"]:  # student, teacher (EMA) and the loss centre
+        torch.testing.assert_close(resumed["state_dict"][key], full["state_dict"][key], rtol=0, atol=0, msg=key)
+    assert any(k.startswith("dino_loss.center") for k in full["state_dict"])
+
+
+@pytest.mark.distributed
+def test_two_process_dino_pretraining_writes_one_checkpoint(tiny_faces, tmp_path, run_script):
+    run_script("train.py", _dino_args(tiny_faces, tmp_path, "ddp", "--epochs", "1", "--batch-size", "4"), nproc=2)
+    dino = _state(tmp_path / "ddp" / "checkpoint.pth")
+    student = {k[len("module.") :]: v for k, v in dino["student"].items()}
+    assert student.keys() == dino["teacher"].keys()
+    ckpt = _state(tmp_path / "ddp" / "last.pth.tar")
+    assert ckpt["method"] == "dino" and ckpt["model_config"]["n_local"] == 2
