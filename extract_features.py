@@ -126,8 +126,8 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
             "checkpoint.pth with --pretrained_weights, then extract with that run's checkpoint"
         )
     if method == "recognition":
-        _check_front_end(args, False)
         model = recognizer_from_checkpoint(ckpt, args.checkpoint_weights)
+        _check_front_end(args, model.cfg.landmark_cnn)
         source = {"checkpoint": str(args.checkpoint_weights), "epoch": ckpt.get("epoch")}
         if ckpt.get("data_config", {}).get("train_set") == "all":
             logger.info(

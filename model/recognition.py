@@ -22,6 +22,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from model.backbones import ViTEmbedder, create_embedding_backbone
+from model.landmark import (
+    LandmarkFrontEnd,
+    landmark_mosaic,
+    landmark_regularisation,
+    landmark_regularisation_weight,
+    save_landmark_weights,
+)
 from model.margin_heads import build_margin_head
 from model.meta_arch import MetaArch
 from model.partial_fc import PartialFC
@@ -32,6 +39,7 @@ from utils.distributed import get_world_size
 logger = logging.getLogger(__name__)
 
 METHOD = "recognition"
+LANDMARK_EXPORT = "landmark_cnn.pth"
 
 
 @dataclass
@@ -48,6 +56,11 @@ class RecognitionConfig:
         head_args: overrides of the head's defaults (e.g. ``{"s": 64.0, "m2": 0.5}``).
         sample_rate: Partial FC sampling rate r in (0, 1].
         dropout: dropout before the IResNet feature layer.
+        landmark_cnn: Part fViT: a trainable landmark CNN turns each image into the mosaic the ViT sees, so the
+            (S/p)^2 landmarks are learned under the recognition loss (ViT backbones only).
+        landmark_tiles: mosaic tile orientation, "natural" or "reference".
+        landmark_regularisation: LAFS fine-tuning: add the MSE between the landmarks of the trained CNN and of a
+            frozen copy of its initial weights, weighted by ``model.landmark.landmark_regularisation_weight(epoch)``.
     """
 
     arch: str = "iresnet50"
@@ -59,6 +72,9 @@ class RecognitionConfig:
     head_args: dict[str, float] = field(default_factory=dict)
     sample_rate: float = 1.0
     dropout: float = 0.0
+    landmark_cnn: bool = False
+    landmark_tiles: str = "natural"
+    landmark_regularisation: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-type copy with ``method`` = recognition (loads with ``weights_only=True``)."""
@@ -93,10 +109,26 @@ class FaceRecognizer(MetaArch):
             embedding_size=cfg.embedding_size,
             dropout=cfg.dropout,
         )
+        self.front_end: LandmarkFrontEnd | None = None
+        if cfg.landmark_cnn:
+            if not isinstance(self.backbone, ViTEmbedder):
+                raise ValueError(f"--landmark_cnn (Part fViT) needs a ViT backbone; --arch {cfg.arch} is not one")
+            self.front_end = LandmarkFrontEnd(
+                cfg.img_size, cfg.patch_size, orientation=cfg.landmark_tiles, frozen=False
+            )
+        elif cfg.landmark_regularisation:
+            raise ValueError("--landmark-regularisation needs --landmark_cnn (it regularises the learned landmarks)")
         self.partial_fc = PartialFC(
             cfg.embedding_size, cfg.num_classes, build_margin_head(cfg.head, **cfg.head_args), cfg.sample_rate
         )
-        self._ddp_backbone: list[DistributedDataParallel] = []  # a list: not registered as a submodule
+        self.epoch = 0
+        if cfg.landmark_regularisation:
+            self.reference_front_end = LandmarkFrontEnd(
+                cfg.img_size, cfg.patch_size, orientation=cfg.landmark_tiles, frozen=True
+            )
+        # DDP wraps the trainable image path (front end + backbone); kept in a list so it is not a submodule
+        self._encoder = [_Encoder(self.front_end, self.backbone)]
+        self._ddp_encoder: list[DistributedDataParallel] = []
 
     # ------------------------------------------------------------------ training
     def batch_inputs(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -104,44 +136,67 @@ class FaceRecognizer(MetaArch):
         return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
 
     def prepare_for_distributed_training(self, device: torch.device, broadcast_buffers: bool = True) -> nn.Module:
-        """Wrap only the backbone in DDP (the class centres are model parallel); returns this module."""
-        if get_world_size() > 1 and not self._ddp_backbone:
+        """Wrap the image path (backbone, and a trainable landmark CNN) in DDP; the class centres are model
+        parallel. Returns this module."""
+        if get_world_size() > 1 and not self._ddp_encoder:
             device_ids = [device.index] if device.type == "cuda" else None
-            self._ddp_backbone.append(
-                DistributedDataParallel(self.backbone, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
+            self._ddp_encoder.append(
+                DistributedDataParallel(self._encoder[0], device_ids=device_ids, broadcast_buffers=broadcast_buffers)
             )
         return self
 
     def no_sync(self) -> ContextManager:
-        """DDP ``no_sync`` of the backbone (the Partial FC gradients are local to each rank anyway)."""
-        return self._ddp_backbone[0].no_sync() if self._ddp_backbone else contextlib.nullcontext()
+        """DDP ``no_sync`` of the image path (the Partial FC gradients are local to each rank anyway)."""
+        return self._ddp_encoder[0].no_sync() if self._ddp_encoder else contextlib.nullcontext()
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, embedding_size) embeddings, through DDP when distributed.
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, S, S) -> ((B, embedding_size) embeddings, landmarks or None), through DDP when distributed.
 
         Partial FC gives each rank's embeddings the gradient of the loss averaged over the global batch, and DDP
         averages the backbone gradients over the W ranks once more; the embedding gradient is scaled by W so the
         backbone gets the gradient of the global mean loss, as with one process (arcface_torch does the same).
         """
-        if not self._ddp_backbone:
-            return self.backbone(images)
-        embeddings = self._ddp_backbone[0](images)
+        if not self._ddp_encoder:
+            return self._encoder[0](images)
+        embeddings, coords = self._ddp_encoder[0](images)
         if embeddings.requires_grad:
             world = get_world_size()
             embeddings.register_hook(lambda grad: grad * world)
-        return embeddings
+        return embeddings, coords
+
+    def freeze_reference_landmarks(self) -> None:
+        """LAFS: the frozen copy takes the landmark CNN's current weights (call once they are loaded)."""
+        if self.cfg.landmark_regularisation:
+            self.reference_front_end.cnn.load_state_dict(self.front_end.cnn.state_dict())
+
+    def begin_epoch(self, epoch: int) -> None:
+        """The epoch selects the landmark regularisation weight."""
+        self.epoch = int(epoch)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Training step forward: embeddings, margin logits over the (sampled) centres, the loss.
+        """Training step forward: (mosaic,) embeddings, margin logits over the (sampled) centres, the loss.
 
         Returns:
-            The Partial FC outputs, with ``loss``.
+            The Partial FC outputs, with ``loss`` (plus ``landmark_reg`` under LAFS fine-tuning).
         """
-        return self.partial_fc(self.embed(images), labels)
+        embeddings, coords = self.embed(images)
+        out = self.partial_fc(embeddings, labels)
+        if self.cfg.landmark_regularisation:
+            reference = self.reference_front_end.landmarks(images)
+            regulariser = landmark_regularisation(coords, reference, self.cfg.img_size)
+            out["landmark_reg"] = regulariser.detach()
+            out["loss"] = out["loss"] + landmark_regularisation_weight(self.epoch) * regulariser
+        return out
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings, not normalised (their norm is the quality weight of IJB's N1 pooling)."""
-        return self.backbone(images)
+        return self._encoder[0](images)[0]
+
+    def export(self, out_dir: Path, epoch: int, args: dict[str, Any]) -> None:
+        """Part fViT: the learned landmark CNN in the reference key format, ``<run>/landmark_cnn.pth``, which
+        ``train.py --landmark_cnn --landmark-weights`` loads for FaceGCD."""
+        if self.front_end is not None:
+            save_landmark_weights(self.front_end.cnn, Path(out_dir) / LANDMARK_EXPORT)
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """Evaluation features: L2-normalised embeddings, float32 (call in eval mode)."""
@@ -216,6 +271,22 @@ class FaceRecognizer(MetaArch):
                 for k, v in state["state"][index].items()
             }
         optimizer.load_state_dict(state)
+
+
+class _Encoder(nn.Module):
+    """The image path: (trainable landmark CNN -> mosaic ->) backbone; returns (embeddings, landmarks or None)."""
+
+    def __init__(self, front_end: LandmarkFrontEnd | None, backbone: nn.Module) -> None:
+        super().__init__()
+        self.front_end = front_end
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.front_end is None:
+            return self.backbone(images), None
+        coords = self.front_end.landmarks(images)
+        mosaic = landmark_mosaic(images, coords, self.front_end.patch, self.front_end.orientation)
+        return self.backbone(mosaic), coords
 
 
 def _per_class(value: Any, rows: int) -> bool:

@@ -179,3 +179,52 @@ def test_resuming_a_recognition_run_as_facegcd_is_refused(tiny_faces, tmp_path, 
         check=False,
     )
     assert proc.returncode == 2 and "--method recognition run" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_part_fvit_learns_landmarks_that_facegcd_then_uses(tiny_faces, tmp_path, run_script):
+    vit = ["--arch", "vit_tiny", "--patch_size", "16", "--head", "cosface", "--opt", "adamw", "--lr", "3e-4"]
+    args = _recognition_args(tiny_faces, tmp_path, "pfvit", "--epochs", "2", "--landmark_cnn", *vit)
+    args += ["--landmark-weights", str(tmp_path / "none.pth")]
+    run_script("train.py", args)
+    run = tmp_path / "pfvit"
+    assert all(0.0 < r["train_loss"] < 100.0 for r in _records(run))
+    learned = torch.load(run / "landmark_cnn.pth", weights_only=True)  # the reference key format
+    assert learned and all("stn" in k or "output" in k for k in learned)
+    ckpt = _state(run / "last.pth.tar")
+    assert ckpt["model_config"]["landmark_cnn"] is True
+    first = _state(run / "checkpoint-0.pth.tar")["state_dict"]["front_end.cnn.output.weight"]
+    assert not torch.equal(first, learned["output.weight"])  # trained end to end under the recognition loss
+
+    # LAFS fine-tuning from those landmarks: the regularisation is logged with its epoch-0 weight of 1000
+    lafs = _recognition_args(tiny_faces, tmp_path, "lafs", "--epochs", "1", "--landmark_cnn", *vit)
+    lafs += ["--landmark-weights", str(run / "landmark_cnn.pth"), "--landmark-regularisation"]
+    run_script("train.py", lafs)
+    assert _records(tmp_path / "lafs")[0]["train_landmark_reg"] >= 0.0
+
+    # FaceGCD with the learned landmark CNN as its frozen front end
+    facegcd = [
+        "--dataset",
+        "synthfaces_tiny",
+        "--data-path",
+        tiny_faces,
+        *TINY_MODEL_ARGS,
+        "--landmark_cnn",
+        "--landmark-weights",
+        str(run / "landmark_cnn.pth"),
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--val-kmeans-init",
+        "1",
+        "--output",
+        str(tmp_path),
+        "--experiment",
+        "facegcd",
+        "--no-progress",
+    ]
+    run_script("train.py", facegcd)
+    front = _state(tmp_path / "facegcd" / "last.pth.tar")["state_dict"]["front_end.cnn.output.weight"]
+    torch.testing.assert_close(front, learned["output.weight"], rtol=0, atol=0)

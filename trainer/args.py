@@ -261,6 +261,12 @@ def add_recognition_args(parser: argparse.ArgumentParser) -> None:
         help="Partial FC: fraction of each rank's class centres in the softmax, positives always kept (default: 1)",
     )
     group.add_argument("--embedding-size", type=int, default=512, help="embedding dimension (default: 512)")
+    group.add_argument(
+        "--landmark-regularisation",
+        action="store_true",
+        help="with --landmark_cnn (Part fViT): LAFS fine-tuning, the learned landmarks are pulled towards those of "
+        "the initial --landmark-weights by an MSE weighted 1000/100/1/0.11/0 over epochs 0-7/8-13/14-20/21-27/28+",
+    )
     group.add_argument("--dropout", type=float, default=0.0, help="IResNet dropout before the feature layer")
     group.add_argument(
         "--val-targets",

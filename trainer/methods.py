@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -27,6 +28,7 @@ from data_loader.recognition import (
 from data_loader.sampler import BalancedSampler, ShuffleSampler
 from model.dino import DINOConfig, DINOMethod, DINOSchedules
 from model.facegcd import build_facegcd, load_facegcd_checkpoint
+from model.landmark import load_landmark_weights
 from model.meta_arch import MetaArch
 from model.recognition import RecognitionConfig, build_recognizer
 from model.vit import create_backbone
@@ -123,8 +125,13 @@ def build_recognition_setup(args: argparse.Namespace, image_size: int) -> Method
         head_args=dict(args.head_args),
         sample_rate=args.sample_rate,
         dropout=args.dropout,
+        landmark_cnn=args.landmark_cnn,
+        landmark_tiles=args.landmark_tiles,
+        landmark_regularisation=args.landmark_regularisation,
     )
     model = build_recognizer(config, args.pretrained_weights, args.checkpoint_key, weights_only=not args.unsafe_load)
+    if model.front_end is not None:
+        _initial_landmarks(model, args)
     if args.initial_checkpoint:
         model.load_checkpoint_state_dict(
             load_checkpoint(args.initial_checkpoint, weights_only=not args.unsafe_load)["state_dict"]
@@ -142,6 +149,22 @@ def build_recognition_setup(args: argparse.Namespace, image_size: int) -> Method
         description=f"{args.dataset}: {data.num_classes} identities, {len(data.train)} training images"
         + ("" if gcd is None else f" (the labelled subset D_L; validation clusters {gcd.num_classes} classes)"),
     )
+
+
+def _initial_landmarks(model: Any, args: argparse.Namespace) -> None:
+    """Part fViT's landmark CNN starts from ``--landmark-weights`` when that file exists (required for LAFS
+    fine-tuning, whose regularisation pulls towards it), else from its random initialisation."""
+    path = Path(args.landmark_weights)
+    if path.is_file():
+        load_landmark_weights(path, model.front_end, weights_only=not args.unsafe_load)
+        logger.info("Part fViT: landmark CNN from %s", path)
+    elif args.landmark_regularisation:
+        raise FileNotFoundError(
+            f"--landmark-regularisation pulls towards --landmark-weights {path}, which does not exist"
+        )
+    else:
+        logger.info("Part fViT: landmark CNN from its random initialisation (no file at --landmark-weights %s)", path)
+    model.freeze_reference_landmarks()
 
 
 def build_dino_setup(args: argparse.Namespace, image_size: int) -> MethodSetup:
