@@ -33,12 +33,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Protocol
+from typing import Any, ClassVar, ContextManager, Protocol
 
 import numpy as np
 import torch
@@ -47,9 +46,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from model.head import DINOHead
-from model.meta_arch import MetaArch
+from model.meta_arch import MetaArch, MethodConfig
 from model.vit import PrefixViT, create_backbone
-from utils.checkpoint import CheckpointError, atomic_save
+from utils.checkpoint import atomic_save
 from utils.distributed import all_reduce_sum, broadcast, get_world_size
 
 logger = logging.getLogger(__name__)
@@ -382,7 +381,7 @@ class MultiCropWrapper(nn.Module):
 
 
 @dataclass
-class DINOConfig:
+class DINOConfig(MethodConfig):
     """Everything that defines a DINO model (stored in training checkpoints as ``model_config``).
 
     Attributes:
@@ -402,6 +401,7 @@ class DINOConfig:
         center_momentum: EMA momentum of the loss center.
     """
 
+    method: ClassVar[str] = METHOD
     arch: str = "vit_small"
     patch_size: int = 8
     img_size: int = 112
@@ -416,19 +416,6 @@ class DINOConfig:
     warmup_teacher_temp_epochs: int = 0
     student_temp: float = 0.1
     center_momentum: float = 0.9
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-type copy with ``method`` = dino (loads with ``weights_only=True``)."""
-        return {"method": METHOD, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, stored: Mapping[str, Any]) -> DINOConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
-        values = {k: v for k, v in stored.items() if k != "method"}
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise CheckpointError(f"dino model_config has unknown fields {unknown}")
-        return cls(**values)
 
 
 class DINOMethod(MetaArch):

@@ -9,14 +9,36 @@ model-parallel parts (Partial FC) overrides the state and distribution hooks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, ClassVar, ContextManager
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from utils.checkpoint import CheckpointError
 from utils.distributed import get_world_size
+
+
+class MethodConfig:
+    """Base of a method's dataclass configuration (stored in checkpoints as ``model_config``)."""
+
+    method: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type copy with ``method`` naming the method (loads with ``weights_only=True``)."""
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, stored: Mapping[str, Any]) -> MethodConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
+        values = {k: v for k, v in stored.items() if k != "method"}
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise CheckpointError(f"{cls.method} model_config has unknown fields {unknown}")
+        return cls(**values)
 
 
 class MetaArch(nn.Module):

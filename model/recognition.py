@@ -10,11 +10,10 @@ Evaluation features are the L2-normalised embeddings.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, ClassVar, ContextManager
 
 import torch
 import torch.nn as nn
@@ -30,7 +29,7 @@ from model.landmark import (
     save_landmark_weights,
 )
 from model.margin_heads import build_margin_head
-from model.meta_arch import MetaArch
+from model.meta_arch import MetaArch, MethodConfig
 from model.partial_fc import PartialFC
 from model.vit import load_pretrained_backbone
 from utils.checkpoint import CheckpointError, load_checkpoint
@@ -43,7 +42,7 @@ LANDMARK_EXPORT = "landmark_cnn.pth"
 
 
 @dataclass
-class RecognitionConfig:
+class RecognitionConfig(MethodConfig):
     """Everything that defines a recognition model (stored in its checkpoints as ``model_config``).
 
     Attributes:
@@ -63,6 +62,7 @@ class RecognitionConfig:
             frozen copy of its initial weights, weighted by ``model.landmark.landmark_regularisation_weight(epoch)``.
     """
 
+    method: ClassVar[str] = METHOD
     arch: str = "iresnet50"
     img_size: int = 112
     patch_size: int = 8
@@ -75,19 +75,6 @@ class RecognitionConfig:
     landmark_cnn: bool = False
     landmark_tiles: str = "natural"
     landmark_regularisation: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-type copy with ``method`` = recognition (loads with ``weights_only=True``)."""
-        return {"method": METHOD, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, stored: dict[str, Any]) -> RecognitionConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
-        values = {k: v for k, v in stored.items() if k != "method"}
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise CheckpointError(f"recognition model_config has unknown fields {unknown}")
-        return cls(**values)
 
 
 class FaceRecognizer(MetaArch):

@@ -17,7 +17,7 @@ import numpy as np
 
 from torch.utils.data import Dataset
 
-from data_loader.datasets import GCDDataset, Split
+from data_loader.datasets import GCDDataset, GCDDatasets, Split
 from data_loader.multicrop import MultiCropTransform
 from data_loader.recognition import (
     RECOGNITION_SETS,
@@ -69,6 +69,14 @@ class MethodSetup:
     prepare_schedules: Callable[[int, float], None] | None = None
 
 
+def _clustering_validation(gcd: GCDDatasets | None) -> dict[str, Any]:
+    """The validation fields of a :class:`MethodSetup`: D_U and the test split of a GFD benchmark, or none."""
+    if gcd is None:
+        return {"eval_sets": {}, "num_classes": 0, "num_known": 0}
+    sets = {"unlabelled": gcd.unlabelled_eval, "test": gcd.test_eval}
+    return {"eval_sets": sets, "num_classes": gcd.num_classes, "num_known": gcd.num_known}
+
+
 def build_facegcd_setup(args: argparse.Namespace, image_size: int) -> MethodSetup:
     """FaceGCD on D_L ++ D_U with the balanced sampler."""
     datasets = load_datasets(args, image_size)
@@ -95,9 +103,7 @@ def build_facegcd_setup(args: argparse.Namespace, image_size: int) -> MethodSetu
         train_set=datasets.train,
         sampler=BalancedSampler(labelled, seed=args.seed, mode=args.sampler),
         data_config=data_config(args, datasets, image_size),
-        eval_sets={"unlabelled": datasets.unlabelled_eval, "test": datasets.test_eval},
-        num_classes=datasets.num_classes,
-        num_known=datasets.num_known,
+        **_clustering_validation(datasets),
         description=(
             f"{args.dataset}: {datasets.num_classes} classes ({datasets.num_known} known), "
             f"{int(datasets.labelled_mask.sum())} labelled + {len(datasets.unlabelled_eval)} unlabelled training "
@@ -143,9 +149,7 @@ def build_recognition_setup(args: argparse.Namespace, image_size: int) -> Method
         train_set=data.train,
         sampler=ShuffleSampler(len(data.train), seed=args.seed),
         data_config=settings,
-        eval_sets={} if gcd is None else {"unlabelled": gcd.unlabelled_eval, "test": gcd.test_eval},
-        num_classes=0 if gcd is None else gcd.num_classes,
-        num_known=0 if gcd is None else gcd.num_known,
+        **_clustering_validation(gcd),
         description=f"{args.dataset}: {data.num_classes} identities, {len(data.train)} training images"
         + ("" if gcd is None else f" (the labelled subset D_L; validation clusters {gcd.num_classes} classes)"),
     )
@@ -217,9 +221,7 @@ def build_dino_setup(args: argparse.Namespace, image_size: int) -> MethodSetup:
         train_set=train_set,
         sampler=ShuffleSampler(count, seed=args.seed),
         data_config={**settings, "train_set": "all images, unlabelled"},
-        eval_sets={} if gcd is None else {"unlabelled": gcd.unlabelled_eval, "test": gcd.test_eval},
-        num_classes=0 if gcd is None else gcd.num_classes,
-        num_known=0 if gcd is None else gcd.num_known,
+        **_clustering_validation(gcd),
         description=f"{args.dataset}: {count} training images, self-supervised ({config.n_global} global + "
         f"{config.n_local} local views)",
         prepare_schedules=use_schedules,
