@@ -7,27 +7,37 @@ labelled points (uniform first centre, D^2 sampling over all points). Fixes and 
 
 - empty clusters are reseeded at the unlabelled points farthest from their own centre (no NaN centres);
 - restart r draws from a ``torch.Generator`` seeded with ``seed + r``, identical on every rank;
-- distances are ||x||^2 + ||c||^2 - 2 x.c^T with one GEMM per row chunk, k-means++ keeps an incremental
-  min-distance vector, centre sums use ``index_add_`` and counts ``bincount``;
+- distances are ||x||^2 + ||c||^2 - 2 x.c^T with one GEMM per row block into one reused (rows, K) buffer; on CPU the
+  block is sized to stay in cache, ``chunk_bytes`` caps it everywhere;
+- Lloyd iterations are exact but skip the search of points that provably keep their centre (Hamerly's bounds, with
+  the float32 rounding error on both sides), so that after the first few iterations most points cost one dot product
+  with their own centre instead of K; centre sums use ``index_add_`` and counts ``bincount``;
+- k-means++ keeps an incremental min-distance vector updated from one matrix-vector product per new centre (on CPU
+  cut into row blocks that run concurrently, bitwise equal to one product), with one host read of the per-rank
+  totals per step on non-owning ranks; its draws are those of GCD's algorithm for the same generator;
 - distributed: every rank passes its shard of the rows; sums, counts and inertia are all-reduced each iteration, and
   k-means++ finds the rank owning the sampled threshold, which broadcasts the chosen point.
 
 ``init="k-means||"`` replaces the k - M sequential D^2 draws with a few oversampling rounds (Bahmani et al., "Scalable
 K-Means++", VLDB 2012): each point is kept with probability min(1, 2K d(x) / phi) from uniforms indexed by its global
 position, the kept points of all ranks become weighted candidates, and weighted k-means++ on them gives the centres.
+Each candidate's weight (points nearest to it) is tracked during the rounds, so no pass over all candidates follows.
 
 The global order of the points (used by k-means++ and by tie-breaking) is the rank-major concatenation of the shards,
 so a run on contiguous shards (``contiguous_shard``) reproduces the single-process run up to float summation order.
 
 References: GCD (Vaze et al., CVPR 2022) ``methods/clustering/faster_mix_k_means_pytorch.py``; scikit-learn
-``sklearn/cluster/_kmeans.py`` (k-means++ and empty-cluster relocation); Bahmani et al., VLDB 2012 (k-means||).
+``sklearn/cluster/_kmeans.py`` (k-means++ and empty-cluster relocation); Bahmani et al., VLDB 2012 (k-means||);
+Hamerly, "Making k-means even faster", SDM 2010 (bounds). Measured speed and scale-out: docs/clustering.md.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from bisect import bisect_right
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -44,6 +54,14 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 INITS = ("k-means++", "k-means||")
 KMEANS_PARALLEL_ROUNDS = 5  # sampling rounds of k-means|| (Bahmani et al. find ~5 enough with l = 2K)
 _UNIFORM_BLOCK = 2**16  # global rows per generator seed in k-means|| sampling
+# CPU distance blocks: (rows, K) float32 of about this size stay in cache between the GEMM and the min pass; at least
+# _CPU_MIN_ROWS rows, so that the (D, K) centres read per block stay small next to the block's GEMM work
+_CPU_BLOCK_BYTES = 16 * 2**20
+_CPU_MIN_ROWS = 256
+# matrix-vector products over at least this many elements are cut into row blocks run on several CPU threads; block
+# starts are multiples of _MATVEC_ALIGN rows, which keeps every row's dot product bitwise that of a single call
+_MATVEC_MIN_ELEMENTS = 2**20
+_MATVEC_ALIGN = 64
 
 
 @dataclass
@@ -58,6 +76,7 @@ class KMeansResult:
         best_restart: index of the best restart (its generator seed is ``seed + best_restart``).
         labelled_classes: (M,) int64 on CPU; cluster j is class ``labelled_classes[j]`` (empty for plain k-means).
         restart_inertia: best inertia of every restart, in order.
+        seconds: wall-clock seconds summed over restarts, ``{"init": seeding, "lloyd": Lloyd iterations}``.
     """
 
     labels: torch.Tensor
@@ -67,6 +86,7 @@ class KMeansResult:
     best_restart: int
     labelled_classes: torch.Tensor
     restart_inertia: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -166,6 +186,13 @@ def _deterministic(device: torch.device) -> Iterator[None]:
         torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
+def _seconds_since(start: float, device: torch.device) -> float:
+    """Wall-clock seconds since ``start`` (``time.perf_counter``), after the device's queued work has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def _resolve_device(x: torch.Tensor, device: str | torch.device | None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -174,20 +201,44 @@ def _resolve_device(x: torch.Tensor, device: str | torch.device | None) -> torch
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _rows_per_chunk(k: int, chunk_bytes: int) -> int:
-    """Rows whose (rows, k) float32 distance block fits in ``chunk_bytes``."""
-    return max(1, chunk_bytes // (4 * max(k, 1)))
+def _rows_per_chunk(k: int, chunk_bytes: int, device: torch.device | None = None) -> int:
+    """Rows whose (rows, k) float32 distance block fits in ``chunk_bytes``; on a CPU ``device`` also cache-sized.
+
+    On CPU, a block of about ``_CPU_BLOCK_BYTES`` (and at least ``_CPU_MIN_ROWS`` rows) is still in cache when the min
+    pass reads it; ``chunk_bytes`` stays the cap. Without ``device`` only the budget counts.
+    """
+    rows = chunk_bytes // (4 * max(k, 1))
+    if device is not None and device.type == "cpu":
+        rows = min(rows, max(_CPU_MIN_ROWS, _CPU_BLOCK_BYTES // (4 * max(k, 1))))
+    return max(1, rows)
+
+
+def _row_sq_norms(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``(x * x).sum(1)`` in blocks of ``rows`` rows (bitwise the same per row), without an (n, D) temporary."""
+    out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    for start in range(0, x.shape[0], rows):
+        block = x[start : start + rows]
+        torch.sum(block * block, dim=1, out=out[start : start + rows])
+    return out
+
+
+def _nonfinite_rows(x: torch.Tensor, rows: int) -> int:
+    """Number of rows of ``x`` with a NaN or infinite entry, in blocks of ``rows`` rows."""
+    bad = torch.zeros((), dtype=torch.int64, device=x.device)
+    for start in range(0, x.shape[0], rows):
+        bad += (~torch.isfinite(x[start : start + rows])).any(dim=1).sum()
+    return int(bad)
 
 
 def _nearest(
-    x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, chunk_bytes: int
+    x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, rows: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared distance to, and index of, the nearest centre for every row of ``x``.
 
     Args:
         x: (n, D) float32 points; x_sq: (n,) their squared norms.
         centres: (K, D) float32.
-        chunk_bytes: memory budget of one (rows, K) distance block.
+        rows: rows per (rows, K) distance block (``_rows_per_chunk``); one block buffer is reused.
 
     Returns:
         ``(min_dist (n,) float32 clamped at 0, labels (n,) int64)``.
@@ -197,18 +248,69 @@ def _nearest(
     c_t = centres.t()
     min_dist = torch.empty(n, dtype=torch.float32, device=x.device)
     labels = torch.empty(n, dtype=torch.int64, device=x.device)
-    rows = _rows_per_chunk(k, chunk_bytes)
+    block = torch.empty(min(rows, n), k, dtype=torch.float32, device=x.device)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
+        dist = block[: stop - start]
         # ||c||^2 - 2 x.c in one GEMM; the row constant ||x||^2 does not change the argmin and is added to the minimum
-        val, idx = torch.addmm(c_sq, x[start:stop], c_t, alpha=-2.0).min(dim=1)
-        min_dist[start:stop] = (val + x_sq[start:stop]).clamp_min_(0.0)
-        labels[start:stop] = idx
+        torch.addmm(c_sq, x[start:stop], c_t, alpha=-2.0, out=dist)
+        torch.min(dist, dim=1, out=(min_dist[start:stop], labels[start:stop]))
+    min_dist.add_(x_sq).clamp_min_(0.0)
     return min_dist, labels
 
 
-def _per_rank(value: float | int, device: torch.device, dtype: torch.dtype) -> list:
-    """All ranks' values of a scalar, in rank order (one all-reduce of a one-hot vector)."""
+class _MatVec:
+    """``x @ v`` for a fixed (n, D) ``x`` into a caller's buffer.
+
+    A BLAS matrix-vector product runs on one core; on CPU, products over at least ``_MATVEC_MIN_ELEMENTS`` elements
+    are cut into one row block per ``torch.get_num_threads()`` thread and run concurrently (PyTorch releases the GIL).
+    Block starts are multiples of ``_MATVEC_ALIGN`` rows, so that every row meets the same BLAS kernel as in one call
+    over all rows: the result is bitwise that of ``x @ v`` (tests/utils/test_kmeans.py checks it).
+    """
+
+    def __init__(self, x: torch.Tensor, pool: ThreadPoolExecutor | None) -> None:
+        self.x, self.pool = x, pool
+        n = x.shape[0]
+        parts = torch.get_num_threads() if pool is not None and x.device.type == "cpu" else 1
+        if x.numel() < _MATVEC_MIN_ELEMENTS:
+            parts = 1
+        cuts = sorted({n * i // parts // _MATVEC_ALIGN * _MATVEC_ALIGN for i in range(parts)} | {n})
+        self.blocks = list(zip(cuts[:-1], cuts[1:]))
+
+    def __call__(self, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if len(self.blocks) <= 1:
+            return torch.mv(self.x, v, out=out)
+        jobs = [self.pool.submit(torch.mv, self.x[a:b], v, out=out[a:b]) for a, b in self.blocks]
+        for job in jobs:
+            job.result()
+        return out
+
+
+@contextmanager
+def _matvec_pool(device: torch.device) -> Iterator[ThreadPoolExecutor | None]:
+    """Threads for ``_MatVec`` on a multi-threaded CPU, else ``None``."""
+    if device.type != "cpu" or torch.get_num_threads() < 2:
+        yield None
+        return
+    with ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="kmeans-mv") as pool:
+        yield pool
+
+
+def _sq_dist_to_point(
+    x_sq: torch.Tensor, point: torch.Tensor, matvec: _MatVec, out: torch.Tensor, dot: torch.Tensor
+) -> torch.Tensor:
+    """``out = max(0, (||x||^2 + ||p||^2) - 2 x.p)`` for every row of ``matvec.x``, using the buffer ``dot``.
+
+    The same float32 operations, in the same order, as ``(x_sq + (p * p).sum() - 2.0 * (x @ p)).clamp_min(0)``
+    (2 x.p is exact), so k-means++ draws stay bitwise those of that expression.
+    """
+    matvec(point, out=dot)
+    torch.add(x_sq, (point * point).sum(), out=out)
+    return out.sub_(dot, alpha=2.0).clamp_min_(0.0)
+
+
+def _per_rank(value: float | int | torch.Tensor, device: torch.device, dtype: torch.dtype) -> list:
+    """All ranks' values of a scalar (a number or a 0-d tensor), in rank order (one all-reduce of a one-hot vector)."""
     buf = torch.zeros(get_world_size(), dtype=dtype, device=device)
     buf[get_rank()] = value
     return all_reduce_sum(buf).tolist()
@@ -253,47 +355,60 @@ def _kmeanspp(
     Returns:
         (k, D) float32 centres, identical on all ranks.
     """
-    device, dim = xu.device, xu.shape[1]
+    device, (n_u, dim) = xu.device, xu.shape
     centres = torch.empty(k, dim, dtype=torch.float32, device=device)
     centres[: fixed.shape[0]] = fixed
     if fixed.shape[0] > 0:
-        min_dist = _nearest(xu, xu_sq, fixed, chunk_bytes)[0]
+        # budget-only blocks: the draws depend on these distances, which must not change with CPU cache tuning
+        min_dist = _nearest(xu, xu_sq, fixed, _rows_per_chunk(fixed.shape[0], chunk_bytes))[0]
     else:
-        min_dist = torch.full((xu.shape[0],), math.inf, dtype=torch.float32, device=device)
-    chosen = torch.zeros(xu.shape[0], dtype=torch.bool, device=device)
-    for j in range(fixed.shape[0], k):
-        if j == 0:  # no centre yet: uniform over all points
-            owner, local = shard.draw_uniform(gen)
-        else:
-            totals = _per_rank(float(min_dist.sum(dtype=torch.float64)), device, torch.float64)
-            grand = sum(totals)
-            if grand > 0:
-                threshold = float(torch.rand(1, generator=gen, dtype=torch.float64)) * grand
-                ends = list(accumulate(totals))
-                owner = min(bisect_right(ends, threshold), shard.world - 1)
-                while totals[owner] <= 0:  # threshold rounded onto a boundary: step back to a rank with mass
-                    owner -= 1
-                local = -1
-                if owner == shard.rank:
-                    with _deterministic(device):
-                        local = _pick_by_threshold(min_dist, max(0.0, threshold - (ends[owner] - totals[owner])))
-            else:  # every point sits on a centre: uniform among the points not chosen yet
-                free = _per_rank(int((~chosen).sum()), device, torch.int64)
-                t = int(torch.randint(sum(free), (1,), generator=gen))
-                ends = list(accumulate(free))
-                owner = bisect_right(ends, t)
-                local = -1
-                if owner == shard.rank:
-                    local = int(torch.nonzero(~chosen)[t - (ends[owner] - free[owner])])
-        point = _broadcast_row(xu, owner, local, shard)
-        if owner == shard.rank:
-            chosen[local] = True
-        centres[j] = point
-        new_dist = (xu_sq + (point * point).sum() - 2.0 * (xu @ point)).clamp_min_(0.0)
-        torch.minimum(min_dist, new_dist, out=min_dist)
-        if owner == shard.rank:
-            min_dist[local] = 0.0
+        min_dist = torch.full((n_u,), math.inf, dtype=torch.float32, device=device)
+    chosen = torch.zeros(n_u, dtype=torch.bool, device=device)
+    new_dist, dot = torch.empty_like(min_dist), torch.empty_like(min_dist)
+    with _matvec_pool(device) as pool:
+        matvec = _MatVec(xu, pool)
+        for j in range(fixed.shape[0], k):
+            if j == 0:  # no centre yet: uniform over all points
+                owner, local = shard.draw_uniform(gen)
+            else:
+                owner, local = _draw_d2(min_dist, chosen, gen, shard)
+            point = _broadcast_row(xu, owner, local, shard)
+            if owner == shard.rank:
+                chosen[local] = True
+            centres[j] = point
+            torch.minimum(min_dist, _sq_dist_to_point(xu_sq, point, matvec, new_dist, dot), out=min_dist)
+            if owner == shard.rank:
+                min_dist[local] = 0.0
     return centres
+
+
+def _draw_d2(min_dist: torch.Tensor, chosen: torch.Tensor, gen: torch.Generator, shard: _Shard) -> tuple[int, int]:
+    """One k-means++ draw over all ranks: ``(owner rank, index in the owner's shard)`` (``-1`` on other ranks).
+
+    A point is drawn with probability ``min_dist / sum(min_dist)``, or uniformly among the points not chosen yet when
+    every distance is 0. The per-rank totals are the one host read of every rank; the owner reads its index.
+    """
+    device = min_dist.device
+    totals = _per_rank(min_dist.sum(dtype=torch.float64), device, torch.float64)
+    grand = sum(totals)
+    local = -1
+    if grand > 0:
+        threshold = float(torch.rand(1, generator=gen, dtype=torch.float64)) * grand
+        ends = list(accumulate(totals))
+        owner = min(bisect_right(ends, threshold), shard.world - 1)
+        while totals[owner] <= 0:  # threshold rounded onto a boundary: step back to a rank with mass
+            owner -= 1
+        if owner == shard.rank:
+            with _deterministic(device):
+                local = _pick_by_threshold(min_dist, max(0.0, threshold - (ends[owner] - totals[owner])))
+    else:  # every point sits on a centre: uniform among the points not chosen yet
+        free = _per_rank(int((~chosen).sum()), device, torch.int64)
+        t = int(torch.randint(sum(free), (1,), generator=gen))
+        ends = list(accumulate(free))
+        owner = bisect_right(ends, t)
+        if owner == shard.rank:
+            local = int(torch.nonzero(~chosen)[t - (ends[owner] - free[owner])])
+    return owner, local
 
 
 def _global_uniforms(seed: int, shard: _Shard, n_local: int, device: torch.device) -> torch.Tensor:
@@ -322,23 +437,27 @@ def _weighted_kmeanspp(
     Returns:
         (<= need, D) the chosen candidates, in order.
     """
+    device = cand.device
     cand_sq = (cand * cand).sum(1)
     if fixed.shape[0] > 0:
-        dist = _nearest(cand, cand_sq, fixed, chunk_bytes)[0].double()
+        dist = _nearest(cand, cand_sq, fixed, _rows_per_chunk(fixed.shape[0], chunk_bytes, device))[0].double()
     else:  # no centre yet: the first pick is proportional to the weight alone
-        dist = torch.full((cand.shape[0],), math.inf, dtype=torch.float64, device=cand.device)
+        dist = torch.full((cand.shape[0],), math.inf, dtype=torch.float64, device=device)
+    new_dist, dot = torch.empty_like(cand_sq), torch.empty_like(cand_sq)
     picked: list[int] = []
-    for _ in range(need):
-        score = torch.where(torch.isinf(dist), weights, weights * dist)
-        total = float(score.sum())
-        if total <= 0:
-            break
-        threshold = float(torch.rand(1, generator=gen, dtype=torch.float64)) * total
-        with _deterministic(cand.device):
-            idx = _pick_by_threshold(score, threshold)
-        picked.append(idx)
-        torch.minimum(dist, _nearest(cand, cand_sq, cand[idx : idx + 1], chunk_bytes)[0].double(), out=dist)
-        dist[idx] = 0.0
+    with _matvec_pool(device) as pool:
+        matvec = _MatVec(cand, pool)
+        for _ in range(need):
+            score = torch.where(torch.isinf(dist), weights, weights * dist)
+            total = float(score.sum())
+            if total <= 0:
+                break
+            threshold = float(torch.rand(1, generator=gen, dtype=torch.float64)) * total
+            with _deterministic(device):
+                idx = _pick_by_threshold(score, threshold)
+            picked.append(idx)
+            torch.minimum(dist, _sq_dist_to_point(cand_sq, cand[idx], matvec, new_dist, dot).double(), out=dist)
+            dist[idx] = 0.0
     return cand[picked]
 
 
@@ -354,43 +473,54 @@ def _kmeans_parallel(
     """k-means|| seeding (Bahmani et al., VLDB 2012) of ``k - len(fixed)`` centres from the (sharded) points.
 
     Starting from ``fixed`` (or one uniform point when there is none), ``KMEANS_PARALLEL_ROUNDS`` rounds keep every
-    point independently with probability min(1, l d(x) / phi), l = 2k; the candidates are gathered in global order,
-    weighted by the points nearest to them, and reduced to the missing centres by weighted k-means++. Too few
-    candidates: k-means++ over the points places the rest. Arguments and result as ``_kmeanspp``.
+    point independently with probability min(1, l d(x) / phi), l = 2k; the candidates are gathered in global order
+    and weighted by the points nearest to them (tracked round by round: a kept point is nearest to itself, another
+    point moves to a new candidate that is strictly closer), then reduced to the missing centres by weighted
+    k-means++. Too few candidates: k-means++ over the points places the rest. Arguments and result as ``_kmeanspp``.
     """
-    device, n_u = xu.device, xu.shape[0]
+    device, (n_u, dim) = xu.device, xu.shape
+    m = fixed.shape[0]
     oversampling = 2.0 * k
-    if fixed.shape[0] > 0:
-        cand = [xu.new_zeros(0, xu.shape[1])]
-        min_dist = _nearest(xu, xu_sq, fixed, chunk_bytes)[0]
+    if m > 0:
+        cand = [xu.new_zeros(0, dim)]
+        min_dist, nearest = _nearest(xu, xu_sq, fixed, _rows_per_chunk(m, chunk_bytes, device))
     else:
         owner, local = shard.draw_uniform(gen)
         cand = [_broadcast_row(xu, owner, local, shard)[None]]
-        min_dist = _nearest(xu, xu_sq, cand[0], chunk_bytes)[0]
+        with _matvec_pool(device) as pool:
+            min_dist = torch.empty_like(xu_sq)
+            _sq_dist_to_point(xu_sq, cand[0][0], _MatVec(xu, pool), min_dist, torch.empty_like(xu_sq))
+        nearest = torch.zeros(n_u, dtype=torch.int64, device=device)
         if owner == shard.rank:
             min_dist[local] = 0.0
+    n_cand = m + cand[0].shape[0]  # index of the next candidate in [fixed, candidates]
     for _ in range(KMEANS_PARALLEL_ROUNDS):
         phi = float(all_reduce_sum(min_dist.sum(dtype=torch.float64).reshape(1)))
         if phi <= 0:
             break
         u = _global_uniforms(int(torch.randint(2**62, (1,), generator=gen)), shard, n_u, device)
         keep = u < oversampling * min_dist.double() / phi
-        sampled = torch.cat(all_gather_variable(xu[keep]))
+        parts = all_gather_variable(xu[keep])
+        sampled = torch.cat(parts)
         if sampled.shape[0] == 0:
             continue
         cand.append(sampled)
-        torch.minimum(min_dist, _nearest(xu, xu_sq, sampled, chunk_bytes)[0], out=min_dist)
+        dist, idx = _nearest(xu, xu_sq, sampled, _rows_per_chunk(sampled.shape[0], chunk_bytes, device))
+        nearest = torch.where(dist < min_dist, idx + n_cand, nearest)
+        torch.minimum(min_dist, dist, out=min_dist)
         min_dist[keep] = 0.0
+        first = n_cand + sum(part.shape[0] for part in parts[: shard.rank])
+        nearest[keep] = torch.arange(first, first + parts[shard.rank].shape[0], device=device)
+        n_cand += sampled.shape[0]
     cand = torch.cat(cand)
-    nearest = _nearest(xu, xu_sq, torch.cat([fixed, cand]), chunk_bytes)[1]
-    weights = all_reduce_sum(torch.bincount(nearest, minlength=fixed.shape[0] + cand.shape[0]).double())
-    chosen = _weighted_kmeanspp(cand, weights[fixed.shape[0] :], fixed, k - fixed.shape[0], gen, chunk_bytes)
+    weights = all_reduce_sum(torch.bincount(nearest, minlength=n_cand).double())
+    chosen = _weighted_kmeanspp(cand, weights[m:], fixed, k - m, gen, chunk_bytes)
     centres = torch.cat([fixed, chosen])
     if centres.shape[0] < k:
         logger.info(
             "k-means||: the candidates gave %d of the %d missing centres; k-means++ places the other %d",
             chosen.shape[0],
-            k - fixed.shape[0],
+            k - m,
             k - centres.shape[0],
         )
         centres = _kmeanspp(xu, xu_sq, centres, k, gen, shard, chunk_bytes)
@@ -447,6 +577,85 @@ def _reseed_empty(
         logger.debug("reseeded %d empty cluster(s)", int(order.numel()))
 
 
+def _sq_dist_error(dim: int) -> float:
+    """Bound on the float32 error of ``||x||^2 + ||c||^2 - 2 x.c``, as a multiple of ``||x||^2 + ||c||^2``.
+
+    Each norm and the dot product is a length-``dim`` sum with error <= gamma = dim u / (1 - dim u) times the sum of
+    absolute terms (u = 2^-24, |x.c| <= (||x||^2 + ||c||^2) / 2), and two roundings combine them: 2 gamma + 4 u in
+    all (Higham, "Accuracy and Stability of Numerical Algorithms", section 3.1); doubled for safety.
+    """
+    u = 2.0**-24
+    gamma = dim * u / (1.0 - dim * u)
+    return 2.0 * (2.0 * gamma + 4.0 * u)
+
+
+def _half_gaps(centres: torch.Tensor, c_sq: torch.Tensor, rows: int, rel_err: float) -> torch.Tensor:
+    """float64 lower bounds of half the distance from every centre to its nearest other centre (inf when K = 1)."""
+    k = centres.shape[0]
+    gaps = torch.full((k,), math.inf, dtype=torch.float64, device=centres.device)
+    if k < 2:
+        return gaps
+    nearest = torch.empty(k, dtype=torch.float32, device=centres.device)
+    block = torch.empty(min(rows, k), k, dtype=torch.float32, device=centres.device)
+    for start in range(0, k, rows):
+        stop = min(start + rows, k)
+        dist = block[: stop - start]
+        torch.addmm(c_sq, centres[start:stop], centres.t(), alpha=-2.0, out=dist)
+        dist.diagonal(offset=start).fill_(math.inf)  # a centre is not its own neighbour
+        torch.amin(dist, dim=1, out=nearest[start:stop])
+    sq = nearest.double() + c_sq.double() - rel_err * (c_sq.double() + float(c_sq.max()))
+    return 0.5 * sq.clamp_min(0.0).sqrt()
+
+
+def _dist_to_own(
+    x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, c_sq: torch.Tensor, labels: torch.Tensor, rows: int
+) -> torch.Tensor:
+    """Squared distance of every row of ``x`` to its own centre ``centres[labels]``, in row blocks, clamped at 0."""
+    n = x.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=x.device)
+    own = torch.empty(min(rows, n), x.shape[1], dtype=torch.float32, device=x.device)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        block = own[: stop - start]
+        torch.index_select(centres, 0, labels[start:stop], out=block)
+        out[start:stop] = block.mul_(x[start:stop]).sum(1)
+    return out.mul_(-2.0).add_(x_sq).add_(c_sq[labels]).clamp_min_(0.0)
+
+
+def _search(
+    x: torch.Tensor,
+    x_sq: torch.Tensor,
+    centres: torch.Tensor,
+    c_sq: torch.Tensor,
+    rows: int,
+    ids: torch.Tensor | None,
+    labels: torch.Tensor,
+    min_dist: torch.Tensor,
+    second: torch.Tensor,
+) -> None:
+    """Nearest and second-nearest centre of the rows ``ids`` of ``x`` (all rows when None), written in place.
+
+    ``labels[ids]`` gets the nearest centre, ``min_dist[ids]`` its squared distance (clamped at 0) and
+    ``second[ids]`` the squared distance to the nearest other centre (inf when K = 1). Rows are gathered
+    ``rows`` at a time, so memory stays within one (rows, K) block and one (rows, D) copy.
+    """
+    n = x.shape[0] if ids is None else ids.numel()
+    block = torch.empty(min(rows, n), centres.shape[0], dtype=torch.float32, device=x.device)
+    c_t = centres.t()
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        sel = slice(start, stop) if ids is None else ids[start:stop]
+        dist = block[: stop - start]
+        # ||c||^2 - 2 x.c in one GEMM; the row constant ||x||^2 does not change the argmin and is added to the minimum
+        torch.addmm(c_sq, x[sel] if ids is None else x.index_select(0, sel), c_t, alpha=-2.0, out=dist)
+        nearest, idx = dist.min(dim=1)
+        dist.scatter_(1, idx[:, None], math.inf)
+        rows_sq = x_sq[sel]
+        labels[sel] = idx
+        min_dist[sel] = (nearest + rows_sq).clamp_min_(0.0)
+        second[sel] = dist.amin(dim=1) + rows_sq
+
+
 def _lloyd(
     xu: torch.Tensor,
     xu_sq: torch.Tensor,
@@ -461,17 +670,40 @@ def _lloyd(
 ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """Lloyd iterations from ``centres``; keeps the iteration with the lowest inertia.
 
+    Exact Lloyd with Hamerly's bounds (Hamerly, "Making k-means even faster", SDM 2010): a point keeps its centre
+    without a search when its distance to it is at most the larger of a lower bound on its distance to every other
+    centre (the second-nearest distance of its last search, minus the largest shift of another centre since) and
+    half the distance from its centre to the nearest other centre. The distance to the own centre is recomputed
+    every iteration; both sides carry the float32 error bound of ``_sq_dist_error``, so a point is searched whenever
+    rounding could decide. Searched points get one GEMM against all K centres.
+
     Returns:
         ``(labels of this rank's unlabelled points, centres (K, D), inertia, iterations run)`` of the best iteration.
     """
-    k, device = centres.shape[0], xu.device
+    (n, dim), k, device = xu.shape, centres.shape[0], xu.device
     m = stats.num
+    rows = _rows_per_chunk(k, chunk_bytes, device)
+    rows_own = _rows_per_chunk(dim, chunk_bytes, device)
+    rel_err = _sq_dist_error(dim)
+    labels = torch.zeros(n, dtype=torch.int64, device=device)
+    min_dist = torch.empty(n, dtype=torch.float32, device=device)
+    second = torch.empty(n, dtype=torch.float32, device=device)
+    lower = torch.zeros(n, dtype=torch.float64, device=device)  # bound on the distance to every other centre
     best: tuple[torch.Tensor, torch.Tensor, float] | None = None
     bar = tqdm(total=max_iter, desc=desc, leave=False, disable=not (progress and is_primary()))
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
-        min_dist, labels = _nearest(xu, xu_sq, centres, chunk_bytes)
-        sums = torch.zeros(k, xu.shape[1], dtype=torch.float32, device=device)
+        c_sq = (centres * centres).sum(1)
+        err = rel_err * (xu_sq.double() + float(c_sq.max()))
+        ids = None  # first iteration: no assignment yet, every point is searched
+        if n_iter > 1:
+            min_dist = _dist_to_own(xu, xu_sq, centres, c_sq, labels, rows_own)
+            bound = torch.maximum(lower, _half_gaps(centres, c_sq, rows, rel_err)[labels])
+            ids = torch.nonzero((min_dist.double() + err).sqrt() >= bound).flatten()
+        _search(xu, xu_sq, centres, c_sq, rows, ids, labels, min_dist, second)
+        searched = slice(None) if ids is None else ids
+        lower[searched] = (second[searched].double() - err[searched]).clamp_min(0.0).sqrt()
+        sums = torch.zeros(k, dim, dtype=torch.float32, device=device)
         with _deterministic(device):
             sums.index_add_(0, labels, xu)
         counts_inertia = torch.cat(
@@ -486,13 +718,21 @@ def _lloyd(
         counts[:m] += stats.counts
         if bool((counts == 0).any()):
             inertia -= _reseed_empty(counts, sums, xu, labels, min_dist, shard)
+            lower.zero_()  # moved points have no bound to the other centres: search them again
         new_centres = (sums / counts[:, None]).float()
-        shift = float(torch.linalg.vector_norm(new_centres.double() - centres.double(), dim=1).sum())
+        shifts = torch.linalg.vector_norm(new_centres.double() - centres.double(), dim=1)
+        shift = float(shifts.sum())
         if best is None or inertia < best[2]:
-            best = (labels, new_centres, inertia)
+            best = (labels.clone(), new_centres, inertia)
         centres = new_centres
+        # every other centre came at most its shift closer: the largest shift among the centres but one's own
+        top = torch.topk(shifts, min(2, k))
+        runner_up = top.values[1] if k > 1 else top.values[0]
+        lower -= torch.where(labels == top.indices[0], runner_up, top.values[0])
+        frac = 1.0 if ids is None else ids.numel() / max(n, 1)
+        logger.debug("Lloyd iteration %d: inertia %.6f, %.1f%% of the points searched", n_iter, inertia, 100 * frac)
         bar.update(1)
-        bar.set_postfix(inertia=f"{inertia:.4f}", shift=f"{shift:.2e}")
+        bar.set_postfix(inertia=f"{inertia:.4f}", shift=f"{shift:.2e}", searched=f"{100 * frac:.0f}%")
         if shift**2 < tol:
             break
     bar.close()
@@ -574,7 +814,8 @@ def _fit(
             yl = class_labels.to(dev, torch.int64)[mask]
 
         # global sizes and collective input checks, so that every rank raises the same error
-        n_bad = int((~torch.isfinite(xu)).any(dim=1).sum()) + int((~torch.isfinite(xl)).any(dim=1).sum())
+        row_block = _rows_per_chunk(dim, chunk_bytes, dev)
+        n_bad = _nonfinite_rows(xu, row_block) + _nonfinite_rows(xl, row_block)
         sizes = torch.tensor([n, xu.shape[0], xl.shape[0], n_bad, int((yl < 0).sum())], dtype=torch.int64, device=dev)
         counts_u = _per_rank(xu.shape[0], dev, torch.int64)
         n_total, n_u, n_l, n_bad, n_negative = all_reduce_sum(sizes).tolist()
@@ -598,22 +839,27 @@ def _fit(
                 )
 
         shard = _Shard(get_rank(), get_world_size(), counts_u, sum(counts_u[: get_rank()]))
-        xu_sq = (xu * xu).sum(1)
+        xu_sq = _row_sq_norms(xu, row_block)
         runs = 1 if init_centres is not None else n_init
         if init_centres is not None and n_init > 1:
             logger.info("initial centres given: one Lloyd run instead of %d %s restarts", n_init, init)
         best: tuple[torch.Tensor, torch.Tensor, float, int, int] | None = None
         restart_inertia = []
+        seconds = {"init": 0.0, "lloyd": 0.0}
         for r in range(runs):
+            start = time.perf_counter()
             if init_centres is not None:
                 centres = init_centres
             else:
                 gen = torch.Generator().manual_seed(seed + r)
                 seeding = _kmeanspp if init == "k-means++" else _kmeans_parallel
                 centres = seeding(xu, xu_sq, stats.means(), k, gen, shard, chunk_bytes)
+            seconds["init"] += _seconds_since(start, dev)
+            start = time.perf_counter()
             labels_u, centres, inertia, n_iter = _lloyd(
                 xu, xu_sq, centres, stats, shard, max_iter, tol, chunk_bytes, f"k-means {r + 1}/{runs}", progress
             )
+            seconds["lloyd"] += _seconds_since(start, dev)
             logger.debug("k-means restart %d: inertia %.6f after %d iterations", r, inertia, n_iter)
             restart_inertia.append(inertia)
             if best is None or inertia < best[2]:
@@ -641,6 +887,7 @@ def _fit(
         best_restart=best_restart,
         labelled_classes=stats.classes.cpu(),
         restart_inertia=restart_inertia,
+        seconds=seconds,
     )
 
 
@@ -762,4 +1009,6 @@ def assign_to_centres(
     dev = _resolve_device(x, device)
     with torch.no_grad(), _exact_float32():
         x = x.to(device=dev, dtype=torch.float32)
-        return _nearest(x, (x * x).sum(1), centres.to(dev, torch.float32), chunk_bytes)[1].cpu()
+        rows = _rows_per_chunk(centres.shape[0], chunk_bytes, dev)
+        x_sq = _row_sq_norms(x, _rows_per_chunk(x.shape[1], chunk_bytes, dev))
+        return _nearest(x, x_sq, centres.to(dev, torch.float32), rows)[1].cpu()
