@@ -122,8 +122,8 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
     method, ckpt = checkpoint_method(args.checkpoint_weights, weights_only=weights_only)
     if method == "dino":
         raise CheckpointError(
-            f"{args.checkpoint_weights} is a --method dino pretraining run; train FaceGCD (or recognition) from its "
-            "checkpoint.pth with --pretrained_weights, then extract with that run's checkpoint"
+            f"{args.checkpoint_weights} is a self-supervised (--method dino or lafs) pretraining run; train FaceGCD (or "
+            "recognition) from its checkpoint.pth with --pretrained_weights, then extract with that run's checkpoint"
         )
     if method == "recognition":
         model = recognizer_from_checkpoint(ckpt, args.checkpoint_weights)

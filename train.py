@@ -220,7 +220,7 @@ def _check_args(args: argparse.Namespace) -> None:
     """Reject flag combinations that cannot work, before anything expensive happens."""
     if args.not_contrastive:
         raise ValueError("--not-contrastive is not supported: the reference's non-contrastive trainer is broken")
-    if args.method in ("facegcd", "dino") and args.arch not in ARCHS:
+    if args.method in ("facegcd", "dino", "lafs") and args.arch not in ARCHS:
         raise ValueError(
             f"--arch {args.arch} is a recognition backbone; --method {args.method} needs one of {', '.join(ARCHS)}"
         )
@@ -528,7 +528,7 @@ def main(args: argparse.Namespace) -> int:
             cleanup()
             return 2
         elapsed = time.perf_counter() - start
-        views = {"facegcd": 2, "recognition": 1, "dino": 2 + args.local_crops_number}[args.method]
+        views = {"facegcd": 2, "recognition": 1}.get(args.method, 2 + args.local_crops_number)
         train_stats["throughput"] = len(loader) * args.batch_size * get_world_size() * views / max(elapsed, 1e-9)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
 

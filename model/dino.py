@@ -46,6 +46,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from model.head import DINOHead
+from model.landmark import (
+    LANDMARK_EXPORT,
+    LAFSViewFrontEnd,
+    LandmarkFrontEnd,
+    check_local_landmarks,
+    load_landmark_weights,
+    save_landmark_weights,
+)
 from model.meta_arch import MetaArch, MethodConfig
 from model.vit import PrefixViT, create_backbone
 from utils.checkpoint import atomic_save
@@ -55,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 METHOD = "dino"
 DINO_CHECKPOINT = "checkpoint.pth"  # the file name DINO's main_dino.py writes
+DINO_LOCAL_CROP_SIZE = 48  # DINO's 96 px local crops of 224 px images, at 112 px
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,6 +408,10 @@ class DINOConfig(MethodConfig):
         warmup_teacher_temp_epochs: teacher temperature warm-up (LAFS 30).
         student_temp: student temperature.
         center_momentum: EMA momentum of the loss center.
+        landmark_cnn: LAFS: every view becomes a landmark mosaic of a frozen landmark CNN (``LAFSViewFrontEnd``).
+        landmark_tiles: LAFS tile orientation, ``"natural"`` or ``"reference"``.
+        landmark_jitter: LAFS landmark jitter std in pixels (5).
+        local_landmarks: LAFS landmarks kept by a local view (36: a 6 x 6 mosaic).
     """
 
     method: ClassVar[str] = METHOD
@@ -416,6 +429,10 @@ class DINOConfig(MethodConfig):
     warmup_teacher_temp_epochs: int = 0
     student_temp: float = 0.1
     center_momentum: float = 0.9
+    landmark_cnn: bool = False
+    landmark_tiles: str = "natural"
+    landmark_jitter: float = 5.0
+    local_landmarks: int = 36
 
 
 class DINOMethod(MetaArch):
@@ -647,8 +664,19 @@ class DINOMethod(MetaArch):
 
     # ------------------------------------------------------------------ export
     def export(self, out_dir: Path, epoch: int, args: dict[str, Any]) -> None:
-        """Write ``<out_dir>/checkpoint.pth`` in DINO's format: what ``train.py --pretrained_weights`` starts from."""
+        """Write ``<out_dir>/checkpoint.pth`` in DINO's format: what ``train.py --pretrained_weights`` starts from.
+
+        LAFS also writes the landmark CNN it used as ``<out_dir>/landmark_cnn.pth`` (reference key format), the
+        ``--landmark-weights`` of a FaceGCD run with ``--landmark_cnn`` from this checkpoint.
+        """
         atomic_save(self.dino_checkpoint(epoch, args), Path(out_dir) / DINO_CHECKPOINT)
+        landmarks = self.landmark_front_end()
+        if landmarks is not None:
+            save_landmark_weights(landmarks, Path(out_dir) / LANDMARK_EXPORT)
+
+    def landmark_front_end(self) -> LandmarkFrontEnd | None:
+        """The landmark CNN and mosaic settings of a LAFS front end, or None."""
+        return self.front_end.landmarks if isinstance(self.front_end, LAFSViewFrontEnd) else None
 
     def dino_checkpoint(self, epoch: int, args: argparse.Namespace | Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The official DINO ``checkpoint.pth`` layout (weights, epoch, args and the loss center).
@@ -674,3 +702,31 @@ class DINOMethod(MetaArch):
             "args": dict(args or {}),
             "dino_loss": self.dino_loss.state_dict(),
         }
+
+
+def build_dino(cfg: DINOConfig, *, landmark_weights: str | Path | None = None, weights_only: bool = True) -> DINOMethod:
+    """A DINO (or, with ``cfg.landmark_cnn``, LAFS) method with a variable-resolution backbone.
+
+    Args:
+        cfg: the configuration.
+        landmark_weights: LAFS: the trained landmark CNN (reference key format, e.g. a Part fViT run's
+            ``landmark_cnn.pth``); required with ``cfg.landmark_cnn`` (a random CNN gives meaningless landmarks).
+        weights_only: safe unpickling of ``landmark_weights``.
+
+    Returns:
+        The method; its backbone takes any multiple of the patch size (local views, LAFS's 48 px local mosaics).
+    """
+    front_end = None
+    if cfg.landmark_cnn:
+        if landmark_weights is None or not Path(landmark_weights).is_file():
+            raise FileNotFoundError(
+                f"LAFS (--method lafs) runs on the landmarks of a trained landmark CNN: --landmark-weights "
+                f"{landmark_weights} does not exist (train one with --method recognition --landmark_cnn, which writes "
+                f"<run>/{LANDMARK_EXPORT})"
+            )
+        landmarks = LandmarkFrontEnd(cfg.img_size, cfg.patch_size, orientation=cfg.landmark_tiles, frozen=True)
+        check_local_landmarks(cfg.local_landmarks, landmarks.cnn.num_landmarks)
+        load_landmark_weights(landmark_weights, landmarks, weights_only=weights_only)
+        front_end = LAFSViewFrontEnd(landmarks, jitter_std=cfg.landmark_jitter, local_landmarks=cfg.local_landmarks)
+    backbone = create_backbone(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.img_size, dynamic_img_size=True)
+    return DINOMethod(cfg, front_end=front_end, backbone=backbone)

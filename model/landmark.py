@@ -18,6 +18,7 @@ References:
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
 logger = logging.getLogger(__name__)
 
 REFERENCE_LANDMARK_PATH = "pretrain_output/part_vit_B_34epoch.pth"
+LANDMARK_EXPORT = "landmark_cnn.pth"  # the landmark CNN a run writes next to its checkpoints
 LANDMARK_ORIENTATIONS = ("natural", "reference")
 # torchvision mobilenet_v3_large().features[:16]: the stem and the 15 bottlenecks, ending in 160 channels.
 STN_STAGES = 16
@@ -231,6 +233,75 @@ class LandmarkFrontEnd(nn.Module):
 
     def extra_repr(self) -> str:
         return f"img_size={self.img_size}, patch={self.patch}, orientation={self.orientation!r}, frozen={self.frozen}"
+
+
+def check_local_landmarks(count: int, num_landmarks: int, flag: str = "--local-landmarks") -> int:
+    """The side G of the square mosaic of a local view that keeps ``count`` of ``num_landmarks`` landmarks.
+
+    Raises:
+        ValueError: ``count`` is not a square number in [1, num_landmarks] (the message names ``flag``).
+    """
+    grid = math.isqrt(max(count, 0))
+    if count < 1 or grid * grid != count or count > num_landmarks:
+        raise ValueError(
+            f"{flag} {count} does not fit a square mosaic of at most {num_landmarks} landmarks: expected a square "
+            f"number G*G <= {num_landmarks} (LAFS: 36, a 6 x 6 grid)"
+        )
+    return grid
+
+
+class LAFSViewFrontEnd(nn.Module):
+    """LAFS's input of one DINO view: the frozen landmark CNN on the clean crop, a mosaic from the augmented copy.
+
+    In training mode every landmark is jittered by Gaussian noise (``jitter_std`` px, LAFS: 5) and a local view keeps
+    ``local_landmarks`` random landmarks per image (LAFS: 36, kept in index order, tiled as a 6 x 6 mosaic of
+    ``patch`` px tiles: 48 x 48 px at 8 px patches); a global view keeps all ``(S / patch)^2``. In eval mode there is
+    no jitter and a local view keeps the first ``local_landmarks`` landmarks (deterministic). Follows the
+    ``model.dino.FrontEnd`` protocol.
+
+    Args:
+        landmarks: a frozen :class:`LandmarkFrontEnd` (CNN, tile size, orientation).
+        jitter_std: landmark jitter in pixels (0 for none).
+        local_landmarks: landmarks of a local view; a square number at most the CNN's landmark count.
+    """
+
+    def __init__(self, landmarks: LandmarkFrontEnd, *, jitter_std: float = 5.0, local_landmarks: int = 36) -> None:
+        super().__init__()
+        if not landmarks.frozen:
+            raise ValueError("LAFS needs a frozen landmark CNN (LandmarkFrontEnd(frozen=True))")
+        if jitter_std < 0:
+            raise ValueError(f"--landmark-jitter must be >= 0 pixels, got {jitter_std}")
+        self.local_grid = check_local_landmarks(local_landmarks, landmarks.cnn.num_landmarks)
+        self.landmarks = landmarks
+        self.jitter_std = float(jitter_std)
+        self.local_landmarks = int(local_landmarks)
+
+    def view_landmarks(self, image: torch.Tensor, clean: torch.Tensor | None, *, global_view: bool) -> torch.Tensor:
+        """The (B, L', 2) landmarks a view's mosaic is sampled at (L' = all, or ``local_landmarks`` of a local view).
+
+        Predicted on ``clean`` when given (else on ``image``), then jittered and, for a local view, subsampled.
+        """
+        coords = self.landmarks.landmarks(image if clean is None else clean)
+        if self.training and self.jitter_std > 0:
+            coords = coords + torch.randn_like(coords) * self.jitter_std
+        if global_view:
+            return coords
+        batch, total = coords.shape[:2]
+        if self.training:
+            keep = torch.rand(batch, total, device=coords.device).argsort(dim=1)[:, : self.local_landmarks]
+            keep = keep.sort(dim=1).values
+        else:
+            keep = torch.arange(self.local_landmarks, device=coords.device).expand(batch, -1)
+        return coords.gather(1, keep.unsqueeze(-1).expand(-1, -1, 2))
+
+    def forward(self, image: torch.Tensor, clean: torch.Tensor | None, *, global_view: bool) -> torch.Tensor:
+        """(B, 3, s, s) view (and its clean crop, or None) -> (B, 3, G * patch, G * patch) landmark mosaic."""
+        coords = self.view_landmarks(image, clean, global_view=global_view)
+        grid = None if global_view else self.local_grid
+        return landmark_mosaic(image, coords, self.landmarks.patch, self.landmarks.orientation, grid=grid)
+
+    def extra_repr(self) -> str:
+        return f"jitter_std={self.jitter_std}, local_landmarks={self.local_landmarks}"
 
 
 def _landmark_cnn(model: LandmarkCNN | LandmarkFrontEnd) -> LandmarkCNN:

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model.backbones import ViTEmbedder, create_embedding_backbone
 from model.landmark import (
+    LANDMARK_EXPORT,
     LandmarkFrontEnd,
     landmark_mosaic,
     landmark_regularisation,
@@ -38,7 +39,6 @@ from utils.distributed import get_world_size
 logger = logging.getLogger(__name__)
 
 METHOD = "recognition"
-LANDMARK_EXPORT = "landmark_cnn.pth"
 
 
 @dataclass

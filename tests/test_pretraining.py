@@ -1,4 +1,4 @@
-"""Self-supervised pretraining (train.py --method dino) on tiny SynthFaces, through the shared loop."""
+"""Self-supervised pretraining (train.py --method dino / lafs) on tiny SynthFaces, through the shared loop."""
 
 import json
 from pathlib import Path
@@ -8,8 +8,23 @@ import torch
 from cli_helpers import TINY_MODEL_ARGS, kill_when_written
 
 
+@pytest.fixture(scope="module")
+def landmark_weights(tmp_path_factory) -> str:
+    """A landmark CNN for 32 px images with 16 px tiles (4 landmarks), in the reference key format."""
+    from model.landmark import LandmarkCNN, save_landmark_weights
+
+    torch.manual_seed(0)
+    return str(save_landmark_weights(LandmarkCNN(4), tmp_path_factory.mktemp("landmarks") / "lm.pth"))
+
+
+def _lafs_args(landmark_weights: str) -> list[str]:
+    """LAFS at 32 px: 2 x 2 landmarks, local views keep 1 (a 16 px mosaic); local crops at the global size."""
+    return ["--method", "lafs", "--landmark-weights", landmark_weights, "--local-landmarks", "1"]
+
+
 def _dino_args(data: str, out: Path, experiment: str, *extra: str) -> list[str]:
-    """DINO with ViT-T/16 at 32 px, 2 global + 2 local views of 16 px, on all 48 training images."""
+    """DINO with ViT-T/16 at 32 px, 2 global + 2 local views of 16 px, on all 48 training images (``extra`` may
+    switch the method: the last ``--method`` wins)."""
     return [
         "--method",
         "dino",
@@ -117,8 +132,62 @@ def test_dino_pretraining_lowers_the_loss_and_its_checkpoint_starts_facegcd(tiny
     torch.testing.assert_close(conditioner_copy, dino["teacher"]["backbone.blocks.0.attn.qkv.weight"])
 
 
-def test_dino_resumes_exactly_after_a_kill(tiny_faces, tmp_path, run_script):
-    epochs = ["--epochs", "3"]
+def test_lafs_pretraining_lowers_the_loss_and_starts_facegcd_with_its_front_end(
+    tiny_faces, tmp_path, run_script, landmark_weights
+):
+    lafs = _lafs_args(landmark_weights) + ["--local-crops-size", "32"]
+    run_script("train.py", _dino_args(tiny_faces, tmp_path, "lafs", "--epochs", "2", *lafs))
+    run = tmp_path / "lafs"
+    records = _records(run)
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    ckpt = _state(run / "last.pth.tar")
+    assert ckpt["method"] == "lafs" and ckpt["model_config"]["landmark_cnn"]
+    assert ckpt["model_config"]["local_landmarks"] == 1 and ckpt["model_config"]["landmark_jitter"] == 5.0
+    used = _state(run / "landmark_cnn.pth")  # the frozen CNN, written for FaceGCD's --landmark-weights
+    given = _state(Path(landmark_weights))
+    assert used.keys() == given.keys() and all(torch.equal(used[k], given[k]) for k in given)
+
+    proc = run_script(
+        "train.py",
+        [
+            "--dataset",
+            "synthfaces_tiny",
+            "--data-path",
+            tiny_faces,
+            *TINY_MODEL_ARGS,
+            "--landmark_cnn",
+            "--landmark-weights",
+            str(run / "landmark_cnn.pth"),
+            "--pretrained_weights",
+            str(run / "checkpoint.pth"),
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "--val-kmeans-init",
+            "1",
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            "facegcd",
+            "--no-progress",
+        ],
+    )
+    assert f"backbone tensors from {run / 'checkpoint.pth'}" in proc.stderr
+    facegcd = _state(tmp_path / "facegcd" / "last.pth.tar")["state_dict"]
+    teacher = _state(run / "checkpoint.pth")["teacher"]
+    torch.testing.assert_close(
+        facegcd["conditioner.blocks.0.attn.qkv.weight"], teacher["backbone.blocks.0.attn.qkv.weight"]
+    )
+    front_end = {k.split("cnn.", 1)[1]: v for k, v in facegcd.items() if ".cnn." in k or k.startswith("cnn.")}
+    assert front_end.keys() == given.keys() and all(torch.equal(front_end[k], given[k]) for k in given)
+
+
+@pytest.mark.parametrize("method", ["dino", "lafs"])
+def test_pretraining_resumes_exactly_after_a_kill(tiny_faces, tmp_path, run_script, landmark_weights, method):
+    epochs = ["--epochs", "3", *(_lafs_args(landmark_weights) if method == "lafs" else [])]
     run_script("train.py", _dino_args(tiny_faces, tmp_path, "full", *epochs))
     args = _dino_args(tiny_faces, tmp_path, "cut", *epochs)
     last = tmp_path / "cut" / "last.pth.tar"

@@ -129,6 +129,7 @@ def test_recognition_resumes_exactly_after_a_kill(tiny_faces, tmp_path, run_scri
     assert any(m.shape == (4, 64) for m in momentum)  # the centres' momentum is saved whole
 
 
+@pytest.mark.slow  # about a minute; tests/model's 2-process Partial FC and recognizer workers cover sharding quickly
 @pytest.mark.distributed
 def test_two_process_recognition_shards_the_centres_and_resumes_on_one(tiny_faces, tmp_path, run_script):
     args = _recognition_args(tiny_faces, tmp_path, "ddp", "--epochs", "2", "--batch-size", "2")

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base")
 RECOGNITION_ARCHS = ARCHS + ("iresnet18", "iresnet34", "iresnet50", "iresnet100")
-METHODS = ("facegcd", "recognition", "dino")
+METHODS = ("facegcd", "recognition", "dino", "lafs")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -236,8 +236,9 @@ def add_recognition_args(parser: argparse.ArgumentParser) -> None:
         default="facegcd",
         help="facegcd (prefix-tuned ViT, GCD losses), recognition (margin-softmax identity classification on the "
         "labelled identities: the ArcFace baseline, or a whole --dataset recognition_folders/recognition_recordio "
-        "set) or dino (self-supervised pretraining on every training image, labels unused; writes the DINO "
-        "checkpoint.pth that --pretrained_weights loads) (default: facegcd)",
+        "set), dino (self-supervised pretraining on every training image, labels unused; writes the DINO "
+        "checkpoint.pth that --pretrained_weights loads) or lafs (dino on the landmark mosaics of the frozen "
+        "--landmark-weights CNN; also writes that CNN as landmark_cnn.pth) (default: facegcd)",
     )
     group = parser.add_argument_group("Recognition (--method recognition)")
     group.add_argument(
@@ -279,10 +280,13 @@ def add_recognition_args(parser: argparse.ArgumentParser) -> None:
 
 def add_ssl_args(parser: argparse.ArgumentParser) -> None:
     """DINO pretraining flags (``--method dino``; DINO's ``main_dino.py`` names and defaults, LAFS values noted)."""
-    group = parser.add_argument_group("Self-supervised pretraining (--method dino)")
+    group = parser.add_argument_group("Self-supervised pretraining (--method dino / lafs)")
     group.add_argument("--local-crops-number", type=int, default=8, help="local views per image (default: 8)")
     group.add_argument(
-        "--local-crops-size", type=int, default=48, help="local view side in pixels (default: 48, DINO's 96/224)"
+        "--local-crops-size",
+        type=int,
+        default=None,
+        help="local view side in pixels (default: 48 for dino, DINO's 96/224; the image size for lafs)",
     )
     group.add_argument(
         "--global-crops-scale", type=float, nargs=2, default=(0.4, 1.0), help="global crop area range (0.4 1)"
@@ -298,6 +302,15 @@ def add_ssl_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--weight-decay-end", type=float, default=0.4, help="weight decay at the end (cosine)")
     group.add_argument("--freeze-last-layer", type=int, default=1, help="epochs with the head's last layer frozen")
+    group.add_argument(
+        "--landmark-jitter", type=float, default=5.0, help="lafs: Gaussian jitter std of every landmark in pixels (5)"
+    )
+    group.add_argument(
+        "--local-landmarks",
+        type=int,
+        default=36,
+        help="lafs: landmarks a local view keeps, a square number (default: 36, a 6 x 6 mosaic)",
+    )
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:

@@ -26,12 +26,11 @@ from data_loader.recognition import (
     recognition_data_path,
 )
 from data_loader.sampler import BalancedSampler, ShuffleSampler
-from model.dino import DINOConfig, DINOMethod, DINOSchedules
+from model.dino import DINO_LOCAL_CROP_SIZE, DINOConfig, DINOSchedules, build_dino
 from model.facegcd import build_facegcd, load_facegcd_checkpoint
 from model.landmark import load_landmark_weights
 from model.meta_arch import MetaArch
 from model.recognition import RecognitionConfig, build_recognizer
-from model.vit import create_backbone
 from trainer.args import model_config_from_args
 from trainer.data import data_config, load_datasets
 from utils.checkpoint import load_checkpoint
@@ -172,13 +171,15 @@ def _initial_landmarks(model: Any, args: argparse.Namespace) -> None:
 
 
 def build_dino_setup(args: argparse.Namespace, image_size: int) -> MethodSetup:
-    """DINO on every training image of a GFD benchmark (no label read), multi-crop views, clustering validation."""
+    """DINO (or LAFS: DINO on landmark mosaics) on every training image, no label read; multi-crop views, clustering
+    validation on a GFD benchmark."""
     if args.dataset in RECOGNITION_SETS:
         data = identity_training_set(args.dataset, recognition_data_path(args), image_size)
         source, count, gcd, settings = data.train.source, len(data.train), None, data.facts
     else:
         gcd = load_datasets(args, image_size)
         source, count, settings = gcd.train_eval.source, len(gcd.train_eval), data_config(args, gcd, image_size)
+    lafs = args.method == "lafs"
     config = DINOConfig(
         arch=args.arch,
         patch_size=args.patch_size,
@@ -189,15 +190,23 @@ def build_dino_setup(args: argparse.Namespace, image_size: int) -> MethodSetup:
         warmup_teacher_temp=args.warmup_teacher_temp,
         teacher_temp=args.teacher_temp,
         warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,
+        landmark_cnn=lafs,
+        landmark_tiles=args.landmark_tiles,
+        landmark_jitter=args.landmark_jitter,
+        local_landmarks=args.local_landmarks,
     )
-    backbone = create_backbone(args.arch, patch_size=args.patch_size, img_size=image_size, dynamic_img_size=True)
-    model = DINOMethod(config, backbone=backbone)
+    model = build_dino(
+        config, landmark_weights=args.landmark_weights if lafs else None, weights_only=not args.unsafe_load
+    )
+    # LAFS crops its local views at the global size (the landmark CNN's input) and shrinks them to 6 x 6 landmarks
+    local_size = args.local_crops_size or (image_size if lafs else DINO_LOCAL_CROP_SIZE)
     transform = MultiCropTransform(
         image_size,
-        args.local_crops_size,
+        local_size,
         args.local_crops_number,
         tuple(args.global_crops_scale),
         tuple(args.local_crops_scale),
+        split_photometric=lafs,
     )
     labels = np.zeros(count, dtype=np.int64)  # self-supervised: no label is read
     train_set = GCDDataset(source, np.arange(count), labels, transform, Split.TRAIN)
@@ -230,5 +239,10 @@ def build_dino_setup(args: argparse.Namespace, image_size: int) -> MethodSetup:
 
 def build_method(args: argparse.Namespace, image_size: int) -> MethodSetup:
     """The :class:`MethodSetup` of ``args.method``."""
-    builders = {"facegcd": build_facegcd_setup, "recognition": build_recognition_setup, "dino": build_dino_setup}
+    builders = {
+        "facegcd": build_facegcd_setup,
+        "recognition": build_recognition_setup,
+        "dino": build_dino_setup,
+        "lafs": build_dino_setup,
+    }
     return builders[args.method](args, image_size)
