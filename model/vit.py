@@ -8,6 +8,7 @@ References:
     - FaceGCD (Oh & Choi, BMVC 2025, arXiv 2507.22353): per-layer key/value prefixes.
 """
 
+import argparse
 import logging
 import math
 from pathlib import Path
@@ -30,6 +31,7 @@ _STATE_DICT_KEYS = ("state_dict", "model")
 _STRIPPED_PREFIXES = ("module.", "backbone.")
 # Parts of a PrefixViT that are not pretrained ViT weights (owned by the FaceGCD model).
 _NON_BACKBONE_PREFIXES = ("prefix_generator.",)
+_MAX_LISTED = 5  # mismatched tensors named in an error message
 
 
 class PrefixViT(VisionTransformer):
@@ -262,8 +264,28 @@ def filter_backbone_state_dict(state_dict: dict[str, torch.Tensor], model: Prefi
         if out[k].shape != v.shape
     ]
     if mismatched:
-        raise CheckpointError("checkpoint shapes do not fit the backbone:\n  " + "\n  ".join(mismatched))
+        shown = mismatched[:_MAX_LISTED] + (
+            [f"... and {len(mismatched) - _MAX_LISTED} more"] if len(mismatched) > _MAX_LISTED else []
+        )
+        raise CheckpointError(
+            f"checkpoint shapes do not fit the backbone ({len(mismatched)} of {len(target)} tensors):\n  "
+            + "\n  ".join(shown)
+        )
     return out
+
+
+def _architecture_hint(obj: Any, model: PrefixViT) -> str:
+    """What a checkpoint says about its architecture (DINO and our runs store their ``args``) beside the model's."""
+    here = (
+        f"this run's backbone has width {model.embed_dim}, depth {len(model.blocks)} and "
+        f"{model.patch_embed.patch_size[0]} px patches"
+    )
+    args = obj.get("args") if isinstance(obj, dict) else None
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    if not isinstance(args, dict) or "arch" not in args:
+        return f"\n({here}; is the checkpoint from another --arch or --patch_size?)"
+    stored = f"--arch {args['arch']}" + (f" --patch_size {args['patch_size']}" if "patch_size" in args else "")
+    return f"\n(the checkpoint was trained with {stored}; {here}: pass the same --arch and --patch_size)"
 
 
 def _resample_pos_embed(pos_embed: torch.Tensor, model: PrefixViT) -> torch.Tensor:
@@ -308,7 +330,7 @@ def load_pretrained_backbone(
         state_dict = select_state_dict(obj, checkpoint_key)
         filtered = filter_backbone_state_dict(state_dict, model)
     except CheckpointError as err:
-        raise CheckpointError(f"{path}: {err}") from err
+        raise CheckpointError(f"{path}: {err}{_architecture_hint(obj, model)}") from err
     result = model.load_state_dict(filtered, strict=False)
     leftover = [k for k in result.missing_keys if not k.startswith(_NON_BACKBONE_PREFIXES)]
     if leftover or result.unexpected_keys:

@@ -345,3 +345,28 @@ def test_dino_file_as_trained_checkpoint_points_to_pretrained_weights(make_confi
     torch.save(dino_training_checkpoint(dino_args()), tmp_path / "checkpoint.pth")
     with pytest.raises(CheckpointError, match=r"checkpoint\.pth holds no FaceGCD state dict.*--pretrained_weights"):
         load_facegcd_checkpoint(tmp_path / "checkpoint.pth", make_config())
+
+
+def test_a_pretraining_checkpoint_of_another_architecture_is_refused_with_both_named(tmp_path):
+    from model.dino import DINOConfig, DINOMethod
+    from model.vit import create_backbone
+
+    cfg = DINOConfig(arch="vit_small", patch_size=16, img_size=32, out_dim=32, hidden_dim=64, bottleneck_dim=16)
+    small = DINOMethod(cfg)
+    path = tmp_path / "checkpoint.pth"
+    torch.save(small.dino_checkpoint(3, {"arch": "vit_small", "patch_size": 16}), path)
+    tiny = create_backbone("vit_tiny", patch_size=16, img_size=32)
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained_backbone(tiny, path)
+    message = str(err.value)
+    assert str(path) in message and "--arch vit_small --patch_size 16" in message
+    assert "width 192, depth 12 and 16 px patches" in message
+    assert "cls_token: checkpoint (1, 1, 384) vs model (1, 1, 192)" in message
+    every = len(tiny.state_dict())  # every tensor's width differs
+    assert f"({every} of {every} tensors)" in message and f"... and {every - 5} more" in message
+    assert message.count(" vs model ") == 5  # only the first 5 are listed
+
+    # a file without args still says what the backbone expects
+    torch.save({"teacher": small.dino_checkpoint(3)["teacher"]}, tmp_path / "bare.pth")
+    with pytest.raises(CheckpointError, match=r"(?s)bare\.pth: .*width 192.*another --arch or --patch_size"):
+        load_pretrained_backbone(tiny, tmp_path / "bare.pth")
