@@ -33,6 +33,7 @@ from trainer.args import (
 )
 from trainer.data import check_same_data, epoch_seed, make_train_loader
 from trainer.engine import NonFiniteLossError, evaluate, evaluate_verification, train_one_epoch
+from trainer.figures import write_run_figures
 from trainer.methods import MethodSetup, build_method
 from trainer.optim import SUPPORTED_SCHEDULERS, create_optimizer, create_scheduler, resolve_lr
 from trainer.precision import enable_cuda_tf32, resolve_precision
@@ -352,6 +353,8 @@ def _summary_row(epoch: int, train_stats: dict, results: dict | None, args: argp
         "eval_new_acc": combined.get("new"),
         "lr": train_stats["lr"],
     }
+    if "teacher_entropy" in train_stats:  # DINO / LAFS
+        row["train_teacher_entropy"] = train_stats["teacher_entropy"]
     for target, scores in results.get("verification", {}).items():
         row.update({f"{target}_{key}": value for key, value in scores.items() if isinstance(value, float)})
     for set_name, per_variant in results.items():
@@ -577,6 +580,7 @@ def main(args: argparse.Namespace) -> int:
             )
     wandb_logger.finish()
     if is_primary():
+        write_run_figures(model_without_ddp, setup, out_dir, device)
         logger.info("done: outputs in %s", out_dir)
     cleanup()
     return 0

@@ -143,6 +143,10 @@ def test_lafs_pretraining_lowers_the_loss_and_starts_facegcd_with_its_front_end(
     ckpt = _state(run / "last.pth.tar")
     assert ckpt["method"] == "lafs" and ckpt["model_config"]["landmark_cnn"]
     assert ckpt["model_config"]["local_landmarks"] == 1 and ckpt["model_config"]["landmark_jitter"] == 5.0
+    for picture in ("training_curves.png", "landmarks.png", "mosaic.png"):  # loss and teacher entropy; landmarks
+        assert (run / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
+    header = (run / "summary.csv").read_text().splitlines()[0].split(",")
+    assert "train_teacher_entropy" in header
     used = _state(run / "landmark_cnn.pth")  # the frozen CNN, written for FaceGCD's --landmark-weights
     given = _state(Path(landmark_weights))
     assert used.keys() == given.keys() and all(torch.equal(used[k], given[k]) for k in given)

@@ -195,6 +195,7 @@ def test_part_fvit_learns_landmarks_that_facegcd_then_uses(tiny_faces, tmp_path,
     assert ckpt["model_config"]["landmark_cnn"] is True
     first = _state(run / "checkpoint-0.pth.tar")["state_dict"]["front_end.cnn.output.weight"]
     assert not torch.equal(first, learned["output.weight"])  # trained end to end under the recognition loss
+    assert all((run / picture).stat().st_size > 1000 for picture in ("landmarks.png", "mosaic.png"))
 
     # LAFS fine-tuning from those landmarks: the regularisation is logged with its epoch-0 weight of 1000
     lafs = _recognition_args(tiny_faces, tmp_path, "lafs", "--epochs", "1", "--landmark_cnn", *vit)

@@ -76,7 +76,7 @@ def plot_landmarks(
     height, width = images.shape[-2:]
     ncols = math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(2.4 * ncols, 2.4 * nrows + 0.4))
+    fig = Figure(figsize=(2.4 * ncols, 2.4 * nrows + 0.6), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     points = coords.detach().float().cpu().numpy()
     truth = None if true_points is None else true_points.detach().float().cpu().numpy()
@@ -93,7 +93,7 @@ def plot_landmarks(
         ax.set_xlim(-0.5, width - 0.5)
         ax.set_ylim(height - 0.5, -0.5)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), markerscale=2)
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), markerscale=2)
     fig.suptitle(f"{title} ({n} of {images.shape[0]} images)")
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=120, bbox_inches="tight")
@@ -101,7 +101,14 @@ def plot_landmarks(
     return out_png
 
 
-def plot_mosaic(image: torch.Tensor, mosaic: torch.Tensor, out_png: str | Path, *, patch: int | None = None) -> Path:
+def plot_mosaic(
+    image: torch.Tensor,
+    mosaic: torch.Tensor,
+    out_png: str | Path,
+    *,
+    patch: int | None = None,
+    coords: torch.Tensor | None = None,
+) -> Path:
     """A face and its landmark mosaic side by side.
 
     Args:
@@ -109,16 +116,25 @@ def plot_mosaic(image: torch.Tensor, mosaic: torch.Tensor, out_png: str | Path, 
         mosaic: (3, M, M) its mosaic, in the same value range.
         out_png: output image path.
         patch: tile side in pixels; when given, the tile borders are drawn on the mosaic.
+        coords: optional (L, 2) landmark pixel coordinates (x, y) the mosaic was sampled at, drawn on the image.
 
     Returns:
         The written path.
     """
+    if coords is not None and (coords.dim() != 2 or coords.shape[-1] != 2):
+        raise ValueError(f"coords must be (L, 2) landmark (x, y) pairs, got shape {tuple(coords.shape)}")
     rgb = _to_rgb(image, "image")
     tiles = _to_rgb(mosaic, "mosaic")
     fig = Figure(figsize=(8, 4.3))
     left, right = fig.subplots(1, 2)
     left.imshow(rgb, interpolation="nearest")
-    left.set_title(f"image ({rgb.shape[1]} x {rgb.shape[0]})")
+    if coords is not None:
+        points = coords.detach().float().cpu().numpy()
+        left.scatter(points[:, 0], points[:, 1], s=4, c="tab:red")
+        left.set_xlim(-0.5, rgb.shape[1] - 0.5)
+        left.set_ylim(rgb.shape[0] - 0.5, -0.5)
+    landmarks = "" if coords is None else f", {coords.shape[0]} landmarks"
+    left.set_title(f"image ({rgb.shape[1]} x {rgb.shape[0]}{landmarks})")
     right.imshow(tiles, interpolation="nearest")
     right.set_title(f"landmark mosaic ({tiles.shape[1]} x {tiles.shape[0]})")
     if patch is not None:

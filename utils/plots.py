@@ -1,4 +1,4 @@
-"""Diagnostic figures: t-SNE of features and training curves from ``summary.csv``.
+"""Diagnostic figures: t-SNE of features, and training curves from ``summary.csv`` (loss, teacher entropy, accuracy).
 
 Figures are drawn with matplotlib's object-oriented API (``Figure`` renders with Agg), so no global backend is set.
 """
@@ -12,11 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 logger = logging.getLogger(__name__)
 
 TSNE_MAX_POINTS = 2000
-CURVE_COLUMNS = ("epoch", "train_loss", "eval_all_acc", "eval_old_acc", "eval_new_acc")
+REQUIRED_CURVE_COLUMNS = ("epoch", "train_loss")
+TEACHER_ENTROPY_COLUMN = "train_teacher_entropy"
+ACCURACY_CURVES = (("eval_all_acc", "All"), ("eval_old_acc", "Old"), ("eval_new_acc", "New"))
+OPTIONAL_CURVE_COLUMNS = (TEACHER_ENTROPY_COLUMN, *(key for key, _ in ACCURACY_CURVES))
 
 
 def plot_tsne(
@@ -70,43 +74,84 @@ def plot_tsne(
     return out_png
 
 
+def _read_curves(summary_csv_path: Path) -> dict[str, np.ndarray]:
+    """The curve columns of ``summary.csv`` as float arrays (empty cells -> NaN); optional ones only when present."""
+    with summary_csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fieldnames = reader.fieldnames or []
+        missing = [c for c in REQUIRED_CURVE_COLUMNS if c not in fieldnames]
+        if missing:
+            raise ValueError(
+                f"{summary_csv_path} lacks the column(s) {', '.join(missing)}; expected at least "
+                f"{', '.join(REQUIRED_CURVE_COLUMNS)} (optional: {', '.join(OPTIONAL_CURVE_COLUMNS)})"
+            )
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"{summary_csv_path} has no data row")
+    columns = [*REQUIRED_CURVE_COLUMNS, *(c for c in OPTIONAL_CURVE_COLUMNS if c in fieldnames)]
+    curves = {}
+    for c in columns:
+        values = []
+        for line, row in enumerate(rows, start=2):
+            cell = row[c]
+            try:
+                values.append(float(cell) if cell not in ("", None) else np.nan)
+            except ValueError as err:
+                raise ValueError(f"{summary_csv_path} line {line}: column {c} holds {cell!r}, not a number") from err
+        curves[c] = np.array(values)
+    return curves
+
+
+def _plot_finite(ax, x: np.ndarray, y: np.ndarray, **kwargs) -> None:
+    """Plot the points of a curve that have a value (epochs without one have empty cells)."""
+    keep = np.isfinite(y)
+    ax.plot(x[keep], y[keep], marker="o", **kwargs)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_training_curves(summary_csv_path: str | Path, out_png: str | Path) -> Path:
-    """Training loss and validation All / Old / New accuracy over epochs.
+    """Training loss, DINO's teacher entropy and validation All / Old / New accuracy over epochs.
+
+    The loss panel is always drawn. A teacher-entropy panel follows when ``summary.csv`` has a
+    ``train_teacher_entropy`` column with values (DINO / LAFS runs), and an accuracy panel when some eval accuracy
+    has a value; a run that never validated (no eval columns, or only empty cells) says so in the figure title.
 
     Args:
-        summary_csv_path: ``summary.csv`` with at least the columns epoch, train_loss, eval_all_acc, eval_old_acc,
-            eval_new_acc (others are ignored).
+        summary_csv_path: ``summary.csv`` with at least the columns epoch and train_loss; eval_all_acc,
+            eval_old_acc, eval_new_acc and train_teacher_entropy are drawn when present (others are ignored).
         out_png: output image path.
 
     Returns:
         The written path.
     """
     summary_csv_path = Path(summary_csv_path)
-    with summary_csv_path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in CURVE_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(
-                f"{summary_csv_path} lacks the column(s) {', '.join(missing)}; expected {', '.join(CURVE_COLUMNS)}"
-            )
-        rows = list(reader)
-    if not rows:
-        raise ValueError(f"{summary_csv_path} has no data row")
-    cols = {c: np.array([float(r[c]) if r[c] not in ("", None) else np.nan for r in rows]) for c in CURVE_COLUMNS}
+    cols = _read_curves(summary_csv_path)
+    epochs = cols["epoch"]
+    has_entropy = TEACHER_ENTROPY_COLUMN in cols and bool(np.isfinite(cols[TEACHER_ENTROPY_COLUMN]).any())
+    accuracies = [(key, name) for key, name in ACCURACY_CURVES if key in cols and np.isfinite(cols[key]).any()]
 
-    fig = Figure(figsize=(11, 4))
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    ax_loss.plot(cols["epoch"], cols["train_loss"], marker="o", color="tab:red")
-    ax_loss.set_xlabel("epoch")
+    panels = 1 + int(has_entropy) + int(bool(accuracies))
+    fig = Figure(figsize=(5.5 * panels, 4), layout="constrained")
+    axes = list(fig.subplots(1, panels, squeeze=False).ravel())
+    ax_loss = axes.pop(0)
+    _plot_finite(ax_loss, epochs, cols["train_loss"], color="tab:red")
     ax_loss.set_ylabel("train loss")
     ax_loss.set_title("training loss")
-    for key, name in (("eval_all_acc", "All"), ("eval_old_acc", "Old"), ("eval_new_acc", "New")):
-        validated = np.isfinite(cols[key])  # epochs without validation have empty cells
-        ax_acc.plot(cols["epoch"][validated], cols[key][validated], marker="o", label=name)
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("clustering accuracy")
-    ax_acc.set_title("validation accuracy")
-    ax_acc.legend(loc="best")
+    if has_entropy:
+        ax_entropy = axes.pop(0)
+        _plot_finite(ax_entropy, epochs, cols[TEACHER_ENTROPY_COLUMN], color="tab:purple")
+        ax_entropy.set_ylabel("entropy (nats)")
+        ax_entropy.set_title("teacher softmax entropy")
+    if accuracies:
+        ax_acc = axes.pop(0)
+        for key, name in accuracies:
+            _plot_finite(ax_acc, epochs, cols[key], label=name)
+        ax_acc.set_ylabel("clustering accuracy")
+        ax_acc.set_title("validation accuracy")
+        ax_acc.legend(loc="best")
+    else:
+        fig.suptitle(f"no validation values in {summary_csv_path.name}: this run has no clustering validation")
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=120, bbox_inches="tight")
     logger.info("wrote %s", out_png)
