@@ -38,6 +38,32 @@ TINY_MODEL_ARGS = [
 ]
 
 
+def tiny_facegcd_args(data: str, out: str | os.PathLike, experiment: str, *extra: str) -> list[str]:
+    """``train.py`` flags of a 1-epoch FaceGCD run of :data:`TINY_MODEL_ARGS` on ``synthfaces_tiny`` at ``data``,
+    written to ``out/experiment``; ``extra`` flags come last (and win)."""
+    return [
+        "--dataset",
+        "synthfaces_tiny",
+        "--data-path",
+        str(data),
+        *TINY_MODEL_ARGS,
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--val-kmeans-init",
+        "1",
+        "--output",
+        str(out),
+        "--experiment",
+        experiment,
+        "--no-progress",
+        *extra,
+    ]
+
+
 def load_worker(path: str | os.PathLike) -> ModuleType:
     """Import a test's worker script (not a package module) by path, to reuse its data builders in the parent test."""
     path = Path(path)

@@ -45,35 +45,11 @@ def run_script():
 @pytest.fixture(scope="session")
 def tiny_run(tiny_faces, tmp_path_factory) -> dict:
     """One real 1-epoch training run on the tiny preset with --layer-embed; returns its paths."""
-    from cli_helpers import TINY_MODEL_ARGS
+    from cli_helpers import tiny_facegcd_args
 
     out = tmp_path_factory.mktemp("train")
     run_cli(
         "train.py",
-        [
-            "--dataset",
-            "synthfaces_tiny",
-            "--data-path",
-            tiny_faces,
-            *TINY_MODEL_ARGS,
-            "--layer-embed",
-            "--batch-size",
-            "8",
-            "--epochs",
-            "1",
-            "--warmup-epochs",
-            "0",
-            "--opt",
-            "adamw",
-            "--lr",
-            "3e-4",
-            "--val-kmeans-init",
-            "1",
-            "--output",
-            str(out),
-            "--experiment",
-            "run",
-            "--no-progress",
-        ],
+        tiny_facegcd_args(tiny_faces, out, "run", "--layer-embed", "--opt", "adamw", "--lr", "3e-4"),
     )
     return {"data": tiny_faces, "dir": out / "run", "checkpoint": out / "run" / "model_best.pth.tar"}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import TINY_MODEL_ARGS, kill_when_written
+from cli_helpers import kill_when_written, tiny_facegcd_args
 
 
 @pytest.fixture(scope="module")
@@ -99,33 +99,8 @@ def test_dino_pretraining_lowers_the_loss_and_its_checkpoint_starts_facegcd(tiny
 
     # FaceGCD starts from it as from the official checkpoint.pth (teacher or student)
     for key in ("teacher", "student"):
-        proc = run_script(
-            "train.py",
-            [
-                "--dataset",
-                "synthfaces_tiny",
-                "--data-path",
-                tiny_faces,
-                *TINY_MODEL_ARGS,
-                "--pretrained_weights",
-                str(run / "checkpoint.pth"),
-                "--checkpoint_key",
-                key,
-                "--batch-size",
-                "8",
-                "--epochs",
-                "1",
-                "--warmup-epochs",
-                "0",
-                "--val-kmeans-init",
-                "1",
-                "--output",
-                str(tmp_path),
-                "--experiment",
-                f"facegcd_{key}",
-                "--no-progress",
-            ],
-        )
+        pretrained = ["--pretrained_weights", str(run / "checkpoint.pth"), "--checkpoint_key", key]
+        proc = run_script("train.py", tiny_facegcd_args(tiny_faces, tmp_path, f"facegcd_{key}", *pretrained))
         assert f"backbone tensors from {run / 'checkpoint.pth'} (key '{key}')" in proc.stderr
     facegcd = _state(tmp_path / "facegcd_teacher" / "last.pth.tar")["state_dict"]
     conditioner_copy = facegcd["conditioner.blocks.0.attn.qkv.weight"]  # frozen copy of the pretrained block 0
@@ -151,34 +126,9 @@ def test_lafs_pretraining_lowers_the_loss_and_starts_facegcd_with_its_front_end(
     given = _state(Path(landmark_weights))
     assert used.keys() == given.keys() and all(torch.equal(used[k], given[k]) for k in given)
 
-    proc = run_script(
-        "train.py",
-        [
-            "--dataset",
-            "synthfaces_tiny",
-            "--data-path",
-            tiny_faces,
-            *TINY_MODEL_ARGS,
-            "--landmark_cnn",
-            "--landmark-weights",
-            str(run / "landmark_cnn.pth"),
-            "--pretrained_weights",
-            str(run / "checkpoint.pth"),
-            "--batch-size",
-            "8",
-            "--epochs",
-            "1",
-            "--warmup-epochs",
-            "0",
-            "--val-kmeans-init",
-            "1",
-            "--output",
-            str(tmp_path),
-            "--experiment",
-            "facegcd",
-            "--no-progress",
-        ],
-    )
+    landmarks = ["--landmark_cnn", "--landmark-weights", str(run / "landmark_cnn.pth")]
+    pretrained = ["--pretrained_weights", str(run / "checkpoint.pth")]
+    proc = run_script("train.py", tiny_facegcd_args(tiny_faces, tmp_path, "facegcd", *landmarks, *pretrained))
     assert f"backbone tensors from {run / 'checkpoint.pth'}" in proc.stderr
     facegcd = _state(tmp_path / "facegcd" / "last.pth.tar")["state_dict"]
     teacher = _state(run / "checkpoint.pth")["teacher"]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import TINY_MODEL_ARGS, kill_when_written
+from cli_helpers import TINY_MODEL_ARGS, kill_when_written, tiny_facegcd_args
 from data_loader.protocol_writers import write_synthface_ijb, write_synthface_pair_set
 
 
@@ -204,29 +204,9 @@ def test_part_fvit_learns_landmarks_that_facegcd_then_uses(tiny_faces, tmp_path,
     assert _records(tmp_path / "lafs")[0]["train_landmark_reg"] >= 0.0
 
     # FaceGCD with the learned landmark CNN as its frozen front end
-    facegcd = [
-        "--dataset",
-        "synthfaces_tiny",
-        "--data-path",
-        tiny_faces,
-        *TINY_MODEL_ARGS,
-        "--landmark_cnn",
-        "--landmark-weights",
-        str(run / "landmark_cnn.pth"),
-        "--batch-size",
-        "8",
-        "--epochs",
-        "1",
-        "--warmup-epochs",
-        "0",
-        "--val-kmeans-init",
-        "1",
-        "--output",
-        str(tmp_path),
-        "--experiment",
-        "facegcd",
-        "--no-progress",
-    ]
+    facegcd = tiny_facegcd_args(
+        tiny_faces, tmp_path, "facegcd", "--landmark_cnn", "--landmark-weights", str(run / "landmark_cnn.pth")
+    )
     run_script("train.py", facegcd)
     front = _state(tmp_path / "facegcd" / "last.pth.tar")["state_dict"]["front_end.cnn.output.weight"]
     torch.testing.assert_close(front, learned["output.weight"], rtol=0, atol=0)
