@@ -122,8 +122,9 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
     method, ckpt = checkpoint_method(args.checkpoint_weights, weights_only=weights_only)
     if method == "dino":
         raise CheckpointError(
-            f"{args.checkpoint_weights} is a self-supervised (--method dino or lafs) pretraining run; train FaceGCD (or "
-            "recognition) from its checkpoint.pth with --pretrained_weights, then extract with that run's checkpoint"
+            f"{args.checkpoint_weights} is a self-supervised (--method dino or lafs) pretraining run; train FaceGCD "
+            "(or recognition) from its checkpoint.pth with --pretrained_weights, then extract with that run's "
+            "checkpoint"
         )
     if method == "recognition":
         model = recognizer_from_checkpoint(ckpt, args.checkpoint_weights)
@@ -142,6 +143,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
         pretrained_weights=args.pretrained_weights,
         checkpoint_key=args.checkpoint_key,
         weights_only=weights_only,
+        landmark_weights=args.landmark_weights if args.landmark_cnn else None,
     )
     config = model.cfg
     explicit = explicit_flags(args)

@@ -341,21 +341,35 @@ class FaceGCD(MetaArch):
         ]
         return [g for g in groups if g["params"]]
 
-    def load_model_state(self, state_dict: dict[str, torch.Tensor], *, allow_missing_conditioner: bool) -> None:
+    def load_model_state(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        *,
+        allow_missing_conditioner: bool,
+        allow_missing_front_end: bool = False,
+    ) -> None:
         """Load a FaceGCD or reference state dict (`module.` stripped), strictly except for documented gaps.
 
-        Reference checkpoints lack the evaluation prompt (kept as drawn from `seed`) and the conditioner copies
-        (kept from the pretrained weights, allowed only with `allow_missing_conditioner`).
+        Reference checkpoints lack the evaluation prompt (kept as drawn from `seed`), the conditioner copies
+        (kept from the pretrained weights, allowed only with `allow_missing_conditioner`) and, when trained with
+        `--landmark_cnn`, the landmark CNN (kept from `--landmark-weights`, allowed only with
+        `allow_missing_front_end`).
 
         Args:
             state_dict: Model state dict (the checkpoint's `state_dict`).
             allow_missing_conditioner: Whether missing `conditioner.*` keys are acceptable (True when the model
                 was built from `--pretrained_weights`).
+            allow_missing_front_end: Whether missing `front_end.*` keys are acceptable (True when the model's
+                landmark CNN was loaded from `--landmark-weights`).
         """
         result = self.load_state_dict(_strip_module(state_dict), strict=False)
         missing_prompt = [k for k in result.missing_keys if k in _EVAL_PROMPT_BUFFERS]
         missing_cond = [k for k in result.missing_keys if k.startswith("conditioner.")]
-        other = [k for k in result.missing_keys if k not in missing_prompt and k not in missing_cond]
+        missing_front = (
+            [k for k in result.missing_keys if k.startswith("front_end.")] if allow_missing_front_end else []
+        )
+        skipped = set(missing_prompt) | set(missing_cond) | set(missing_front)
+        other = [k for k in result.missing_keys if k not in skipped]
         problems = [f"missing: {other}"] if other else []
         if result.unexpected_keys:
             problems.append(f"unexpected: {list(result.unexpected_keys)}")
@@ -368,6 +382,8 @@ class FaceGCD(MetaArch):
             self.backbone.prefix_generator.reset_eval_prompts()
         if missing_cond:
             logger.warning("checkpoint has no conditioner copies; keeping the pretrained weights for them")
+        if missing_front:
+            logger.warning("checkpoint has no landmark CNN; keeping the one loaded from --landmark-weights")
 
 
 def build_facegcd(
@@ -484,12 +500,15 @@ def load_facegcd_checkpoint(
     pretrained_weights: Optional[Union[str, Path]] = None,
     checkpoint_key: str = "teacher",
     weights_only: bool = True,
+    landmark_weights: Optional[Union[str, Path]] = None,
 ) -> tuple[FaceGCD, dict[str, Any]]:
     """Load a trained FaceGCD or reference checkpoint (`--checkpoint_weights`, `--initial-checkpoint`).
 
     The state dict is the file's `state_dict` entry (or the file itself), `module.` prefixes stripped. Reference
-    checkpoints may lack the evaluation prompt (drawn from the seed) and the conditioner copies (kept from the
-    pretrained backbone, so `pretrained_weights` is then required); see `FaceGCD.load_model_state`.
+    checkpoints may lack the evaluation prompt (drawn from the seed), the conditioner copies (kept from the
+    pretrained backbone, so `pretrained_weights` is then required) and the landmark CNN of a `--landmark_cnn` run
+    (read from `landmark_weights`, which is then required); see `FaceGCD.load_model_state`. Our checkpoints carry
+    their CNN.
 
     Args:
         path: Checkpoint file.
@@ -501,6 +520,8 @@ def load_facegcd_checkpoint(
             read again), which is what allows the copies to be missing.
         checkpoint_key: Entry of a full DINO checkpoint in `pretrained_weights`.
         weights_only: Safe loading; False for `--unsafe-load`.
+        landmark_weights: Landmark CNN (`--landmark-weights`) for a reference checkpoint built with
+            `--landmark_cnn` that does not hold its CNN; ignored for checkpoints that do.
 
     Returns:
         The model (on the device it was on; CPU if built) and the checkpoint dict (`epoch`, ...).
@@ -527,6 +548,7 @@ def load_facegcd_checkpoint(
                 "pass matching model flags"
             )
         allow_missing_conditioner = pretrained_weights is not None
+        allow_missing_front_end = False
     else:
         if "model_config" in ckpt:
             config = ModelConfig.from_dict(ckpt["model_config"])
@@ -534,10 +556,25 @@ def load_facegcd_checkpoint(
             config = infer_model_config(state_dict, target)
         has_conditioner = any(k.startswith("conditioner.") for k in state_dict)
         pretrained = None if has_conditioner or config.prefix_length == 0 else pretrained_weights
-        model = build_facegcd(config, pretrained, checkpoint_key, weights_only=weights_only)
+        cnn_weights = None
+        if config.landmark_cnn and not any(k.startswith("front_end.") for k in state_dict):
+            if landmark_weights is None or not Path(landmark_weights).is_file():
+                raise CheckpointError(
+                    f"{path} holds no landmark CNN (a reference checkpoint trained with --landmark_cnn?): its CNN "
+                    f"comes from --landmark-weights, and {landmark_weights} does not exist"
+                )
+            cnn_weights = landmark_weights
+        model = build_facegcd(
+            config, pretrained, checkpoint_key, weights_only=weights_only, landmark_weights=cnn_weights
+        )
         allow_missing_conditioner = pretrained is not None
+        allow_missing_front_end = cnn_weights is not None
     try:
-        model.load_model_state(state_dict, allow_missing_conditioner=allow_missing_conditioner)
+        model.load_model_state(
+            state_dict,
+            allow_missing_conditioner=allow_missing_conditioner,
+            allow_missing_front_end=allow_missing_front_end,
+        )
     except RuntimeError as err:
         raise CheckpointError(f"{path}: {err}") from err
     logger.info("loaded model weights from %s (epoch %s)", path, ckpt.get("epoch", "not stored"))

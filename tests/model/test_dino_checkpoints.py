@@ -256,7 +256,8 @@ def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for value in model.state_dict().values():
-            value.add_(0.1 * torch.randn(value.shape, generator=gen))
+            if value.is_floating_point():  # not BatchNorm's num_batches_tracked
+                value.add_(0.1 * torch.randn(value.shape, generator=gen))
     return model
 
 
@@ -370,3 +371,42 @@ def test_a_pretraining_checkpoint_of_another_architecture_is_refused_with_both_n
     torch.save({"teacher": small.dino_checkpoint(3)["teacher"]}, tmp_path / "bare.pth")
     with pytest.raises(CheckpointError, match=r"(?s)bare\.pth: .*width 192.*another --arch or --patch_size"):
         load_pretrained_backbone(tiny, tmp_path / "bare.pth")
+
+
+def test_reference_checkpoint_trained_with_the_front_end_takes_its_cnn_from_landmark_weights(
+    make_config, dino_file, tmp_path, images
+):
+    """The reference keeps the landmark CNN in its own file: its checkpoints have no front_end.* keys."""
+    from model.landmark import save_landmark_weights
+
+    cfg = make_config(landmark_cnn=True)
+    trained = _perturbed(build_facegcd(cfg, pretrained_weights=dino_file))
+    cnn_file = save_landmark_weights(trained.front_end, tmp_path / "pretrain_output" / "part_vit_B_34epoch.pth")
+    full = {k: v for k, v in trained.state_dict().items() if not k.startswith("front_end.")}
+    ref = _reference_checkpoint(trained, tmp_path / "ref.pth.tar")
+    state = {k: v for k, v in ref.items() if not k.startswith("front_end.")}
+    torch.save({"epoch": 9, "state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "ref.pth.tar")
+
+    built, _ = load_facegcd_checkpoint(
+        tmp_path / "ref.pth.tar", cfg, pretrained_weights=dino_file, landmark_weights=cnn_file
+    )
+    assert built.front_end is not None
+    for name, value in trained.front_end.state_dict().items():  # the CNN from the landmark file
+        torch.testing.assert_close(built.front_end.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    for name in state:
+        torch.testing.assert_close(built.state_dict()[name], full[name], rtol=0, atol=0, msg=name)
+    # what the reference computes: its checkpoint's weights, its landmark file's CNN, the rest as freshly built
+    reference = build_facegcd(cfg, pretrained_weights=dino_file)
+    front_end = {f"front_end.{k}": v for k, v in trained.front_end.state_dict().items()}
+    reference.load_state_dict({**reference.state_dict(), **state, **front_end})
+    with torch.no_grad():
+        expected = reference.eval().extract_features(images)
+        torch.testing.assert_close(built.eval().extract_features(images), expected, rtol=0, atol=0)
+
+    with pytest.raises(
+        CheckpointError,
+        match=r"ref\.pth\.tar holds no landmark CNN.*--landmark-weights, and .*none\.pth does not exist",
+    ):
+        load_facegcd_checkpoint(
+            tmp_path / "ref.pth.tar", cfg, pretrained_weights=dino_file, landmark_weights=tmp_path / "none.pth"
+        )
