@@ -466,7 +466,13 @@ class DINOMethod(MetaArch):
         self.cfg = cfg
         if backbone is None:
             backbone = create_backbone(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.img_size)
-        head = DINOHead(backbone.embed_dim, cfg.out_dim, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim)
+        head = DINOHead(
+            backbone.embed_dim,
+            cfg.out_dim,
+            hidden_dim=cfg.hidden_dim,
+            bottleneck_dim=cfg.bottleneck_dim,
+            normalize_output=False,  # DINO's logits are cosines to the prototypes
+        )
         self.student = MultiCropWrapper(backbone, head)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.front_end = front_end

@@ -48,9 +48,22 @@ class WeightNormLinear(nn.Module):
 
 class DINOHead(nn.Module):
     """Linear(D, 2048)-GELU-Linear(2048, 2048)-GELU-Linear(2048, 256) -> L2 norm -> weight-normalised
-    Linear(256, out_dim) -> L2 norm."""
+    Linear(256, out_dim) [-> L2 norm].
 
-    def __init__(self, in_dim: int, out_dim: int = 65536, *, hidden_dim: int = 2048, bottleneck_dim: int = 256) -> None:
+    FaceGCD (as GCD) L2-normalises the output again, for its contrastive losses. DINO does not: its outputs are the
+    cosines between the bottleneck and the K prototypes, in [-1, 1], which the DINO loss divides by its temperatures.
+    Normalising them again would shrink every logit by about sqrt(K) and leave the teacher's softmax uniform.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        *,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        normalize_output: bool = True,
+    ) -> None:
         """Create the head (trunc-normal 0.02 MLP weights, zero biases).
 
         Args:
@@ -58,8 +71,10 @@ class DINOHead(nn.Module):
             out_dim: Output width (65536 in the recipe).
             hidden_dim: MLP hidden width.
             bottleneck_dim: Width before the last layer.
+            normalize_output: L2-normalise the output (FaceGCD/GCD: True; DINO pretraining: False).
         """
         super().__init__()
+        self.normalize_output = normalize_output
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim),
             nn.GELU(),
@@ -80,7 +95,7 @@ class DINOHead(nn.Module):
             x: Backbone features (N, D).
 
         Returns:
-            L2-normalised projections (N, out_dim).
+            (N, out_dim) projections, L2-normalised when ``normalize_output``.
         """
-        x = F.normalize(self.mlp(x), dim=-1)
-        return F.normalize(self.last_layer(x), dim=-1)
+        x = self.last_layer(F.normalize(self.mlp(x), dim=-1))
+        return F.normalize(x, dim=-1) if self.normalize_output else x

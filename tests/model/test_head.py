@@ -40,3 +40,21 @@ def test_vit_base_head_parameter_count():
     assert sum(p.numel() for p in head.mlp.parameters()) == 6_295_808
     assert sum(p.numel() for p in head.parameters()) == 23_138_560
     assert sum(p.numel() for p in head.parameters() if p.requires_grad) == 23_138_560 - 65_536
+
+
+def test_dino_pretraining_head_outputs_cosines_to_the_prototypes():
+    """DINO's head is not normalised again: each logit is cos(bottleneck, prototype k) (g = 1), |logit| <= 1."""
+    from model.dino import DINOConfig, DINOMethod
+
+    torch.manual_seed(0)
+    cfg = DINOConfig(arch="vit_tiny", patch_size=16, img_size=32, out_dim=64, hidden_dim=32, bottleneck_dim=16)
+    head = DINOMethod(cfg).student.head
+    assert not head.normalize_output
+    x = torch.randn(6, 192)
+    bottleneck = torch.nn.functional.normalize(head.mlp(x), dim=-1)
+    prototypes = torch.nn.functional.normalize(head.last_layer.weight_v, dim=-1)
+    out = head(x)
+    torch.testing.assert_close(out, bottleneck @ prototypes.T, rtol=1e-5, atol=1e-6)
+    assert out.abs().max() <= 1.0 + 1e-6
+    # typical cosines of 16-d directions are ~ 1/4, far from the ~1/8 of a unit-norm 64-d output
+    assert out.norm(dim=-1).min() > 1.5
