@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# What self-supervised pretraining is for, at quickstart size on SynthFaces, in one table (float32, CPU-sized):
+#   1. Part fViT: recognition on D_L with a trainable landmark CNN -> output/pretraining/part_fvit/landmark_cnn.pth
+#   2. FaceGCD from scratch, without and with that CNN as its frozen landmark front end;
+#   3. DINO on every training image, labels unused (-> dino/checkpoint.pth), then FaceGCD from it;
+#   4. LAFS: DINO on the landmark mosaics of the frozen CNN (-> lafs/checkpoint.pth), then FaceGCD + front end from it.
+# FaceGCD from a pretrained start has the paper's shape: the backbone frozen except its last block; HyperNetwork,
+# prefixes and head trained. From scratch everything trains, on the same budget.
+# Every FaceGCD run uses the quickstart's recipe (ViT-T/16 at 48 px, 28 epochs of batch 64 on D_L + D_U), is
+# extracted and clustered by SS-k-means with the same settings; raw pixels are the floor.
+# A rerun continues each training from its last.pth.tar (a finished one is kept); FRESH=1 starts over.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
+[ -x .venv/bin/python ] || bash shell/setup.sh
+PY=.venv/bin/python
+export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_SILENT=true
+
+DATASET=synthfaces_quick
+DATA=data/$DATASET
+OUT=output/pretraining
+RES=results/pretraining
+[ "${FRESH:-0}" = 1 ] && rm -rf "$OUT" "$RES"
+resume() { [ -f "$OUT/$1/last.pth.tar" ] && echo --resume "$OUT/$1/last.pth.tar"; true; }
+VIT=(--arch vit_tiny --patch_size 16 --input-size 3 48 48)
+COMMON=(--dataset "$DATASET" --data-path "$DATA" --workers 0 --no-progress --output "$OUT")
+EVAL=(--val-interval 1000 --val-kmeans-init 1 --checkpoint-select last)
+# 48 px with 16 px patches: 3 x 3 = 9 landmarks; LAFS local views keep 4 of them (a 2 x 2 mosaic)
+LANDMARKS=(--landmark_cnn --landmark-weights "$OUT/part_fvit/landmark_cnn.pth")
+# DINO's recipe shrunk to about 500 steps: a sharper teacher (0.02; at 0.04 its softmax stayed near uniform over 4096
+# prototypes for the whole run), a faster teacher EMA (0.99) and half DINO's batch-scaled lr for a short warm-up.
+SSL=(--opt adamw --lr 2.5e-4 --min-lr 1e-5 --weight-decay 0.04 --weight-decay-end 0.4 --warmup-epochs 3 --epochs 20
+  --batch-size 64 --clip-grad 3.0 --head-out-dim 4096 --local-crops-number 4 --local-crops-size 32
+  --warmup-teacher-temp 0.02 --teacher-temp 0.02 --momentum-teacher 0.99)
+FACEGCD=(--prefix_length 4 --hypernet-hidden-dim 256 --head-out-dim 2048 --opt adamw --lr 2e-4 --weight-decay 0.05
+  --warmup-epochs 3 --epochs 28 --batch-size 64 --clip-grad 1.0)
+FROZEN=(--grad-from-block 11)  # vit_tiny has 12 blocks: only the last one (and norm) trains
+SSK=(--save_dir "$RES" --max_kmeans_iter 100 --k_means_init 3)
+
+stamp "== data: $DATASET in $DATA"
+"$PY" -c "from data_loader.synthface import ensure_synthfaces; ensure_synthfaces('$DATA', '$DATASET')"
+
+stamp "== 1. Part fViT on D_L: CosFace, the landmark CNN learned end to end"
+"$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${EVAL[@]}" --method recognition --head cosface --landmark_cnn \
+  --landmark-weights "$OUT/none.pth" --embedding-size 192 --opt adamw --lr 1e-3 --weight-decay 0.05 --warmup-epochs 3 \
+  --epochs 60 --batch-size 64 --clip-grad 1.0 --experiment part_fvit $(resume part_fvit)
+
+stamp "== 2. FaceGCD from scratch (the quickstart's recipe), without and with the landmark front end"
+"$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${EVAL[@]}" "${FACEGCD[@]}" --grad-from-block 0 --experiment scratch \
+  $(resume scratch)
+"$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${EVAL[@]}" "${FACEGCD[@]}" "${LANDMARKS[@]}" --grad-from-block 0 \
+  --experiment scratch_landmarks $(resume scratch_landmarks)
+
+stamp "== 3. DINO pretraining on all training images (no labels), then FaceGCD from it"
+"$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${EVAL[@]}" "${SSL[@]}" --method dino --experiment dino $(resume dino)
+"$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${EVAL[@]}" "${FACEGCD[@]}" "${FROZEN[@]}" \
+  --pretrained_weights "$OUT/dino/checkpoint.pth" --experiment from_dino $(resume from_dino)
+
+stamp "== 4. LAFS pretraining (DINO on landmark mosaics: 5 px jitter, 4-landmark local views), then FaceGCD from it"
+"$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${EVAL[@]}" "${SSL[@]}" --method lafs --landmark-weights \
+  "$OUT/part_fvit/landmark_cnn.pth" --local-landmarks 4 --local-crops-size 48 --experiment lafs $(resume lafs)
+"$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${EVAL[@]}" "${FACEGCD[@]}" "${FROZEN[@]}" "${LANDMARKS[@]}" \
+  --pretrained_weights "$OUT/lafs/checkpoint.pth" --experiment from_lafs $(resume from_lafs)
+
+stamp "== extraction and SSK"
+"$PY" extract_features.py --dataset "$DATASET" --data-path "$DATA" --workers 0 "${VIT[@]}" --features pixels \
+  --save_dir "$RES" --experiment pixels
+"$PY" SSK.py "${SSK[@]}" --experiment_idx pixels --no-plots
+for run in scratch scratch_landmarks from_dino from_lafs; do
+  extra=()
+  case $run in *landmarks|from_lafs) extra=(--landmark_cnn) ;; esac
+  "$PY" extract_features.py --checkpoint_weights "$OUT/$run/last.pth.tar" --workers 0 --save_dir "$RES" \
+    --experiment "$run" "${extra[@]}"
+  "$PY" SSK.py "${SSK[@]}" --experiment_idx "$run" --no-plots
+done
+
+echo
+echo "== v2 clustering accuracy (%), $DATASET: SS-k-means on all training features, scored on the unlabelled"
+echo "   training images and (nearest centre) on the test split; float32"
+"$PY" -m utils.report "$RES/pixels" "$RES/scratch" "$RES/scratch_landmarks" "$RES/from_dino" "$RES/from_lafs" \
+  --names "raw pixels" "FaceGCD, scratch" "FaceGCD + landmarks, scratch" "FaceGCD from DINO" \
+  "FaceGCD + landmarks from LAFS"
+stamp "done"
