@@ -5,21 +5,11 @@
 # (400 images: 112 epochs), GCD and FaceGCD on D_L and the unlabelled images D_U (1,600 images: 28 epochs). Each is
 # then extracted and clustered by SS-k-means with the same settings.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-start=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
-[ -x .venv/bin/python ] || bash shell/setup.sh
-PY=.venv/bin/python
-export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_SILENT=true
-
-DATASET=synthfaces_quick
-DATA=data/$DATASET
 OUT=output/gfd_baselines
 RES=results/gfd_baselines
-# A rerun continues each training from its last.pth.tar (exact resume; a finished one is kept); FRESH=1 starts over.
-[ "${FRESH:-0}" = 1 ] && rm -rf "$OUT" "$RES"
-resume() { [ -f "$OUT/$1/last.pth.tar" ] && echo --resume "$OUT/$1/last.pth.tar"; true; }
-VIT=(--arch vit_tiny --patch_size 16 --input-size 3 48 48)
+# PY, stamp, DATASET/DATA, VIT and `resume RUN` (a rerun continues each training from its last.pth.tar, a finished
+# one is kept; FRESH=1 starts over)
+source "$(dirname "$0")/demo_common.sh"
 COMMON=(--dataset "$DATASET" --data-path "$DATA" --workers 0)
 SCHEDULE=(--opt adamw --weight-decay 0.05 --warmup-epochs 3 --epochs 28 --batch-size 64 --clip-grad 1.0
   --val-interval 1000 --val-kmeans-init 1 --checkpoint-select last --no-progress --output "$OUT")

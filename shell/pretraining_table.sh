@@ -8,22 +8,12 @@
 # prefixes and head trained. From scratch everything trains, on the same budget.
 # Every FaceGCD run uses the quickstart's recipe (ViT-T/16 at 48 px, 28 epochs of batch 64 on D_L + D_U), is
 # extracted and clustered by SS-k-means with the same settings; raw pixels are the floor.
-# A rerun continues each training from its last.pth.tar (a finished one is kept); FRESH=1 starts over.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-start=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
-[ -x .venv/bin/python ] || bash shell/setup.sh
-PY=.venv/bin/python
-export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_SILENT=true
-
-DATASET=synthfaces_quick
-DATA=data/$DATASET
 OUT=output/pretraining
 RES=results/pretraining
-[ "${FRESH:-0}" = 1 ] && rm -rf "$OUT" "$RES"
-resume() { [ -f "$OUT/$1/last.pth.tar" ] && echo --resume "$OUT/$1/last.pth.tar"; true; }
-VIT=(--arch vit_tiny --patch_size 16 --input-size 3 48 48)
+# PY, stamp, DATASET/DATA, VIT and `resume RUN` (a rerun continues each training from its last.pth.tar, a finished
+# one is kept; FRESH=1 starts over)
+source "$(dirname "$0")/demo_common.sh"
 COMMON=(--dataset "$DATASET" --data-path "$DATA" --workers 0 --no-progress --output "$OUT")
 EVAL=(--val-interval 1000 --val-kmeans-init 1 --checkpoint-select last)
 # 48 px with 16 px patches: 3 x 3 = 9 landmarks; LAFS local views keep 4 of them (a 2 x 2 mosaic)
