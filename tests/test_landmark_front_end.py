@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from cli_helpers import TINY_MODEL_ARGS
+from cli_helpers import TINY_MODEL_ARGS, tiny_facegcd_args
 from test_extract_features import reference_extraction_args
 
 from model.landmark import LandmarkCNN, save_landmark_weights
@@ -19,33 +19,8 @@ def landmark_run(tiny_faces, tmp_path_factory) -> dict:
     torch.manual_seed(0)
     cnn = LandmarkCNN(num_landmarks=4)
     save_landmark_weights(cnn, out / "landmarks.pth")
-    args = [
-        "--dataset",
-        "synthfaces_tiny",
-        "--data-path",
-        tiny_faces,
-        *TINY_MODEL_ARGS,
-        "--landmark_cnn",
-        "--landmark-weights",
-        str(out / "landmarks.pth"),
-        "--batch-size",
-        "8",
-        "--epochs",
-        "1",
-        "--warmup-epochs",
-        "0",
-        "--opt",
-        "adamw",
-        "--lr",
-        "3e-4",
-        "--val-kmeans-init",
-        "1",
-        "--output",
-        str(out),
-        "--experiment",
-        "run",
-        "--no-progress",
-    ]
+    landmarks = ["--landmark_cnn", "--landmark-weights", str(out / "landmarks.pth")]
+    args = tiny_facegcd_args(tiny_faces, out, "run", *landmarks, "--opt", "adamw", "--lr", "3e-4")
     run_cli("train.py", args)
     return {"data": tiny_faces, "out": out, "cnn": cnn, "checkpoint": out / "run" / "model_best.pth.tar"}
 
