@@ -2,7 +2,7 @@
 
 The student (backbone + DINO head) sees every view, the teacher (its EMA, never trained by gradients) only the global
 ones; the loss is the cross-entropy between the teacher's centred, sharpened softmax of each global view and the
-student's softmax of every other view (docs/method.md, section 12, "LAFS self-supervised pretraining"). An optional
+student's softmax of every other view (docs/pretraining.md). An optional
 frozen front end (LAFS's landmark mosaic) turns each view into the backbone's input first.
 
 One training step, in the order of DINO's ``train_one_epoch``, as the shared loop (``trainer/engine.py``) runs it

@@ -65,7 +65,7 @@ class ModelConfig:
         sup_con_temperature: SupCon temperature and base temperature (0.07).
         contrast_unlabel_only: InfoNCE on unlabelled samples only.
         landmark_cnn: the frozen landmark front end (`--landmark_cnn`): a landmark CNN predicts (S/p)^2 landmarks
-            and their p x p tiles form the mosaic both ViT passes see (docs/method.md, section 6).
+            and their p x p tiles form the mosaic both ViT passes see (docs/method.md, "Landmark front end").
         landmark_tiles: tile orientation of the mosaic, "natural" or "reference" (transposed tiles).
     """
 

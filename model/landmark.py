@@ -1,4 +1,6 @@
-"""Landmark front end of Part fViT / LAFS: a landmark CNN and the landmark-centred patch mosaic (method.md 6, 12).
+"""Landmark front end of Part fViT / LAFS: a landmark CNN and the landmark-centred patch mosaic.
+
+See docs/method.md ("Landmark front end") and docs/pretraining.md (LAFS).
 
 A MobileNetV3-Large feature stack regresses ``L`` landmarks from a face crop; a ``patch x patch`` tile is sampled
 bilinearly around every landmark and the tiles are laid out as a ``G x G`` grid (``L = G^2``), so each ViT patch of

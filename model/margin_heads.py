@@ -1,4 +1,4 @@
-"""Margin-softmax heads for face recognition (design method.md, section 12): combined margin, AdaFace, GB-CosFace.
+"""Margin-softmax heads for face recognition (docs/recognition.md): combined margin, AdaFace, GB-CosFace.
 
 Every head is called as ``head(cosine, labels, norms=None)``:
 
@@ -258,7 +258,7 @@ class AdaFace(nn.Module):
 
 
 class GBCosFace(nn.Module):
-    """GB-CosFace: CosFace-style margins against a global boundary (Sun et al., 2022; design method.md, section 12).
+    """GB-CosFace: CosFace-style margins against a global boundary (Sun et al., 2022; docs/recognition.md).
 
     From the target cosine cos_p and the smooth maximum of the negatives cos_n = logsumexp_j(s * cos_j) / s (the scale
     inside the smooth maximum is s = 32, as in the authors' code; "logits x 64" in method.md is the 2s of the two-way

@@ -1,4 +1,6 @@
-"""LAFS's view front end: landmarks from the clean crop, 5 px jitter, 36-landmark local mosaics (method.md 12)."""
+"""LAFS's view front end: landmarks from the clean crop, 5 px jitter, 36-landmark local mosaics (docs/pretraining.md)."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -121,13 +123,8 @@ def test_lafs_needs_a_frozen_cnn_and_an_existing_weights_file(tmp_path):
     weights = save_landmark_weights(LandmarkCNN(4), tmp_path / "lm.pth")
     with pytest.raises(ValueError, match="--local-landmarks 36 does not fit"):
         build_dino(cfg, landmark_weights=weights)  # 32 px / 16 px patches: 4 landmarks
-    method = build_dino(_with(cfg, 1), landmark_weights=weights)
+    method = build_dino(dataclasses.replace(cfg, local_landmarks=1), landmark_weights=weights)
     assert not any(p.requires_grad for p in method.front_end.parameters())
     views = [torch.rand(2, 3, 32, 32)] * 2, [torch.rand(2, 3, 32, 32)] * 2
     out = method(*views)
     assert torch.isfinite(out["loss"])
-
-
-def _with(cfg: DINOConfig, local_landmarks: int) -> DINOConfig:
-    values = {k: v for k, v in cfg.to_dict().items() if k != "method"}
-    return DINOConfig(**{**values, "local_landmarks": local_landmarks})
