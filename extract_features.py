@@ -7,78 +7,82 @@ Writes ``<save_dir>/<experiment>/features_{train,test}.pt`` (L2-normalised CLS f
 fixed evaluation prompt; or the L2-normalised embeddings of a ``--method recognition`` checkpoint), rows in ``uq_idx``
 order, no padded duplicates, and ``extraction.json``.
 
-    python extract_features.py --dataset synthfaces_tiny --checkpoint_weights output/train/run/model_best.pth.tar \
-        --save_dir results --experiment run
+    python extract_features.py --dataset synthfaces_tiny --checkpoint-weights output/train/run/model_best.pth.tar \
+        --save-dir results --experiment run
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from model.facegcd import build_facegcd, load_facegcd_checkpoint
-from model.recognition import checkpoint_method, recognizer_from_checkpoint
+from data_loader import DatasetError
 from trainer.args import (
     add_checkpoint_data_args,
     add_compat_args,
     add_data_args,
-    add_model_args,
     add_runtime_args,
     explicit_dests,
     image_size_from_args,
     log_ignored_flags,
-    model_config_from_args,
 )
-from data_loader import DatasetError
+from trainer.cli import DEFAULT_METHOD, add_checkpoint_model_args
 from trainer.data import DataConfigError, apply_data_config, check_listing, data_config, load_datasets
 from trainer.features import embed_dataset
+from trainer.methods import get_method, method_of_checkpoint
 from trainer.precision import resolve_precision
-from utils.checkpoint import CheckpointError, atomic_save, atomic_write_text
-from utils.config import parse_args_with_config
+from utils.checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
+from utils.config import hide_alias_spellings, parse_args_with_config
 from utils.distributed import cleanup, get_rank, get_world_size, init_distributed, is_primary
 from utils.logging import setup_logging
 
 logger = logging.getLogger("extract_features")
 
 # Command-line flags that describe the architecture; the checkpoint's model_config wins over them.
-ARCH_FLAGS = {
-    "arch": "arch",
-    "patch_size": "patch_size",
-    "prefix_length": "prefix_length",
-    "layer_embed": "layer_embed",
-    "initializer": "initializer",
-    "head_out_dim": "head_out_dim",
-    "hypernet_hidden_dim": "hypernet_hidden_dim",
-}
+ARCH_FLAGS = (
+    "arch",
+    "patch_size",
+    "prefix_length",
+    "layer_embed",
+    "initializer",
+    "head_out_dim",
+    "hypernet_hidden_dim",
+)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The extraction parser (its data, model and runtime groups are the training ones)."""
-    parser = argparse.ArgumentParser("FaceGCD feature extraction", add_help=add_help)
+    parser = argparse.ArgumentParser(
+        prog="extract_features.py",
+        description="Embeddings of every train and test image of a benchmark with a trained checkpoint of any method "
+        "that embeds images (the method and the data settings are read from the checkpoint).",
+        add_help=add_help,
+        allow_abbrev=False,
+    )
     parser.add_argument("-c", "--config", default="", help="YAML file whose keys set parser defaults")
     add_data_args(parser)
     add_checkpoint_data_args(parser)
-    add_model_args(parser)
+    add_checkpoint_model_args(parser)
     add_runtime_args(parser)
     group = parser.add_argument_group("Extraction")
     group.add_argument(
-        "--checkpoint_weights",
         "--checkpoint-weights",
+        "--checkpoint_weights",
         dest="checkpoint_weights",
         default=None,
         help="trained checkpoint (model_best.pth.tar); without it the untrained model is used",
     )
     group.add_argument(
-        "--save_dir",
         "--save-dir",
+        "--save_dir",
         dest="save_dir",
         default="results",
         help="output root; features go to <save_dir>/<experiment>/ (default: results)",
@@ -94,78 +98,53 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--unsafe-load", action="store_true", help="load checkpoints with weights_only=False (only for files you trust)"
     )
     add_compat_args(parser)
-    return parser
+    return hide_alias_spellings(parser)
 
 
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, Any, dict]:
-    """Build the model from ``--checkpoint_weights`` (its ``model_config`` wins over disagreeing flags).
-
-    A FaceGCD checkpoint gives the prefixed ViT's CLS features; a recognition checkpoint (``--method recognition``)
-    its L2-normalised embeddings.
+    """Build the model of ``--checkpoint-weights`` with its registered method (the checkpoint's ``model_config``
+    wins over disagreeing flags), or the untrained FaceGCD model of the flags without a checkpoint.
 
     Returns:
         The model in eval mode, its config and a description of where it came from.
     """
-    cli_config = model_config_from_args(args)
     weights_only = not args.unsafe_load
     if not args.checkpoint_weights:
-        logger.warning("no --checkpoint_weights: extracting with the untrained model (a baseline, seeded by --seed)")
+        logger.warning("no --checkpoint-weights: extracting with the untrained model (a baseline, seeded by --seed)")
         torch.manual_seed(args.seed)
-        model = build_facegcd(
-            cli_config,
-            pretrained_weights=args.pretrained_weights,
-            checkpoint_key=args.checkpoint_key,
-            weights_only=weights_only,
-            landmark_weights=args.landmark_weights if args.landmark_cnn else None,
-        )
-        return model.to(device).eval(), cli_config, {"checkpoint": None}
-    method, ckpt = checkpoint_method(args.checkpoint_weights, weights_only=weights_only)
-    if method == "dino":
-        raise CheckpointError(
-            f"{args.checkpoint_weights} is a self-supervised (--method dino or lafs) pretraining run; train FaceGCD "
-            "(or recognition) from its checkpoint.pth with --pretrained_weights, then extract with that run's "
-            "checkpoint"
-        )
-    if method == "recognition":
-        model = recognizer_from_checkpoint(ckpt, args.checkpoint_weights)
-        _check_front_end(args, model.cfg.landmark_cnn)
-        source = {"checkpoint": str(args.checkpoint_weights), "epoch": ckpt.get("epoch")}
-        if ckpt.get("data_config", {}).get("train_set") == "all":
-            logger.info(
-                "%s was trained on a whole identity set: the data flags choose the benchmark", args.checkpoint_weights
-            )
-        else:
-            source["data_config"] = ckpt.get("data_config")
-        return model.to(device).eval(), model.cfg, source
-    model, ckpt = load_facegcd_checkpoint(
-        args.checkpoint_weights,
-        cli_config,
-        pretrained_weights=args.pretrained_weights,
-        checkpoint_key=args.checkpoint_key,
-        weights_only=weights_only,
-        landmark_weights=args.landmark_weights if args.landmark_cnn else None,
-    )
+        model = get_method(DEFAULT_METHOD).untrained_model(args)
+        return model.to(device).eval(), model.cfg, {"checkpoint": None}
+    ckpt = load_checkpoint(args.checkpoint_weights, weights_only=weights_only, mmap=True)
+    method = method_of_checkpoint(ckpt, args.checkpoint_weights)
+    model = method.load_for_embedding(ckpt, args.checkpoint_weights, weights_only=weights_only, flags=args)
     config = model.cfg
     explicit = explicit_flags(args)
-    for flag, field in ARCH_FLAGS.items():
-        given, stored = getattr(args, flag), getattr(config, field)
-        if flag in explicit and given != stored:
-            logger.warning("--%s %s disagrees with the checkpoint's %s; the checkpoint wins", flag, given, stored)
-    _check_front_end(args, config.landmark_cnn)
-    source = {
-        "checkpoint": str(args.checkpoint_weights),
-        "epoch": ckpt.get("epoch"),
-        "data_config": ckpt.get("data_config"),
-    }
+    for flag in ARCH_FLAGS:
+        if flag in explicit and hasattr(config, flag) and getattr(args, flag) != getattr(config, flag):
+            logger.warning(
+                "--%s %s disagrees with the checkpoint's %s; the checkpoint wins",
+                flag.replace("_", "-"),
+                getattr(args, flag),
+                getattr(config, flag),
+            )
+    _check_front_end(args, bool(getattr(config, "landmark_cnn", False)))
+    source = {"checkpoint": str(args.checkpoint_weights), "epoch": ckpt.get("epoch")}
+    stored_data = ckpt.get("data_config") or {}
+    if stored_data.get("train_set") == "all":
+        logger.info(
+            "%s was trained on a whole identity set: the data flags choose the benchmark", args.checkpoint_weights
+        )
+    else:
+        source["data_config"] = ckpt.get("data_config")
     return model.to(device).eval(), config, source
 
 
 def _check_front_end(args: argparse.Namespace, trained_with: bool) -> None:
-    """``--landmark_cnn`` must match the checkpoint: the front end changes what every patch token sees."""
-    if bool(args.landmark_cnn) != trained_with:
+    """``--landmark-cnn`` must match the checkpoint: the front end changes what every patch token sees."""
+    if bool(getattr(args, "landmark_cnn", False)) != trained_with:
         state = "has the landmark front end" if trained_with else "was trained without the landmark front end"
-        fix = "add --landmark_cnn" if trained_with else "drop --landmark_cnn"
-        raise CheckpointError(f"{args.checkpoint_weights} {state} (--landmark_cnn); {fix}")
+        fix = "add --landmark-cnn" if trained_with else "drop --landmark-cnn"
+        raise CheckpointError(f"{args.checkpoint_weights} {state} (--landmark-cnn); {fix}")
 
 
 def explicit_flags(args: argparse.Namespace) -> set[str]:
@@ -247,7 +226,7 @@ def compute_split_features(args: argparse.Namespace, device: torch.device | None
                 "num_classes": datasets.num_classes,
                 "checkpoint": source["checkpoint"],
                 "features": args.features,
-                "model_config": dataclasses.asdict(config) if config is not None else None,
+                "model_config": config.to_dict() if config is not None else None,
                 **precision.to_dict(),
                 "world_size": get_world_size(),
                 "seconds": time.perf_counter() - start,
@@ -282,7 +261,13 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: parse ``argv`` (default: ``sys.argv[1:]``), remember which flags it set, extract."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args_with_config(get_args_parser(), argv)
+    args.explicit_flags = sorted(explicit_dests(get_args_parser(), argv))
+    return main(args)
+
+
 if __name__ == "__main__":
-    cli_args = parse_args_with_config(get_args_parser())
-    cli_args.explicit_flags = sorted(explicit_dests(get_args_parser(), sys.argv[1:]))
-    sys.exit(main(cli_args))
+    sys.exit(cli())

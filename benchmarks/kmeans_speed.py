@@ -66,8 +66,16 @@ from typing import Any, Callable
 import torch
 
 from benchmarks.ssk_vs_sklearn import environment, make_features
-from utils.distributed import all_gather_variable, barrier, cleanup, get_rank, init_distributed, is_primary
-from utils.kmeans import contiguous_shard, kmeans, semi_supervised_kmeans
+from utils.distributed import (
+    all_gather_variable,
+    barrier,
+    cleanup,
+    contiguous_shard,
+    get_rank,
+    init_distributed,
+    is_primary,
+)
+from utils.kmeans import kmeans, semi_supervised_kmeans
 
 logger = logging.getLogger(__name__)
 

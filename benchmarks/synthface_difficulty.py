@@ -24,12 +24,8 @@ import numpy as np
 import PIL
 
 from benchmarks.common import cli_main, save_results, setup
-from data_loader.synthface import (
-    GENERATOR_VERSION,
-    generate_synthfaces,
-    pixel_nearest_neighbour_accuracy,
-    synthface_parameters,
-)
+from benchmarks.pixel_nearest_neighbour import pixel_nearest_neighbour_accuracy
+from data_loader.synthface import GENERATOR_VERSION, generate_synthfaces, synthface_parameters
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ landmarks after the least-squares similarity fit to the ArcFace template, relati
 clipped to [0.05, 1] (frontal, neutral faces fit the template best). Genuine pairs are all same-identity template
 pairs; impostor pairs are all cross-identity template pairs, or a random sample of ``impostor_pairs`` of them.
 
-SynthFaces has no public per-image pose argument, so the writers call its private ``_make_identity`` and
-``_render_face`` (and ``_check_int`` for argument checks).
+The writers render with ``data_loader.synthface_render`` (``make_identity``, ``render_face``, each render seeded by
+its own domain tag) and check their arguments with ``data_loader.synthface.check_int``.
 
 CLI::
 
@@ -47,11 +47,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_loader.face_align import ARCFACE_TEMPLATE_112, align_face, estimate_similarity, warp_affine
-from data_loader.synthface import GENERATOR_VERSION, _check_int, _make_identity, _render_face
+from data_loader.synthface import GENERATOR_VERSION, check_int
+from data_loader.synthface_render import make_identity, render_face
 from utils.checkpoint import atomic_write_text
 from utils.evaluation.ijb import IJB_NAMES, meta_paths
 from utils.evaluation.pair_sets import write_pair_set
+from utils.face_align import ARCFACE_TEMPLATE_112, align_face, estimate_similarity, warp_affine
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +77,9 @@ def _encode(image: Image.Image, quality: int = _JPEG_QUALITY) -> bytes:
 
 def _check_population(seed: int, identities: int, first_identity: int, nuisance: float) -> None:
     """Checks the arguments both writers take: which SynthFaces identities to render, and how."""
-    _check_int("seed", seed, 0)
-    _check_int("identities", identities, 2)
-    _check_int("first_identity", first_identity, 0)
+    check_int("seed", seed, 0)
+    check_int("identities", identities, 2)
+    check_int("first_identity", first_identity, 0)
     if not isinstance(nuisance, (int, float)) or isinstance(nuisance, bool) or not 0.0 <= nuisance <= 3.0:
         raise ValueError(f"SynthFaces protocols: nuisance (--nuisance) must be a number in [0, 3], got {nuisance!r}")
 
@@ -100,7 +101,7 @@ def _render(
         The decoded RGB image and its (5, 2) true landmarks in pixels.
     """
     rng = np.random.default_rng([seed, *stream])
-    data, landmarks = _render_face(_make_identity(seed, identity), rng, size, nuisance)
+    data, landmarks = render_face(make_identity(seed, identity), rng, size, nuisance)
     with Image.open(io.BytesIO(data)) as img:
         return img.convert("RGB"), landmarks
 
@@ -157,9 +158,9 @@ def write_synthface_pair_set(
         A summary dict (path, counts, parameters).
     """
     _check_population(seed, identities, first_identity, nuisance)
-    _check_int("pairs", pairs, 2)
-    _check_int("images_per_identity", images_per_identity, 2)
-    _check_int("size", size, 32, 1024)
+    check_int("pairs", pairs, 2)
+    check_int("images_per_identity", images_per_identity, 2)
+    check_int("size", size, 32, 1024)
     if pairs % 2:
         raise ValueError(f"SynthFaces protocols: pairs (--pairs) must be even (half genuine), got {pairs}")
     rng = np.random.default_rng([seed, _TAG_PAIR_SAMPLING, first_identity])
@@ -277,12 +278,12 @@ def write_synthface_ijb(
     if name not in IJB_NAMES:
         raise ValueError(f"SynthFaces protocols: name (--name) must be one of {', '.join(IJB_NAMES)}, got {name!r}")
     _check_population(seed, identities, first_identity, nuisance)
-    _check_int("templates_per_identity", templates_per_identity, 2)
-    _check_int("media_per_template", media_per_template, 1)
-    _check_int("images_per_media", images_per_media, 1)
-    _check_int("loose_size", loose_size, 32, 1024)
+    check_int("templates_per_identity", templates_per_identity, 2)
+    check_int("media_per_template", media_per_template, 1)
+    check_int("images_per_media", images_per_media, 1)
+    check_int("loose_size", loose_size, 32, 1024)
     if impostor_pairs is not None:
-        _check_int("impostor_pairs", impostor_pairs, 1)
+        check_int("impostor_pairs", impostor_pairs, 1)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"SynthFaces protocols: --out {out} exists and is not an empty folder")

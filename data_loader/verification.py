@@ -33,17 +33,16 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from utils.checkpoint import atomic_write_text
 from utils.distributed import barrier, get_rank, get_world_size, is_primary
+from utils.images import DECODE_ERRORS
 
 logger = logging.getLogger(__name__)
 
 RECORD_FILE = ".facegcd_verified.json"
 RECORD_VERSION = 1
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 @dataclass

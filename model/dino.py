@@ -1,9 +1,10 @@
-"""DINO self-supervised pretraining: the loss, the per-iteration schedules and the student/teacher method.
+"""DINO self-supervised pretraining: the student/teacher method and its per-iteration schedules.
 
 The student (backbone + DINO head) sees every view, the teacher (its EMA, never trained by gradients) only the global
 ones; the loss is the cross-entropy between the teacher's centred, sharpened softmax of each global view and the
-student's softmax of every other view (docs/pretraining.md). An optional
-frozen front end (LAFS's landmark mosaic) turns each view into the backbone's input first.
+student's softmax of every other view (``model/dino_loss.py``, docs/pretraining.md). An optional frozen front end
+(LAFS's landmark mosaic) turns each view into the backbone's input first. The schedule formulas are
+``utils/schedules.py``'s.
 
 One training step, in the order of DINO's ``train_one_epoch``, as the shared loop (``trainer/engine.py``) runs it
 through the ``MetaArch`` hooks once ``method.use_schedules(DINOSchedules.build(...))`` was called::
@@ -21,9 +22,9 @@ DINO clips each parameter's gradient on its own (:meth:`DINOMethod.clip_gradient
 the loop's ``clip_grad`` clips the global norm instead.
 
 References:
-    - DINO (Caron et al., ICCV 2021), facebookresearch/dino ``main_dino.py`` (``DINOLoss``, the training step,
-      the teacher temperature schedule) and ``utils.py`` (``cosine_scheduler``, ``MultiCropWrapper``,
-      ``get_params_groups``, ``clip_gradients``, ``cancel_gradients_last_layer``, checkpoint layout).
+    - DINO (Caron et al., ICCV 2021), facebookresearch/dino ``main_dino.py`` (the training step, its three
+      schedules) and ``utils.py`` (``MultiCropWrapper``, ``get_params_groups``, ``clip_gradients``,
+      ``cancel_gradients_last_layer``, checkpoint layout).
     - DINOv2 ``dinov2/train/ssl_meta_arch.py`` (``SSLMetaArch``: the method owns student, teacher and losses).
     - LAFS (Sun et al., CVPR 2024): DINO on landmark mosaics from a frozen landmark CNN.
 """
@@ -45,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from model.dino_loss import DINOLoss
 from model.head import DINOHead
 from model.landmark import (
     LANDMARK_EXPORT,
@@ -57,7 +59,8 @@ from model.landmark import (
 from model.meta_arch import MetaArch, MethodConfig
 from model.vit import PrefixViT, create_backbone
 from utils.checkpoint import atomic_save
-from utils.distributed import all_reduce_sum, broadcast, get_world_size
+from utils.distributed import broadcast, get_world_size
+from utils.schedules import cosine_schedule, set_lr
 
 logger = logging.getLogger(__name__)
 
@@ -69,42 +72,6 @@ DINO_LOCAL_CROP_SIZE = 48  # DINO's 96 px local crops of 224 px images, at 112 p
 # ----------------------------------------------------------------------------------------------------------------
 # Schedules
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def cosine_schedule(
-    base: float,
-    final: float,
-    epochs: int,
-    steps_per_epoch: int,
-    warmup_epochs: int = 0,
-    start_warmup: float = 0.0,
-) -> np.ndarray:
-    """Per-iteration values: linear warm-up, then a cosine from ``base`` to ``final`` (DINO's ``cosine_scheduler``).
-
-    With W = warmup_epochs * steps_per_epoch warm-up iterations and N = epochs * steps_per_epoch - W others, the
-    warm-up is ``np.linspace(start_warmup, base, W)`` (both ends included) and iteration W + i of the rest is
-    ``final + 0.5 * (base - final) * (1 + cos(pi * i / N))``, so the last value is just short of ``final``.
-
-    Args:
-        base: value at the end of the warm-up (the peak).
-        final: value the cosine tends to.
-        epochs: total epochs.
-        steps_per_epoch: iterations per epoch.
-        warmup_epochs: epochs of linear warm-up (0 for none).
-        start_warmup: first warm-up value.
-
-    Returns:
-        float64 array of length ``epochs * steps_per_epoch``.
-    """
-    if epochs < 1 or steps_per_epoch < 1:
-        raise ValueError(f"cosine_schedule needs epochs >= 1 and steps_per_epoch >= 1, got {epochs}, {steps_per_epoch}")
-    if not 0 <= warmup_epochs <= epochs:
-        raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}], got {warmup_epochs}")
-    warmup_iters = warmup_epochs * steps_per_epoch
-    warmup = np.linspace(start_warmup, base, warmup_iters)
-    iters = np.arange(epochs * steps_per_epoch - warmup_iters)
-    cosine = final + 0.5 * (base - final) * (1.0 + np.cos(np.pi * iters / max(len(iters), 1)))
-    return np.concatenate((warmup, cosine))
 
 
 @dataclass
@@ -192,150 +159,11 @@ class DINOSchedules:
         """
         if not 0 <= it < len(self):
             raise IndexError(f"iteration {it} is outside the schedules' {len(self)} iterations")
+        set_lr(optimizer, float(self.lr[it]))
         for group in optimizer.param_groups:
-            group["lr"] = float(self.lr[it]) * group.get("lr_scale", 1.0)
             if group.get("name") != "no_decay":
                 group["weight_decay"] = float(self.weight_decay[it])
         return float(self.momentum[it])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loss
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class DINOLoss(nn.Module):
-    """DINO's cross-entropy between the centred, sharpened teacher softmax and the student softmax of other views.
-
-    With G global and L local views of a batch of B images, teacher outputs t_g (rows g*B .. (g+1)*B) and student
-    outputs s_v (all G + L views, globals first)::
-
-        q_g = softmax((t_g - center) / tau_t(epoch)),  p_v = log_softmax(s_v / tau_s)
-        loss = mean over the G * (G + L) - G pairs (g, v), v != g, of  mean_b  sum_k -q_g[b, k] * p_v[b, k]
-
-    After the loss, under no grad, ``center <- m * center + (1 - m) * mean of the teacher rows over all ranks``.
-    The teacher temperature rises linearly over ``warmup_teacher_temp_epochs`` (``np.linspace`` from
-    ``warmup_teacher_temp`` to ``teacher_temp``, both included, as DINO), then stays at ``teacher_temp``.
-    ``teacher_entropy`` holds the mean entropy (nats) of q over the last batch's teacher rows (this rank).
-
-    Args:
-        out_dim: width K of the head outputs.
-        n_local: local views L.
-        epochs: epochs of the run (length of the temperature schedule; later epochs use ``teacher_temp``).
-        n_global: global views G (the teacher's).
-        warmup_teacher_temp: teacher temperature at epoch 0.
-        teacher_temp: teacher temperature after the warm-up.
-        warmup_teacher_temp_epochs: warm-up epochs (0: ``teacher_temp`` throughout).
-        student_temp: student temperature tau_s.
-        center_momentum: EMA momentum m of the center.
-    """
-
-    def __init__(
-        self,
-        out_dim: int,
-        *,
-        n_local: int,
-        epochs: int,
-        n_global: int = 2,
-        warmup_teacher_temp: float = 0.04,
-        teacher_temp: float = 0.04,
-        warmup_teacher_temp_epochs: int = 0,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-    ) -> None:
-        super().__init__()
-        if out_dim < 1 or n_global < 1 or n_local < 0:
-            raise ValueError(
-                f"DINOLoss needs out_dim >= 1, n_global >= 1, n_local >= 0; got {out_dim}, {n_global}, {n_local}"
-            )
-        if n_global + n_local < 2:
-            raise ValueError("DINOLoss needs at least 2 views (a global view is never compared with itself)")
-        if epochs < 1 or not 0 <= warmup_teacher_temp_epochs <= epochs:
-            raise ValueError(
-                f"warmup_teacher_temp_epochs must be in [0, epochs={epochs}] (epochs >= 1), got "
-                f"{warmup_teacher_temp_epochs}"
-            )
-        if min(warmup_teacher_temp, teacher_temp, student_temp) <= 0:
-            raise ValueError(
-                f"temperatures must be positive, got warmup_teacher_temp {warmup_teacher_temp}, teacher_temp "
-                f"{teacher_temp}, student_temp {student_temp}"
-            )
-        if not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
-        self.out_dim = out_dim
-        self.n_global = n_global
-        self.n_local = n_local
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.teacher_temps = np.concatenate(
-            (
-                np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-                np.full(epochs - warmup_teacher_temp_epochs, teacher_temp),
-            )
-        )
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_entropy: torch.Tensor | None = None
-
-    @property
-    def n_views(self) -> int:
-        """Student views per image, G + L."""
-        return self.n_global + self.n_local
-
-    def teacher_temp(self, epoch: int) -> float:
-        """Teacher temperature of a 0-based epoch (the schedule's last value past its end)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be non-negative, got {epoch}")
-        return float(self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)])
-
-    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, epoch: int) -> torch.Tensor:
-        """The loss of one batch; then updates ``center`` and ``teacher_entropy``.
-
-        Args:
-            student_out: ((G + L) * B, K) head outputs of all views, view-major (all images of view 0 first).
-            teacher_out: (G * B, K) teacher head outputs of the global views, same order.
-            epoch: 0-based epoch (teacher temperature).
-
-        Returns:
-            The scalar loss (float32).
-        """
-        if student_out.ndim != 2 or student_out.shape[1] != self.out_dim or student_out.shape[0] % self.n_views:
-            raise ValueError(
-                f"student_out must be ({self.n_views} * B, {self.out_dim}) for {self.n_views} views, got "
-                f"{tuple(student_out.shape)}"
-            )
-        batch = student_out.shape[0] // self.n_views
-        if tuple(teacher_out.shape) != (self.n_global * batch, self.out_dim):
-            raise ValueError(
-                f"teacher_out must be ({self.n_global} * {batch}, {self.out_dim}) for {self.n_global} global views, "
-                f"got {tuple(teacher_out.shape)}"
-            )
-        teacher_out = teacher_out.detach().float()
-        with torch.autocast(device_type=student_out.device.type, enabled=False):
-            q = F.softmax((teacher_out - self.center) / self.teacher_temp(epoch), dim=-1)
-            log_p = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
-            # cross[g, v] = mean over the batch of -sum_k q_g * log p_v
-            cross = (
-                -torch.einsum("gbk,vbk->gv", q.view(self.n_global, batch, -1), log_p.view(self.n_views, batch, -1))
-                / batch
-            )
-            same_view = torch.eye(self.n_global, self.n_views, dtype=torch.bool, device=cross.device)
-            loss = cross.masked_fill(same_view, 0.0).sum() / (cross.numel() - self.n_global)
-        with torch.no_grad():
-            self.teacher_entropy = torch.special.entr(q).sum(dim=-1).mean()
-            self.update_center(teacher_out)
-        return loss
-
-    @torch.no_grad()
-    def update_center(self, teacher_out: torch.Tensor) -> None:
-        """EMA of the center with the mean teacher output over all rows of all ranks.
-
-        Args:
-            teacher_out: (N, K) teacher outputs of this rank.
-        """
-        stats = torch.cat([teacher_out.float().sum(dim=0), teacher_out.new_tensor([teacher_out.shape[0]]).float()])
-        stats = all_reduce_sum(stats)
-        batch_center = (stats[:-1] / stats[-1]).unsqueeze(0)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -451,6 +279,8 @@ class DINOMethod(MetaArch):
         front_end: frozen module applied to every view first (:class:`FrontEnd`; LAFS's landmark mosaic), or None.
         backbone: the student backbone (default ``create_backbone(cfg.arch, patch_size=..., img_size=...)``).
     """
+
+    summary_scalars = ("teacher_entropy",)
 
     def __init__(
         self, cfg: DINOConfig, *, front_end: nn.Module | None = None, backbone: PrefixViT | None = None
@@ -659,6 +489,11 @@ class DINOMethod(MetaArch):
         ]
         return [g for g in groups if g["params"]]
 
+    @property
+    def views_per_sample(self) -> int:
+        """The global and the local crops of every image."""
+        return self.cfg.n_global + self.cfg.n_local
+
     # ------------------------------------------------------------------ evaluation
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Teacher backbone CLS features (B, D) of full images (through the front end as global views)."""
@@ -670,10 +505,10 @@ class DINOMethod(MetaArch):
 
     # ------------------------------------------------------------------ export
     def export(self, out_dir: Path, epoch: int, args: dict[str, Any]) -> None:
-        """Write ``<out_dir>/checkpoint.pth`` in DINO's format: what ``train.py --pretrained_weights`` starts from.
+        """Write ``<out_dir>/checkpoint.pth`` in DINO's format: what ``train.py --pretrained-weights`` starts from.
 
         LAFS also writes the landmark CNN it used as ``<out_dir>/landmark_cnn.pth`` (reference key format), the
-        ``--landmark-weights`` of a FaceGCD run with ``--landmark_cnn`` from this checkpoint.
+        ``--landmark-weights`` of a FaceGCD run with ``--landmark-cnn`` from this checkpoint.
         """
         atomic_save(self.dino_checkpoint(epoch, args), Path(out_dir) / DINO_CHECKPOINT)
         landmarks = self.landmark_front_end()
@@ -727,7 +562,7 @@ def build_dino(cfg: DINOConfig, *, landmark_weights: str | Path | None = None, w
         if landmark_weights is None or not Path(landmark_weights).is_file():
             raise FileNotFoundError(
                 f"LAFS (--method lafs) runs on the landmarks of a trained landmark CNN: --landmark-weights "
-                f"{landmark_weights} does not exist (train one with --method recognition --landmark_cnn, which writes "
+                f"{landmark_weights} does not exist (train one with --method recognition --landmark-cnn, which writes "
                 f"<run>/{LANDMARK_EXPORT})"
             )
         landmarks = LandmarkFrontEnd(cfg.img_size, cfg.patch_size, orientation=cfg.landmark_tiles, frozen=True)

@@ -11,16 +11,15 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from model.conditioner import FrozenConditioner
 from model.head import DINOHead
 from model.landmark import LANDMARK_ORIENTATIONS, LandmarkFrontEnd, load_landmark_weights
-from model.meta_arch import MetaArch
+from model.meta_arch import MetaArch, MethodConfig
 from model.losses import gcd_loss
 from model.prefix_generator import EVAL_PROMPTS, INITIALIZERS, PrefixGenerator
 from model.vit import BACKBONE_ARCHS, PrefixViT, create_backbone, load_pretrained_backbone
@@ -44,7 +43,7 @@ _SHAPE_FIELDS = (
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(MethodConfig):
     """Everything needed to rebuild a FaceGCD model (stored in checkpoints as `model_config`).
 
     Attributes:
@@ -64,11 +63,12 @@ class ModelConfig:
         temperature: InfoNCE temperature (1.0).
         sup_con_temperature: SupCon temperature and base temperature (0.07).
         contrast_unlabel_only: InfoNCE on unlabelled samples only.
-        landmark_cnn: the frozen landmark front end (`--landmark_cnn`): a landmark CNN predicts (S/p)^2 landmarks
+        landmark_cnn: the frozen landmark front end (`--landmark-cnn`): a landmark CNN predicts (S/p)^2 landmarks
             and their p x p tiles form the mosaic both ViT passes see (docs/method.md, "Landmark front end").
         landmark_tiles: tile orientation of the mosaic, "natural" or "reference" (transposed tiles).
     """
 
+    method: ClassVar[str] = "facegcd"
     arch: str = "vit_base"
     patch_size: int = 8
     img_size: int = 112
@@ -116,9 +116,9 @@ class ModelConfig:
         """Plain-type dict (checkpoint- and YAML-safe).
 
         Returns:
-            Field name -> value (`freeze` as a list).
+            ``method`` and field name -> value (`freeze` as a list).
         """
-        out = dataclasses.asdict(self)
+        out = super().to_dict()
         out["freeze"] = list(self.freeze)
         return out
 
@@ -127,12 +127,16 @@ class ModelConfig:
         """Build from `to_dict()` output.
 
         Args:
-            values: Field values; missing fields take their defaults.
+            values: Field values (and ``method``, which files before it was stored lack); missing fields take their
+                defaults.
             strict: Raise on unknown keys (otherwise they are logged and ignored).
 
         Returns:
             The config.
         """
+        if values.get("method", cls.method) != cls.method:
+            raise ValueError(f"model_config of a --method {values['method']} run is not a FaceGCD ModelConfig")
+        values = {k: v for k, v in values.items() if k != "method"}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown and strict:
@@ -155,6 +159,8 @@ class FaceGCD(MetaArch):
     prefixed backbone (fixed evaluation prompt in eval mode). With `prefix_length` 0 there is no generator and no
     conditioning pass (the plain GCD baseline).
     """
+
+    counted_scalars = ("batches_without_labels",)
 
     def __init__(self, cfg: ModelConfig, backbone: PrefixViT) -> None:
         """Assemble the model around a backbone that already holds its pretrained weights.
@@ -241,17 +247,6 @@ class FaceGCD(MetaArch):
         tokens = self.backbone.embed_tokens(images)
         return self.backbone.forward_head(self.backbone.forward_tokens(tokens, self.prefixes(tokens)))
 
-    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Evaluation features: L2-normalised CLS of the prefixed backbone (call in eval mode for the fixed prompt).
-
-        Args:
-            images: (N, 3, S, S).
-
-        Returns:
-            (N, D), float32.
-        """
-        return F.normalize(self.forward_features(images).float(), dim=-1)
-
     def project(self, images: torch.Tensor) -> torch.Tensor:
         """Training projections.
 
@@ -274,7 +269,8 @@ class FaceGCD(MetaArch):
             labelled_mask: (B,) bool, True for labelled samples.
 
         Returns:
-            {"loss", "loss_unsup", "loss_sup", "has_labelled", "labelled_fraction"}.
+            {"loss", "loss_unsup", "loss_sup", "labelled_fraction", "batches_without_labels"} (the last is 1 when
+            no sample of the batch is labelled, so the SupCon term was skipped).
         """
         if images.shape[0] != 2 * labels.shape[0]:
             raise ValueError(f"expected 2B images for B = {labels.shape[0]} labels, got {images.shape[0]}")
@@ -289,7 +285,22 @@ class FaceGCD(MetaArch):
             contrast_unlabel_only=cfg.contrast_unlabel_only,
         )
         losses["labelled_fraction"] = labelled_mask.float().mean()
+        losses["batches_without_labels"] = (~losses.pop("has_labelled")).float()
         return losses
+
+    @property
+    def views_per_sample(self) -> int:
+        """Two augmented views of every image."""
+        return 2
+
+    def end_epoch(self, epoch: int, stats: dict[str, float]) -> None:
+        """Log the batches whose SupCon term was skipped (no labelled sample)."""
+        if stats.get("batches_without_labels"):
+            logger.info(
+                "epoch %d: %d batches had no labelled sample (SupCon term skipped)",
+                epoch,
+                int(stats["batches_without_labels"]),
+            )
 
     def batch_inputs(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
         """``(views, label, uq_idx, is_labelled)`` -> ``(images (2B, ...), labels, labelled_mask)`` on ``device``."""
@@ -352,13 +363,13 @@ class FaceGCD(MetaArch):
 
         Reference checkpoints lack the evaluation prompt (kept as drawn from `seed`), the conditioner copies
         (kept from the pretrained weights, allowed only with `allow_missing_conditioner`) and, when trained with
-        `--landmark_cnn`, the landmark CNN (kept from `--landmark-weights`, allowed only with
+        `--landmark-cnn`, the landmark CNN (kept from `--landmark-weights`, allowed only with
         `allow_missing_front_end`).
 
         Args:
             state_dict: Model state dict (the checkpoint's `state_dict`).
             allow_missing_conditioner: Whether missing `conditioner.*` keys are acceptable (True when the model
-                was built from `--pretrained_weights`).
+                was built from `--pretrained-weights`).
             allow_missing_front_end: Whether missing `front_end.*` keys are acceptable (True when the model's
                 landmark CNN was loaded from `--landmark-weights`).
         """
@@ -374,7 +385,7 @@ class FaceGCD(MetaArch):
         if result.unexpected_keys:
             problems.append(f"unexpected: {list(result.unexpected_keys)}")
         if missing_cond and not allow_missing_conditioner:
-            problems.append(f"missing conditioner copies {missing_cond[:4]}... (pass --pretrained_weights)")
+            problems.append(f"missing conditioner copies {missing_cond[:4]}... (pass --pretrained-weights)")
         if problems:
             raise RuntimeError("checkpoint does not fit the model: " + "; ".join(problems))
         if missing_prompt:
@@ -409,7 +420,7 @@ def build_facegcd(
     """
     backbone = create_backbone(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.img_size)
     if pretrained_weights is None:
-        logger.warning("no --pretrained_weights given: the backbone is randomly initialised")
+        logger.warning("no --pretrained-weights given: the backbone is randomly initialised")
     else:
         load_pretrained_backbone(backbone, pretrained_weights, checkpoint_key, weights_only=weights_only)
     model = FaceGCD(cfg, backbone)
@@ -482,7 +493,7 @@ def _infer_fields(state_dict: dict[str, torch.Tensor], defaults: ModelConfig) ->
     if not has_generator:
         inferred["prefix_length"] = 0
     elif defaults.prefix_length == 0:
-        raise ValueError("the checkpoint has a prefix generator but prefix_length is 0; pass --prefix_length")
+        raise ValueError("the checkpoint has a prefix generator but prefix_length is 0; pass --prefix-length")
     elif "backbone.prefix_generator.eval_prompt_key" in sd:
         inferred["prefix_length"] = sd["backbone.prefix_generator.eval_prompt_key"].shape[0]
     return inferred
@@ -502,11 +513,11 @@ def load_facegcd_checkpoint(
     weights_only: bool = True,
     landmark_weights: Optional[Union[str, Path]] = None,
 ) -> tuple[FaceGCD, dict[str, Any]]:
-    """Load a trained FaceGCD or reference checkpoint (`--checkpoint_weights`, `--initial-checkpoint`).
+    """Load a trained FaceGCD or reference checkpoint (`--checkpoint-weights`, `--initial-checkpoint`).
 
     The state dict is the file's `state_dict` entry (or the file itself), `module.` prefixes stripped. Reference
     checkpoints may lack the evaluation prompt (drawn from the seed), the conditioner copies (kept from the
-    pretrained backbone, so `pretrained_weights` is then required) and the landmark CNN of a `--landmark_cnn` run
+    pretrained backbone, so `pretrained_weights` is then required) and the landmark CNN of a `--landmark-cnn` run
     (read from `landmark_weights`, which is then required); see `FaceGCD.load_model_state`. Our checkpoints carry
     their CNN.
 
@@ -515,13 +526,13 @@ def load_facegcd_checkpoint(
         target: A config to build the model from (the checkpoint's `model_config`, or the fields inferred from
             its shapes, win over it; extraction), or an already built model to load into (`--initial-checkpoint`);
             a checkpoint whose architecture differs from that model is an error.
-        pretrained_weights: DINO backbone weights (`--pretrained_weights`). When building, they are read only for
+        pretrained_weights: DINO backbone weights (`--pretrained-weights`). When building, they are read only for
             a checkpoint without conditioner copies; a built model must have been built from them (they are not
             read again), which is what allows the copies to be missing.
         checkpoint_key: Entry of a full DINO checkpoint in `pretrained_weights`.
         weights_only: Safe loading; False for `--unsafe-load`.
         landmark_weights: Landmark CNN (`--landmark-weights`) for a reference checkpoint built with
-            `--landmark_cnn` that does not hold its CNN; ignored for checkpoints that do.
+            `--landmark-cnn` that does not hold its CNN; ignored for checkpoints that do.
 
     Returns:
         The model (on the device it was on; CPU if built) and the checkpoint dict (`epoch`, ...).
@@ -531,7 +542,7 @@ def load_facegcd_checkpoint(
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(
             f"{path} holds no FaceGCD state dict (entries: {sorted(ckpt)[:10]}); expected a train.py checkpoint "
-            "such as model_best.pth.tar (DINO backbone weights go to --pretrained_weights)"
+            "such as model_best.pth.tar (DINO backbone weights go to --pretrained-weights)"
         )
     state_dict = _strip_module(state_dict)
     if isinstance(target, FaceGCD):
@@ -560,7 +571,7 @@ def load_facegcd_checkpoint(
         if config.landmark_cnn and not any(k.startswith("front_end.") for k in state_dict):
             if landmark_weights is None or not Path(landmark_weights).is_file():
                 raise CheckpointError(
-                    f"{path} holds no landmark CNN (a reference checkpoint trained with --landmark_cnn?): its CNN "
+                    f"{path} holds no landmark CNN (a reference checkpoint trained with --landmark-cnn?): its CNN "
                     f"comes from --landmark-weights, and {landmark_weights} does not exist"
                 )
             cnn_weights = landmark_weights

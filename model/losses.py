@@ -29,7 +29,7 @@ def info_nce_loss(z: torch.Tensor, temperature: float = 1.0, mask: Optional[torc
     Args:
         z: Features (2B, d) stacked [all view 1; all view 2]; L2-normalised here (float32).
         temperature: tau (`--temperature`, 1.0).
-        mask: Optional (B,) bool selecting the samples that take part (`--contrast_unlabel_only`).
+        mask: Optional (B,) bool selecting the samples that take part (`--contrast-unlabel-only`).
 
     Returns:
         Scalar loss (0 with a graph when no sample is selected).
@@ -97,7 +97,7 @@ def gcd_loss(
         z: Projections (2B, d), [all view 1; all view 2].
         labels: Labels (B,) (only labelled entries are read).
         labelled_mask: (B,) bool, True for labelled samples.
-        sup_con_weight: w (`--sup_con_weight`, 0.35).
+        sup_con_weight: w (`--sup-con-weight`, 0.35).
         temperature: InfoNCE temperature (`--temperature`, 1.0).
         sup_con_temperature: SupCon temperature and base temperature (0.07).
         contrast_unlabel_only: Restrict InfoNCE to unlabelled samples.

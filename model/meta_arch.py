@@ -1,9 +1,10 @@
-"""What the one training loop asks of a method (DINOv2's ``SSLMetaArch`` pattern).
+"""What the one training loop and the evaluation scripts ask of a method (DINOv2's ``SSLMetaArch`` pattern).
 
-A method (FaceGCD, margin-softmax recognition, ...) is an ``nn.Module`` that owns its parts and losses. The loop in
-``trainer/engine.py`` and ``train.py`` only calls the methods below, so checkpoints, resume, precision, distribution
-and logging exist once. The defaults fit a method whose parameters are all replicated (data parallel); a method with
-model-parallel parts (Partial FC) overrides the state and distribution hooks.
+A method (FaceGCD, margin-softmax recognition, DINO, ...) is an ``nn.Module`` that owns its parts and losses. The loop
+(``trainer/loop.py``, ``trainer/engine.py``) and the scripts (extraction, SSK, verification) call only what this class
+declares, so checkpoints, resume, precision, distribution and logging exist once. The defaults fit a method whose
+parameters are all replicated (data parallel); a method with model-parallel parts (Partial FC) overrides the state and
+distribution hooks. The registry entry that builds a method lives in ``trainer/methods/`` (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -42,7 +43,52 @@ class MethodConfig:
 
 
 class MetaArch(nn.Module):
-    """Base of the training methods; see the module docstring."""
+    """Base of the training methods; see the module docstring.
+
+    Attributes:
+        summary_scalars: names of ``forward``'s scalars that also go to ``summary.csv`` as ``train_<name>``
+            (epoch means), e.g. DINO's teacher entropy.
+        counted_scalars: names of ``forward``'s scalars that are summed over the epoch instead of averaged
+            (per-batch counts, e.g. FaceGCD's batches without a labelled sample).
+    """
+
+    summary_scalars: ClassVar[tuple[str, ...]] = ()
+    counted_scalars: ClassVar[tuple[str, ...]] = ()
+
+    # ------------------------------------------------------------------ embedding (extraction, SSK, verification)
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Evaluation embedding of a normalised image batch (B, 3, S, S) -> (B, D), not normalised (verification
+        pools templates with it)."""
+        raise NotImplementedError
+
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The features extraction and clustering use: :meth:`forward_features`, L2-normalised, float32."""
+        return nn.functional.normalize(self.forward_features(images).float(), dim=-1)
+
+    # ------------------------------------------------------------------ training
+    @property
+    def views_per_sample(self) -> int:
+        """Images the forward sees per dataset sample (throughput: FaceGCD 2 views, DINO 2 + local crops)."""
+        return 1
+
+    def get_params_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimiser parameter groups: ``weight_decay`` on trainable >= 2-D tensors, none on 1-D ones (biases, norms)
+        or those named by a ``no_weight_decay()`` method."""
+        skip = set(getattr(self, "no_weight_decay", set)())
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Per-block activation checkpointing (``--grad-checkpointing``)."""
+        raise ValueError(f"--grad-checkpointing: {type(self).__name__} has no activation checkpointing")
 
     def batch_inputs(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
         """The loader's batch as the positional inputs of ``forward`` (the first one is the image batch)."""
@@ -66,9 +112,16 @@ class MetaArch(nn.Module):
             progress: training progress in epochs, ``epoch + step / steps_per_epoch``.
         """
 
+    def clip_parameters(self) -> list[nn.Parameter]:
+        """The parameters ``--clip-grad`` clips together (one norm): all trainable ones by default."""
+        return [p for p in self.parameters() if p.requires_grad]
+
     def clip_gradients(self, clip: float) -> None:
-        """Clip the (unscaled) gradients: one norm over all trainable parameters (``--clip-grad``)."""
-        torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.requires_grad], clip)
+        """Clip the (unscaled) gradients of :meth:`clip_parameters` to one norm of at most ``clip``."""
+        torch.nn.utils.clip_grad_norm_(self.clip_parameters(), clip)
+
+    def end_epoch(self, epoch: int, stats: dict[str, float]) -> None:
+        """Called with an epoch's training statistics (all ranks), e.g. to log what a method counts."""
 
     def export(self, out_dir: Path, epoch: int, args: dict[str, Any]) -> None:
         """Write method-specific files after each epoch's checkpoint (primary rank); nothing by default."""

@@ -41,8 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.distributed import all_gather_variable, get_rank, get_world_size
-from utils.kmeans import contiguous_shard
+from utils.distributed import all_gather_variable, contiguous_shard, get_rank, get_world_size
 
 logger = logging.getLogger(__name__)
 

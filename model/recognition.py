@@ -17,7 +17,6 @@ from typing import Any, ClassVar, ContextManager
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from model.backbones import ViTEmbedder, create_embedding_backbone
@@ -33,7 +32,7 @@ from model.margin_heads import build_margin_head
 from model.meta_arch import MetaArch, MethodConfig
 from model.partial_fc import PartialFC
 from model.vit import load_pretrained_backbone
-from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.checkpoint import CheckpointError
 from utils.distributed import get_world_size
 
 logger = logging.getLogger(__name__)
@@ -99,12 +98,12 @@ class FaceRecognizer(MetaArch):
         self.front_end: LandmarkFrontEnd | None = None
         if cfg.landmark_cnn:
             if not isinstance(self.backbone, ViTEmbedder):
-                raise ValueError(f"--landmark_cnn (Part fViT) needs a ViT backbone; --arch {cfg.arch} is not one")
+                raise ValueError(f"--landmark-cnn (Part fViT) needs a ViT backbone; --arch {cfg.arch} is not one")
             self.front_end = LandmarkFrontEnd(
                 cfg.img_size, cfg.patch_size, orientation=cfg.landmark_tiles, frozen=False
             )
         elif cfg.landmark_regularisation:
-            raise ValueError("--landmark-regularisation needs --landmark_cnn (it regularises the learned landmarks)")
+            raise ValueError("--landmark-regularisation needs --landmark-cnn (it regularises the learned landmarks)")
         self.partial_fc = PartialFC(
             cfg.embedding_size, cfg.num_classes, build_margin_head(cfg.head, **cfg.head_args), cfg.sample_rate
         )
@@ -181,13 +180,9 @@ class FaceRecognizer(MetaArch):
 
     def export(self, out_dir: Path, epoch: int, args: dict[str, Any]) -> None:
         """Part fViT: the learned landmark CNN in the reference key format, ``<run>/landmark_cnn.pth``, which
-        ``train.py --landmark_cnn --landmark-weights`` loads for FaceGCD."""
+        ``train.py --landmark-cnn --landmark-weights`` loads for FaceGCD."""
         if self.front_end is not None:
             save_landmark_weights(self.front_end.cnn, Path(out_dir) / LANDMARK_EXPORT)
-
-    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Evaluation features: L2-normalised embeddings, float32 (call in eval mode)."""
-        return F.normalize(self.forward_features(images).float(), dim=-1)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of the backbone."""
@@ -290,16 +285,9 @@ def build_recognizer(
     model = FaceRecognizer(cfg)
     if pretrained_weights:
         if not isinstance(model.backbone, ViTEmbedder):
-            raise ValueError(f"--pretrained_weights loads ViT weights; --arch {cfg.arch} is not a ViT")
+            raise ValueError(f"--pretrained-weights loads ViT weights; --arch {cfg.arch} is not a ViT")
         load_pretrained_backbone(model.backbone.vit, pretrained_weights, checkpoint_key, weights_only=weights_only)
     return model
-
-
-def checkpoint_method(path: str | Path, *, weights_only: bool = True) -> tuple[str, dict]:
-    """The training method of a checkpoint (``facegcd`` for files that do not say) and the file, memory-mapped."""
-    ckpt = load_checkpoint(path, weights_only=weights_only, mmap=True)
-    stored = ckpt.get("model_config")
-    return (stored.get("method", "facegcd") if isinstance(stored, dict) else "facegcd"), ckpt
 
 
 def recognizer_from_checkpoint(ckpt: dict, source: str | Path) -> FaceRecognizer:

@@ -132,7 +132,7 @@ def _create_prefix_vit(variant: str, pretrained: bool = False, **kwargs: Any) ->
     if pretrained:
         raise ValueError(
             f"{variant}: pretrained=True would download weights; pass a local file to load_pretrained_backbone "
-            "(--pretrained_weights) instead"
+            "(--pretrained-weights) instead"
         )
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
@@ -225,7 +225,7 @@ def select_state_dict(obj: Any, checkpoint_key: str = "teacher") -> dict[str, to
     bad = sorted(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
     if bad:
         raise CheckpointError(
-            f"checkpoint state dict has non-tensor entries {bad[:10]}; pass the right --checkpoint_key "
+            f"checkpoint state dict has non-tensor entries {bad[:10]}; pass the right --checkpoint-key "
             f"(tried {checkpoint_key!r}, {', '.join(map(repr, _STATE_DICT_KEYS))})"
         )
     return obj
@@ -283,9 +283,9 @@ def _architecture_hint(obj: Any, model: PrefixViT) -> str:
     args = obj.get("args") if isinstance(obj, dict) else None
     args = vars(args) if isinstance(args, argparse.Namespace) else args
     if not isinstance(args, dict) or "arch" not in args:
-        return f"\n({here}; is the checkpoint from another --arch or --patch_size?)"
-    stored = f"--arch {args['arch']}" + (f" --patch_size {args['patch_size']}" if "patch_size" in args else "")
-    return f"\n(the checkpoint was trained with {stored}; {here}: pass the same --arch and --patch_size)"
+        return f"\n({here}; is the checkpoint from another --arch or --patch-size?)"
+    stored = f"--arch {args['arch']}" + (f" --patch-size {args['patch_size']}" if "patch_size" in args else "")
+    return f"\n(the checkpoint was trained with {stored}; {here}: pass the same --arch and --patch-size)"
 
 
 def _resample_pos_embed(pos_embed: torch.Tensor, model: PrefixViT) -> torch.Tensor:
@@ -311,7 +311,7 @@ def _resample_pos_embed(pos_embed: torch.Tensor, model: PrefixViT) -> torch.Tens
 def load_pretrained_backbone(
     model: PrefixViT, path: Union[str, Path], checkpoint_key: str = "teacher", *, weights_only: bool = True
 ) -> dict[str, list[str]]:
-    """Load pretrained ViT weights into the backbone (`--pretrained_weights`).
+    """Load pretrained ViT weights into the backbone (`--pretrained-weights`).
 
     Accepts a DINO training checkpoint (`checkpoint.pth`: `student`/`teacher` with `module.`/`backbone.` prefixes,
     `head.*` ignored), a backbone-only state dict (`dino_vitbase8_pretrain.pth`, timm) or a FaceGCD checkpoint.

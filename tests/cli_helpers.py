@@ -1,14 +1,20 @@
-"""Helpers for tests that run scripts as real subprocesses (python or torchrun) and load test worker scripts."""
+"""Helpers for tests that run the scripts (in this process, or as real python / torchrun subprocesses) and load test
+worker scripts."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
+import io
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import Mapping, Sequence
@@ -93,6 +99,32 @@ def script_env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=ROOT)
 
 
+def run_in_process(script: str | os.PathLike, args: Sequence[str | os.PathLike]) -> subprocess.CompletedProcess:
+    """Run a top-level script's ``cli(argv)`` in this process, as its subprocess would run: its stdout and stderr
+    (logs, argparse messages, progress bars) are captured, ``SystemExit`` becomes the exit code, an uncaught exception
+    exit code 1 with its traceback on stderr. The log handlers the script installs are removed afterwards."""
+    argv = [os.fspath(a) for a in args]
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = importlib.import_module(Path(script).stem).cli(argv)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            if not isinstance(exit_.code, (int, type(None))):
+                print(exit_.code, file=sys.stderr)
+        except Exception:  # noqa: BLE001  (a subprocess would print it and exit 1)
+            traceback.print_exc()
+            code = 1
+        finally:
+            for handler in [h for h in root.handlers if h not in handlers]:
+                root.removeHandler(handler)
+                handler.close()
+            root.setLevel(level)
+    return subprocess.CompletedProcess([os.fspath(script), *argv], code, out.getvalue(), err.getvalue())
+
+
 def run_cli(
     script: str | os.PathLike,
     args: Sequence[str | os.PathLike],
@@ -100,17 +132,26 @@ def run_cli(
     check: bool = True,
     timeout: float = 600,
     env: Mapping[str, str] | None = None,
+    subprocess_run: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run a script to completion from the repository root, in `script_env` updated with ``env``.
+    """Run a script to completion from the repository root.
 
-    With ``check``, a non-zero exit fails the test with the command and the script's output.
+    One process without ``env`` runs in this process (:func:`run_in_process`), as timm's and the torchvision
+    references' tests do, unless ``subprocess_run``; several processes (torchrun), extra environment variables or
+    ``subprocess_run`` start a real subprocess in :func:`script_env` updated with ``env``. With ``check``, a non-zero
+    exit fails the test with the command and the script's output.
     """
-    cmd = script_command(script, args, nproc)
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env={**script_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout
-    )
+    if nproc == 1 and env is None and not subprocess_run:
+        proc = run_in_process(script, args)
+    else:
+        cmd = script_command(script, args, nproc)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env={**script_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout
+        )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, proc.args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 

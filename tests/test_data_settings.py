@@ -64,7 +64,7 @@ def test_extraction_reads_the_labelled_subset_from_the_checkpoint(run_030, tmp_p
 @pytest.mark.parametrize(
     "flags, given, trained",
     [
-        (["--prop_train_labels", "0.5"], "--prop_train_labels 0.5", "--prop_train_labels 0.3"),
+        (["--prop_train_labels", "0.5"], "--prop-train-labels 0.5", "--prop-train-labels 0.3"),
         (["--split-seed", "3"], "--split-seed 3", "--split-seed 0"),
         (["--num-known", "2"], "--num-known 2", "--num-known 4"),
         (["--dataset", "synthfaces_quick"], "--dataset synthfaces_quick", "--dataset synthfaces_tiny"),
@@ -107,7 +107,7 @@ def test_another_data_path_needs_data_relocated_and_the_same_listing(run_030, tm
 def test_ssk_with_a_checkpoint_refuses_a_contradicting_flag(run_030, tmp_path, run_script):
     args = ["--checkpoint_weights", str(run_030["checkpoint"]), "--save_dir", str(tmp_path), "--experiment_idx", "s"]
     proc = run_script("SSK.py", [*args, "--prop_train_labels", "0.5", "--workers", "0"], check=False)
-    assert proc.returncode == 2 and "--prop_train_labels 0.5" in proc.stderr and "0.3" in proc.stderr
+    assert proc.returncode == 2 and "--prop-train-labels 0.5" in proc.stderr and "0.3" in proc.stderr
 
 
 def test_grad_from_block_without_pretrained_weights_is_refused(tiny_faces, tmp_path, run_script):
@@ -115,7 +115,7 @@ def test_grad_from_block_without_pretrained_weights_is_refused(tiny_faces, tmp_p
     args += ["--output", str(tmp_path), "--experiment", "frozen", "--grad-from-block", "11"]
     proc = run_script("train.py", args, check=False)
     assert proc.returncode != 0
-    assert "--grad-from-block 11 without --pretrained_weights" in proc.stderr and "frozen random ViT" in proc.stderr
+    assert "--grad-from-block 11 without --pretrained-weights" in proc.stderr and "frozen random ViT" in proc.stderr
     assert not (tmp_path / "frozen" / "last.pth.tar").exists()
 
 

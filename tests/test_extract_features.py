@@ -73,10 +73,10 @@ def test_reference_extraction_command_on_a_model_without_the_front_end_says_so(t
     args = reference_extraction_args(tiny_run["data"], tmp_path, tiny_run["checkpoint"])
     proc = run_script("extract_features.py", args + ["--workers", "0"], check=False)
     assert proc.returncode == 2
-    assert "was trained without the landmark front end (--landmark_cnn); drop --landmark_cnn" in proc.stderr
+    assert "was trained without the landmark front end (--landmark-cnn); drop --landmark-cnn" in proc.stderr
     # without the flag the command runs, and the checkpoint's config wins over the other model flags
     proc = run_script("extract_features.py", [a for a in args if a != "--landmark_cnn"] + ["--workers", "0"])
-    assert "--prefix_length 10 disagrees with the checkpoint's 2" in proc.stderr
+    assert "--prefix-length 10 disagrees with the checkpoint's 2" in proc.stderr
     train = _load(tmp_path / "gcd_synth_pretrain_prefix10" / "features_train.pt")
     assert train["meta"]["model_config"]["prefix_length"] == 2 and train["meta"]["model_config"]["layer_embed"]
 

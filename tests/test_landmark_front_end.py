@@ -58,7 +58,7 @@ def test_reference_extraction_and_ssk_commands_run_verbatim_with_the_front_end(l
     # the reverse mismatch is an error too
     plain = [a for a in args if a != "--landmark_cnn"] + ["--workers", "0", "--experiment", "plain"]
     proc = run_script("extract_features.py", plain, check=False)
-    assert proc.returncode == 2 and "has the landmark front end (--landmark_cnn); add --landmark_cnn" in proc.stderr
+    assert proc.returncode == 2 and "has the landmark front end (--landmark-cnn); add --landmark-cnn" in proc.stderr
 
 
 def test_a_missing_landmark_file_names_it(tiny_faces, tmp_path, run_script):

@@ -148,8 +148,8 @@ def test_two_process_recognition_shards_the_centres_and_resumes_on_one(tiny_face
     [
         (["--sample-rate", "1.5"], "--sample-rate"),
         (["--sample-rate", "0"], "--sample-rate"),
-        (["--method", "facegcd"], "--arch iresnet18 is a recognition backbone"),
-        (["--head-args", "s"], "--head-args expects NAME=NUMBER"),
+        (["--method", "facegcd"], "argument --arch: invalid choice: 'iresnet18'"),
+        (["--head-args", "s"], "argument --head-args: expected NAME=NUMBER"),
         (["--sched", "step", "--decay-milestones", "3", "1"], "--decay-milestones"),
     ],
 )

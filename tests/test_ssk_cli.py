@@ -14,6 +14,8 @@ from PIL import Image
 
 import SSK
 from utils import report
+from utils.evaluation.clustering import clustering_scores
+from utils.ssk import CLUSTERING_KEY, EVAL_FUNCS, K_ESTIMATION_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES, NUM_KNOWN, DIM = 8, 4, 16
@@ -51,7 +53,7 @@ def write_features(root: Path, name: str = "feats", seed: int = 1, **overrides) 
 
 
 def parse(*argv: str):
-    return SSK.get_args_parser().parse_args(["--device", "cpu", "--k_means_init", "2", *argv])
+    return SSK.get_args_parser().parse_args(["--device", "cpu", "--kmeans-restarts", "2", *argv])
 
 
 def run_dir(root: Path, features: str = "feats", run: str = "default") -> Path:
@@ -60,7 +62,7 @@ def run_dir(root: Path, features: str = "feats", run: str = "default") -> Path:
 
 
 def read_results(folder: Path) -> dict:
-    return json.loads((folder / SSK.RESULTS_FILE).read_text())
+    return json.loads((folder / report.RESULTS_FILE).read_text())
 
 
 def load_centres(folder: Path) -> dict:
@@ -69,7 +71,7 @@ def load_centres(folder: Path) -> dict:
 
 def test_gcd_protocol_end_to_end(tmp_path, capsys):
     write_features(tmp_path)
-    rc = SSK.main(parse("--save_dir", str(tmp_path), "--experiment_idx", "feats", "--experiment", "out"))
+    rc = SSK.main(parse("--save-dir", str(tmp_path), "--experiment-idx", "feats", "--experiment", "out"))
     assert rc == 0
     out = run_dir(tmp_path, run="out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["feats"]
@@ -87,7 +89,7 @@ def test_gcd_protocol_end_to_end(tmp_path, capsys):
     assert "SS-K-Means Train ACC Unlabelled_v2: All 1.0000 | Old 1.0000 | New 1.0000" in printed
     assert "SS-K-Means Test ACC_v1: All 1.0000" in printed
     table = [line for line in printed.splitlines() if line.startswith(("set ", "train (", "test ("))]
-    assert len(table) == 1 + 2 * len(SSK.EVAL_FUNCS)
+    assert len(table) == 1 + 2 * len(EVAL_FUNCS)
     assert len({line.index(" 1.0000") for line in table[1:]}) == 1  # the All column lines up under its header
     assert len({len(line) for line in table}) == 1
 
@@ -110,7 +112,7 @@ def test_gcd_protocol_end_to_end(tmp_path, capsys):
 
 def test_reference_protocol_and_test_mode(tmp_path):
     write_features(tmp_path)
-    common = ("--save_dir", str(tmp_path), "--experiment_idx", "feats", "--no-plots")
+    common = ("--save-dir", str(tmp_path), "--experiment-idx", "feats", "--no-plots")
     assert SSK.main(parse(*common, "--ssk-protocol", "reference", "--K", "10")) == 0
     out = run_dir(tmp_path)
     results = read_results(out)
@@ -119,7 +121,7 @@ def test_reference_protocol_and_test_mode(tmp_path):
     assert not (out / SSK.TSNE_FILE).exists()
 
     first = load_centres(out)["centres"]
-    assert SSK.main(parse(*common, "--ssk_mode", "test", "--K", "10", "--ssk_protocol", "reference")) == 0
+    assert SSK.main(parse(*common, "--ssk-mode", "test", "--K", "10", "--ssk-protocol", "reference")) == 0
     results = read_results(out)
     assert results["mode"] == "test" and results["restart_inertia"] == [results["inertia"]]
     # started from converged centres: one Lloyd pass reproduces them
@@ -128,7 +130,7 @@ def test_reference_protocol_and_test_mode(tmp_path):
 
 def test_results_hold_face_clustering_scores_per_set(tmp_path, capsys):
     write_features(tmp_path)
-    common = ("--save_dir", str(tmp_path), "--experiment_idx", "feats", "--no-plots")
+    common = ("--save-dir", str(tmp_path), "--experiment-idx", "feats", "--no-plots")
     assert SSK.main(parse(*common, "--ssk-protocol", "reference", "--K", "10")) == 0
     out = run_dir(tmp_path)
     results = read_results(out)
@@ -136,18 +138,18 @@ def test_results_hold_face_clustering_scores_per_set(tmp_path, capsys):
     printed = capsys.readouterr().out
     keys = {"pairwise_precision", "pairwise_recall", "pairwise_f", "bcubed_precision", "bcubed_recall", "bcubed_f"}
     for split, (key, name) in enumerate((("train", "Train All"), ("test", "Test"))):
-        scores = results[key][SSK.CLUSTERING_KEY]
+        scores = results[key][CLUSTERING_KEY]
         assert set(scores) == keys | {"nmi", "ari"}
         assert all(0.0 <= scores[k] <= 1.0 for k in keys | {"nmi"}) and -1.0 <= scores["ari"] <= 1.0
         rows = preds["split"] == split  # reference protocol: the whole training split is scored
-        assert scores == SSK.clustering_scores(preds["label"][rows], preds["cluster"][rows])
+        assert scores == clustering_scores(preds["label"][rows], preds["cluster"][rows])
         assert (
             f"K-Means {name} clustering: pairwise F {scores['pairwise_f']:.4f} | BCubed F {scores['bcubed_f']:.4f} | "
             f"NMI {scores['nmi']:.4f} | ARI {scores['ari']:.4f}"
         ) in printed
     # K = 10 > 8 separated classes: clusters are pure, some class is split
-    assert results["train"][SSK.CLUSTERING_KEY]["pairwise_precision"] == 1.0
-    assert results["train"][SSK.CLUSTERING_KEY]["pairwise_recall"] < 1.0
+    assert results["train"][CLUSTERING_KEY]["pairwise_precision"] == 1.0
+    assert results["train"][CLUSTERING_KEY]["pairwise_recall"] < 1.0
 
 
 def _sha256(path: Path) -> str:
@@ -159,7 +161,7 @@ def test_same_experiment_on_two_feature_folders_does_not_collide(tmp_path):
     write_features(tmp_path, "feats_a", seed=1)
     write_features(tmp_path, "feats_b", seed=5)
     for folder in ("feats_a", "feats_b"):
-        argv = ("--save_dir", str(tmp_path), "--experiment_idx", folder, "--experiment", "GCD_base_prefix_gen")
+        argv = ("--save-dir", str(tmp_path), "--experiment-idx", folder, "--experiment", "GCD_base_prefix_gen")
         assert SSK.main(parse(*argv, "--no-plots")) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["feats_a", "feats_b"]
     runs = {name: run_dir(tmp_path, name, "GCD_base_prefix_gen") for name in ("feats_a", "feats_b")}
@@ -175,7 +177,7 @@ def test_same_experiment_on_two_feature_folders_does_not_collide(tmp_path):
     assert not torch.equal(load_centres(runs["feats_a"])["centres"], load_centres(runs["feats_b"])["centres"])
 
     # within one features folder, another --experiment is another run
-    argv = ("--save_dir", str(tmp_path), "--experiment_idx", "feats_a", "--experiment", "k10", "--K", "10")
+    argv = ("--save-dir", str(tmp_path), "--experiment-idx", "feats_a", "--experiment", "k10", "--K", "10")
     assert SSK.main(parse(*argv, "--no-plots")) == 0
     assert read_results(run_dir(tmp_path, "feats_a", "k10"))["K"] == 10
     assert read_results(runs["feats_a"]) == results["feats_a"]
@@ -184,11 +186,11 @@ def test_same_experiment_on_two_feature_folders_does_not_collide(tmp_path):
 
 def test_test_mode_starts_from_the_saved_centres(tmp_path, caplog):
     write_features(tmp_path)
-    common = ("--save_dir", str(tmp_path), "--experiment_idx", "feats", "--no-plots")
+    common = ("--save-dir", str(tmp_path), "--experiment-idx", "feats", "--no-plots")
     assert SSK.main(parse(*common)) == 0
     trained = read_results(run_dir(tmp_path))
     # one Lloyd iteration: from k-means++ seeds it could not reach the converged inertia, from the saved centres it does
-    assert SSK.main(parse(*common, "--ssk_mode", "test", "--max_kmeans_iter", "1")) == 0
+    assert SSK.main(parse(*common, "--ssk-mode", "test", "--max-kmeans-iter", "1")) == 0
     tested = read_results(run_dir(tmp_path))
     assert tested["mode"] == "test" and tested["iterations"] == 1 and len(tested["restart_inertia"]) == 1
     assert tested["inertia"] == pytest.approx(trained["inertia"], rel=1e-6)
@@ -200,7 +202,7 @@ def test_test_mode_starts_from_the_saved_centres(tmp_path, caplog):
 def test_test_mode_refuses_centres_fitted_on_other_features(tmp_path, caplog, case):
     write_features(tmp_path, "feats_a", seed=1)
     write_features(tmp_path, "feats_b", seed=5)
-    fit = ("--save_dir", str(tmp_path), "--experiment_idx", "feats_a", "--experiment", "run", "--no-plots")
+    fit = ("--save-dir", str(tmp_path), "--experiment-idx", "feats_a", "--experiment", "run", "--no-plots")
     assert SSK.main(parse(*fit)) == 0
     fitted = run_dir(tmp_path, "feats_a", "run") / SSK.CENTRES_FILE
     fitted_on = tmp_path / "feats_a" / "features_train.pt"
@@ -220,8 +222,8 @@ def test_test_mode_refuses_centres_fitted_on_other_features(tmp_path, caplog, ca
         protocol = "reference"
     centres = run_dir(tmp_path, target, "run") / SSK.CENTRES_FILE
     before = centres.read_bytes()
-    argv = ("--save_dir", str(tmp_path), "--experiment_idx", target, "--experiment", "run", "--no-plots")
-    assert SSK.main(parse(*argv, "--ssk_mode", "test", "--ssk-protocol", protocol)) == 2
+    argv = ("--save-dir", str(tmp_path), "--experiment-idx", target, "--experiment", "run", "--no-plots")
+    assert SSK.main(parse(*argv, "--ssk-mode", "test", "--ssk-protocol", protocol)) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1
     if case == "protocol":
@@ -239,18 +241,18 @@ def test_test_mode_refuses_centres_fitted_on_other_features(tmp_path, caplog, ca
 
 def test_bare_tensor_centres_are_used_with_a_warning_only_when_their_shape_fits(tmp_path, caplog):
     write_features(tmp_path)
-    common = ("--save_dir", str(tmp_path), "--experiment_idx", "feats", "--no-plots")
+    common = ("--save-dir", str(tmp_path), "--experiment-idx", "feats", "--no-plots")
     assert SSK.main(parse(*common)) == 0
     centres_file = run_dir(tmp_path) / SSK.CENTRES_FILE
     converged = load_centres(run_dir(tmp_path))["centres"]
     torch.save(converged, centres_file)  # the reference's format
-    assert SSK.main(parse(*common, "--ssk_mode", "test", "--max_kmeans_iter", "1")) == 0
+    assert SSK.main(parse(*common, "--ssk-mode", "test", "--max-kmeans-iter", "1")) == 0
     assert f"{centres_file} is a bare tensor (old format): its origin cannot be checked" in caplog.text
     assert load_centres(run_dir(tmp_path))["features"]["sha256"] == _sha256(tmp_path / "feats" / "features_train.pt")
 
     torch.save(converged[:, :-1], centres_file)
     caplog.clear()
-    assert SSK.main(parse(*common, "--ssk_mode", "test")) == 2
+    assert SSK.main(parse(*common, "--ssk-mode", "test")) == 2
     assert f"{centres_file} must hold ({NUM_CLASSES}, {DIM}) float centres for --K {NUM_CLASSES}" in caplog.text
 
 
@@ -261,7 +263,7 @@ def test_bare_tensor_centres_are_used_with_a_warning_only_when_their_shape_fits(
         ("lengths", "mismatched lengths (features 240, labels 239"),
         ("nan", "NaN or infinite values in 1 of 240 rows"),
         ("missing", "features_train.pt not found; extract them first: torchrun"),
-        ("no_centres", "--ssk_mode test needs"),
+        ("no_centres", "--ssk-mode test needs"),
         ("width", "feature widths differ"),
         ("corrupt", "cannot read features file"),
         ("run_name", "--experiment '../up': SSK run name '../up' must be one plain folder name"),
@@ -269,12 +271,12 @@ def test_bare_tensor_centres_are_used_with_a_warning_only_when_their_shape_fits(
         ("auto_min_below_m", "--min-classes 3 is below the number of labelled classes M=4"),
         ("auto_max_rows", "--max-classes 241 exceeds the number of training images (240)"),
         ("auto_no_labelled", "--K auto scores candidates on the labelled training images, and there are none"),
-        ("auto_test_mode", "--K auto estimates K before a fit; --ssk_mode test starts from saved centres"),
+        ("auto_test_mode", "--K auto estimates K before a fit; --ssk-mode test starts from saved centres"),
         ("bounds_without_auto", "--min-classes and --max-classes: used only by --K auto (bounds of its search)"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, caplog, case, match):
-    argv = ["--save_dir", str(tmp_path), "--experiment_idx", "feats", "--no-plots"]
+    argv = ["--save-dir", str(tmp_path), "--experiment-idx", "feats", "--no-plots"]
     train = make_split("train", 30, 1)
     overrides = {
         "lengths": {"train": {"labels": train["labels"][:-1]}},
@@ -289,29 +291,29 @@ def test_bad_input_is_one_clear_error(tmp_path, caplog, case, match):
     auto = ["--K", "auto"]
     argv += {
         "small_k": ["--K", "2"],
-        "no_centres": ["--ssk_mode", "test"],
+        "no_centres": ["--ssk-mode", "test"],
         "run_name": ["--experiment", "../up"],
         "auto_empty_range": [*auto, "--max-classes", "4"],
         "auto_min_below_m": [*auto, "--min-classes", "3"],
         "auto_max_rows": [*auto, "--max-classes", "241"],
         "auto_no_labelled": auto,
-        "auto_test_mode": [*auto, "--ssk_mode", "test"],
+        "auto_test_mode": [*auto, "--ssk-mode", "test"],
         "bounds_without_auto": ["--min-classes", "5", "--max-classes", "12"],
     }.get(case, [])
     assert SSK.main(parse(*argv)) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and match in errors[0]
-    assert not list(tmp_path.rglob(SSK.RESULTS_FILE))
+    assert not list(tmp_path.rglob(report.RESULTS_FILE))
 
 
 def test_k_auto_estimates_k_then_clusters_with_it(tmp_path, capsys):
     """GCD's estimator over the default range [M, 2 x stored identities] = [4, 16] finds the 8 separated classes."""
     write_features(tmp_path)
-    argv = ("--save_dir", str(tmp_path), "--experiment_idx", "feats", "--K", "auto")
+    argv = ("--save-dir", str(tmp_path), "--experiment-idx", "feats", "--K", "auto")
     assert SSK.main(parse(*argv)) == 0
     out = run_dir(tmp_path)
     results = read_results(out)
-    est = results[SSK.K_ESTIMATION_KEY]
+    est = results[K_ESTIMATION_KEY]
     assert (est["search"], est["min_K"], est["max_K"], est["true_K"]) == ("brent", NUM_KNOWN, 2 * NUM_CLASSES, 8)
     assert (est["n_init"], est["seed"]) == (SSK.K_ESTIMATION_INIT, results["seed"])
     assert est["num_labelled"] == int(make_split("train", 30, 1)["labelled_mask"].sum())
@@ -332,11 +334,11 @@ def test_k_auto_estimates_k_then_clusters_with_it(tmp_path, capsys):
 def test_k_auto_search_stays_within_the_given_bounds(tmp_path):
     """A range that excludes the true K: the binary search picks the best K inside it and SSK clusters with that K."""
     write_features(tmp_path)
-    argv = ("--save_dir", str(tmp_path), "--experiment_idx", "feats", "--no-plots", "--K", "auto")
+    argv = ("--save-dir", str(tmp_path), "--experiment-idx", "feats", "--no-plots", "--K", "auto")
     assert SSK.main(parse(*argv, "--k-search", "binary", "--min-classes", "9", "--max-classes", "12")) == 0
     out = run_dir(tmp_path)
     results = read_results(out)
-    est = results[SSK.K_ESTIMATION_KEY]
+    est = results[K_ESTIMATION_KEY]
     accuracy = {point["K"]: point["labelled_acc"] for point in est["evaluated"]}
     assert (est["search"], est["min_K"], est["max_K"], est["true_K"]) == ("binary", 9, 12, NUM_CLASSES)
     assert set(accuracy) <= set(range(9, 13)) and est["K"] in accuracy
@@ -366,7 +368,7 @@ def test_missing_features_are_computed_with_checkpoint(tmp_path, monkeypatch):
         return {"train": make_split("train", 30, 1), "test": make_split("test", 10, 2)}
 
     monkeypatch.setattr(extract_features, "compute_split_features", compute_split_features)
-    argv = ["--save_dir", str(tmp_path), "--experiment_idx", "none", "--checkpoint_weights", "model_best.pth.tar"]
+    argv = ["--save-dir", str(tmp_path), "--experiment-idx", "none", "--checkpoint-weights", "model_best.pth.tar"]
     assert SSK.main(parse(*argv, "--dataset", "synthfaces_tiny", "--no-plots")) == 0
     # a complete extraction namespace (its own defaults) with SSK's values on top
     defaults = vars(extract_features.get_args_parser(add_help=False).parse_args([]))
@@ -391,9 +393,31 @@ def test_reference_command_parses_and_names_the_features_folder(tmp_path, caplog
     assert f"features file {expected} not found" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "canonical, aliases, value, dest, parsed",
+    [
+        ("--kmeans-restarts", ("--k_means_init", "--k-means-init"), "7", "k_means_init", 7),
+        ("--kmeans-seeding", ("--kmeans-init",), "k-means||", "kmeans_init", "k-means||"),
+        ("--max-kmeans-iter", ("--max_kmeans_iter",), "9", "max_kmeans_iter", 9),
+        ("--save-dir", ("--save_dir",), "out", "save_dir", "out"),
+        ("--experiment-idx", ("--experiment_idx",), "feats", "experiment_idx", "feats"),
+        ("--checkpoint-weights", ("--checkpoint_weights",), "m.pth", "checkpoint_weights", "m.pth"),
+        ("--ssk-mode", ("--ssk_mode",), "test", "ssk_mode", "test"),
+        ("--ssk-protocol", ("--ssk_protocol",), "reference", "ssk_protocol", "reference"),
+        ("--prop-train-labels", ("--prop_train_labels",), "0.3", "prop_train_labels", 0.3),
+    ],
+)
+def test_hyphenated_flags_are_canonical_and_old_spellings_still_parse(canonical, aliases, value, dest, parsed):
+    parser = SSK.get_args_parser()
+    action = parser._option_string_actions[canonical]
+    assert action.option_strings[0] == canonical and action.dest == dest
+    for flag in (canonical, *aliases):
+        assert getattr(parser.parse_args([flag, value]), dest) == parsed, flag
+
+
 def test_cli_error_has_no_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "SSK.py", "--save_dir", str(tmp_path), "--experiment_idx", "absent", "--device", "cpu"],
+        [sys.executable, "SSK.py", "--save-dir", str(tmp_path), "--experiment-idx", "absent", "--device", "cpu"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -414,14 +438,14 @@ def _free_port() -> int:
 def test_torchrun_matches_single_process(tmp_path):
     write_features(tmp_path)
     common = [
-        "--save_dir",
+        "--save-dir",
         str(tmp_path),
-        "--experiment_idx",
+        "--experiment-idx",
         "feats",
         "--device",
         "cpu",
         "--no-plots",
-        "--k_means_init",
+        "--kmeans-restarts",
         "3",
         "--K",
         "10",
@@ -459,8 +483,8 @@ def test_torchrun_matches_single_process(tmp_path):
 def test_torchrun_k_auto_matches_single_process(tmp_path):
     """Sharded estimation: the labelled predictions are gathered, so both ranks walk the same candidates."""
     write_features(tmp_path)
-    common = ["--save_dir", str(tmp_path), "--experiment_idx", "feats", "--device", "cpu", "--no-plots", "--K", "auto"]
-    common += ["--k-search", "binary", "--k-estimation-init", "2", "--k_means_init", "2"]
+    common = ["--save-dir", str(tmp_path), "--experiment-idx", "feats", "--device", "cpu", "--no-plots", "--K", "auto"]
+    common += ["--k-search", "binary", "--k-estimation-init", "2", "--kmeans-restarts", "2"]
     assert SSK.main(SSK.get_args_parser().parse_args([*common, "--experiment", "single"])) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
@@ -475,6 +499,6 @@ def test_torchrun_k_auto_matches_single_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     single, dist = read_results(run_dir(tmp_path, run="single")), read_results(run_dir(tmp_path, run="dist"))
     assert dist["world_size"] == 2
-    assert dist[SSK.K_ESTIMATION_KEY]["evaluated"] == single[SSK.K_ESTIMATION_KEY]["evaluated"]
-    assert dist["K"] == single["K"] == single[SSK.K_ESTIMATION_KEY]["K"]
+    assert dist[K_ESTIMATION_KEY]["evaluated"] == single[K_ESTIMATION_KEY]["evaluated"]
+    assert dist["K"] == single["K"] == single[K_ESTIMATION_KEY]["K"]
     assert dist["train"] == single["train"] and dist["test"] == single["test"]

@@ -115,14 +115,13 @@ class _KillBefore:
 
 
 def _train_in_process(argv: list[str]) -> int:
-    """train.py's main() in this process; the log handlers it installs are removed afterwards."""
+    """train.py's command line in this process; the log handlers it installs are removed afterwards."""
     import train
-    from utils.config import parse_args_with_config
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     try:
-        return train.main(parse_args_with_config(train.get_args_parser(), argv))
+        return train.cli(argv)
     finally:
         for handler in [h for h in root.handlers if h not in handlers]:
             root.removeHandler(handler)
@@ -297,8 +296,7 @@ def test_amp_precision_follows_the_cpu_and_is_stored_with_the_run(tiny_faces, tm
     ckpt = torch.load(tmp_path / "amp" / "last.pth.tar", map_location="cpu", weights_only=True)
     assert ckpt["recorded"]["precision"] == precision
     # args.yaml still works as a config file: the recorded section is not an argument
-    import train
-    from utils.config import parse_args_with_config
+    from trainer.cli import parse_train_args
 
-    again = parse_args_with_config(train.get_args_parser(), ["-c", str(tmp_path / "amp" / "args.yaml")])
+    again, _ = parse_train_args(["-c", str(tmp_path / "amp" / "args.yaml")])
     assert again.amp and again.epochs == 1 and not hasattr(again, "recorded")

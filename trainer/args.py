@@ -1,6 +1,7 @@
-"""Argument groups shared by train.py, extract_features.py and SSK.py.
+"""Argument groups shared by the scripts (train.py, extract_features.py, SSK.py); each method adds its own group.
 
-Flag spellings follow the reference release; where it used underscores, both spellings map to one argument.
+Hyphenated spellings are canonical; where the reference release used underscores, that spelling is a hidden alias
+of the same argument (``utils.config.hide_alias_spellings``), so its documented commands run verbatim.
 """
 
 from __future__ import annotations
@@ -9,14 +10,10 @@ import argparse
 import copy
 import logging
 
-from model.facegcd import ModelConfig
 from model.landmark import LANDMARK_ORIENTATIONS, REFERENCE_LANDMARK_PATH
+from trainer.optim import SUPPORTED_OPTIMIZERS, SUPPORTED_SCHEDULERS
 
 logger = logging.getLogger(__name__)
-
-ARCHS = ("vit_tiny", "vit_small", "vit_base")
-RECOGNITION_ARCHS = ARCHS + ("iresnet18", "iresnet34", "iresnet50", "iresnet100")
-METHODS = ("facegcd", "recognition", "dino", "lafs")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -99,24 +96,24 @@ def add_checkpoint_data_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Backbone, prefix generator and head flags (docs/method.md, section 5)."""
+def add_backbone_args(parser: argparse.ArgumentParser, archs: tuple[str, ...], default_arch: str) -> None:
+    """Backbone, input and weight-loading flags every method shares (``archs``: the method's ``--arch`` values)."""
     group = parser.add_argument_group("Model")
     group.add_argument(
         "--arch",
         "--model",
         dest="arch",
-        default="vit_base",
-        choices=RECOGNITION_ARCHS,
-        help="backbone: a ViT variant; IResNets with --method recognition only (default: %(default)s)",
+        default=default_arch,
+        choices=archs,
+        help="backbone (default: %(default)s)",
     )
     group.add_argument(
-        "--patch_size",
         "--patch-size",
+        "--patch_size",
         dest="patch_size",
         type=int,
         default=8,
-        help="ViT patch size (default: 8, the paper's ViT-B/8)",
+        help="ViT patch size (default: %(default)s, the paper's ViT-B/8)",
     )
     group.add_argument(
         "--input-size",
@@ -129,86 +126,37 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="input shape, square images only (default: 3 112 112)",
     )
     group.add_argument(
-        "--prefix_length",
-        "--prefix-length",
-        dest="prefix_length",
-        type=int,
-        default=10,
-        help="prefix tokens per block; 0 = plain GCD baseline (default: 10)",
-    )
-    group.add_argument(
-        "--layer-embed",
-        "--layer_embed",
-        dest="layer_embed",
-        action="store_true",
-        help="HyperNetwork input = [token mean ; layer embedding] (default: off)",
-    )
-    group.add_argument(
-        "--initializer",
-        choices=("uniform", "zero"),
-        default="uniform",
-        help="base prompt: fresh U(-1,1) each training forward, or zeros (default: uniform)",
-    )
-    group.add_argument(
-        "--eval-prompt",
-        "--eval_prompt",
-        dest="eval_prompt",
-        choices=("fixed", "resample"),
-        default="fixed",
-        help="evaluation base prompt: fixed buffer or reference resampling",
-    )
-    group.add_argument(
-        "--grad-from-block",
-        "--grad_from_block",
-        dest="grad_from_block",
-        type=int,
-        default=11,
-        help="train backbone blocks with index >= this; 0 trains all (default: 11)",
-    )
-    group.add_argument(
-        "--head-out-dim",
-        dest="head_out_dim",
-        type=int,
-        default=65536,
-        help="width of the DINO head's last layer (default: 65536)",
-    )
-    group.add_argument(
-        "--hypernet-hidden-dim",
-        dest="hypernet_hidden_dim",
-        type=int,
-        default=1024,
-        help="hidden width of the HyperNets' weight and bias generators (default: 1024)",
-    )
-    group.add_argument("--freeze", nargs="*", default=(), help="extra parameter-name prefixes to freeze")
-    group.add_argument(
-        "--pretrained_weights",
         "--pretrained-weights",
+        "--pretrained_weights",
         dest="pretrained_weights",
         default=None,
-        help="DINO/timm backbone weights (local file; nothing is downloaded)",
+        help="DINO/timm backbone weights (local file; nothing is downloaded) (default: random initialisation)",
     )
     group.add_argument(
-        "--checkpoint_key",
         "--checkpoint-key",
+        "--checkpoint_key",
         dest="checkpoint_key",
         default="teacher",
-        help="key of the state dict inside a DINO checkpoint (default: teacher)",
-    )
-    group.add_argument("--grad-checkpointing", action="store_true", help="per-block activation checkpointing")
-    group.add_argument(
-        "--landmark_cnn",
-        "--landmark-cnn",
-        dest="landmark_cnn",
-        action="store_true",
-        help="landmark front end: a frozen landmark CNN turns each image into a mosaic of landmark-centred patches "
-        "for both ViT passes (training reads --landmark-weights; extraction and SSK take the CNN from the "
-        "checkpoint and must be given the flag exactly when the checkpoint has the front end)",
+        help="key of the state dict inside a DINO checkpoint (default: %(default)s)",
     )
     group.add_argument(
-        "--landmark-weights",
-        default=REFERENCE_LANDMARK_PATH,
-        help="landmark CNN weights in the reference key format (stn.*, output.*) (default: %(default)s)",
+        "--grad-checkpointing", action="store_true", help="per-block activation checkpointing (default: off)"
     )
+
+
+def add_landmark_args(parser: argparse.ArgumentParser, *, switch: bool, help_weights: str) -> None:
+    """The landmark front end's flags (FaceGCD, Part fViT, LAFS); ``switch`` adds ``--landmark-cnn`` itself."""
+    group = parser.add_argument_group("Landmark front end")
+    if switch:
+        group.add_argument(
+            "--landmark-cnn",
+            "--landmark_cnn",
+            dest="landmark_cnn",
+            action="store_true",
+            help="landmark front end: a landmark CNN turns each image into a mosaic of landmark-centred patches "
+            "(default: off)",
+        )
+    group.add_argument("--landmark-weights", default=REFERENCE_LANDMARK_PATH, help=help_weights)
     group.add_argument(
         "--landmark-tiles",
         choices=LANDMARK_ORIENTATIONS,
@@ -217,100 +165,184 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _head_arg(text: str) -> tuple[str, float]:
+def parse_head_arg(text: str) -> tuple[str, float]:
+    """One ``NAME=NUMBER`` item of a ``--head-args``-style flag."""
     name, sep, value = text.partition("=")
     try:
         if not sep or not name:
             raise ValueError
         return name, float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--head-args expects NAME=NUMBER items such as s=64 or m2=0.5, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER items such as s=64 or m2=0.5, got {text!r}")
 
 
-def add_recognition_args(parser: argparse.ArgumentParser) -> None:
-    """The training method and the margin-softmax recognition flags (docs/recognition.md)."""
-    group = parser.add_argument_group("Method")
+def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
+    """Optimiser and schedule flags; each method's recipe sets their defaults (``Method.recipe``)."""
+    group = parser.add_argument_group("Optimiser and schedule (defaults: the method's recipe)")
     group.add_argument(
-        "--method",
-        choices=METHODS,
-        default="facegcd",
-        help="facegcd (prefix-tuned ViT, GCD losses), recognition (margin-softmax identity classification on the "
-        "labelled identities: the ArcFace baseline, or a whole --dataset recognition_folders/recognition_recordio "
-        "set), dino (self-supervised pretraining on every training image, labels unused; writes the DINO "
-        "checkpoint.pth that --pretrained_weights loads) or lafs (dino on the landmark mosaics of the frozen "
-        "--landmark-weights CNN; also writes that CNN as landmark_cnn.pth) (default: facegcd)",
+        "--opt",
+        default="sgd",
+        type=str.lower,
+        choices=SUPPORTED_OPTIMIZERS,
+        help="sgd (Nesterov), momentum or adamw (default: %(default)s)",
     )
-    group = parser.add_argument_group("Recognition (--method recognition)")
+    group.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: from --lr-base)")
     group.add_argument(
-        "--head",
-        choices=("arcface", "cosface", "sphereface", "combined", "adaface", "gbcosface"),
-        default="arcface",
-        help="margin head (default: arcface)",
-    )
-    group.add_argument(
-        "--head-args",
-        nargs="*",
-        type=_head_arg,
-        default=[],
-        metavar="NAME=VALUE",
-        help="overrides of the head's defaults, e.g. s=64 m2=0.5 (names: the head class's arguments)",
-    )
-    group.add_argument(
-        "--sample-rate",
+        "--lr-base",
+        "--lr_base",
+        dest="lr_base",
         type=float,
-        default=1.0,
-        help="Partial FC: fraction of each rank's class centres in the softmax, positives always kept (default: 1)",
+        default=0.1,
+        help="base learning rate, scaled with the global batch by the method's rule (default: %(default)s)",
     )
-    group.add_argument("--embedding-size", type=int, default=512, help="embedding dimension (default: 512)")
+    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
     group.add_argument(
-        "--landmark-regularisation",
-        action="store_true",
-        help="with --landmark_cnn (Part fViT): LAFS fine-tuning, the learned landmarks are pulled towards those of "
-        "the initial --landmark-weights by an MSE weighted 1000/100/1/0.11/0 over epochs 0-7/8-13/14-20/21-27/28+",
+        "--weight-decay",
+        "--weight_decay",
+        dest="weight_decay",
+        type=float,
+        default=2e-5,
+        help="weight decay on >= 2-D parameters (default: %(default)s)",
     )
-    group.add_argument("--dropout", type=float, default=0.0, help="IResNet dropout before the feature layer")
+    group.add_argument("--epochs", type=int, default=100, help="training epochs (default: %(default)s)")
+    group.add_argument(
+        "--warmup-epochs",
+        "--warmup_epochs",
+        dest="warmup_epochs",
+        type=int,
+        default=5,
+        help="linear warm-up epochs (default: %(default)s)",
+    )
+    group.add_argument(
+        "--warmup-lr",
+        "--warmup_lr",
+        dest="warmup_lr",
+        type=float,
+        default=1e-5,
+        help="warm-up start lr (default: %(default)s)",
+    )
+    group.add_argument(
+        "--min-lr", "--min_lr", dest="min_lr", type=float, default=0.0, help="cosine floor (default: %(default)s)"
+    )
+    group.add_argument(
+        "--sched",
+        default="cosine",
+        choices=SUPPORTED_SCHEDULERS,
+        help="lr schedule after the warm-up: cosine to --min-lr, or step (x --decay-rate at each of "
+        "--decay-milestones) (default: %(default)s)",
+    )
+    group.add_argument(
+        "--decay-milestones",
+        type=int,
+        nargs="+",
+        default=[],
+        help="--sched step: epochs at which the lr is multiplied by --decay-rate (GB-CosFace: 5 10 15 20 of 24) "
+        "(default: none)",
+    )
+    group.add_argument(
+        "--decay-rate", type=float, default=0.1, help="--sched step: lr factor at each milestone (default: %(default)s)"
+    )
+    group.add_argument(
+        "--grad-accum-steps",
+        "--grad_accum_steps",
+        dest="grad_accum_steps",
+        type=int,
+        default=1,
+        help="micro-batches per optimiser step; when the steps per epoch are not a multiple of it, the epoch's last, "
+        "shorter group still steps, on the mean gradient of the micro-batches it holds (default: %(default)s)",
+    )
+    group.add_argument(
+        "--clip-grad",
+        "--clip_grad",
+        dest="clip_grad",
+        type=float,
+        default=None,
+        help="max gradient norm over the parameters the method clips (default: %(default)s, no clipping)",
+    )
+
+
+def add_validation_args(parser: argparse.ArgumentParser) -> None:
+    """Validation, checkpoint and resume flags."""
+    group = parser.add_argument_group("Validation and checkpoints")
+    group.add_argument(
+        "--val-interval",
+        "--val_interval",
+        dest="val_interval",
+        type=int,
+        default=10,
+        help="validate when (epoch + 1) %% this == 0, and after the last epoch (default: %(default)s)",
+    )
+    group.add_argument(
+        "--eval-funcs",
+        "--eval_funcs",
+        dest="eval_funcs",
+        nargs="+",
+        default=["v2", "v1"],
+        choices=("v1", "v2"),
+        help="metric variants; the first selects model_best (default: v2 v1)",
+    )
+    group.add_argument(
+        "--checkpoint-select",
+        choices=("best", "last"),
+        default="best",
+        help="model_best.pth.tar = the last validated epoch (last; the recipes' choice), or the best validation "
+        "accuracy (best, reproduces the reference: it reads the ground truth of the unlabelled images and of the test "
+        "split, which GCD assumes unknown, so its numbers are optimistic) (default: %(default)s)",
+    )
+    group.add_argument(
+        "--select-on",
+        choices=("combined", "unlabelled"),
+        default="combined",
+        help="with --checkpoint-select best: select on the mean of D_U and test, or on D_U only; both read "
+        "unlabelled ground truth (default: %(default)s)",
+    )
+    group.add_argument(
+        "--val-kmeans-restarts",
+        "--val-kmeans-init",
+        dest="val_kmeans_restarts",
+        type=int,
+        default=10,
+        help="validation k-means restarts (default: %(default)s)",
+    )
+    group.add_argument(
+        "--val-kmeans-iter", type=int, default=300, help="validation k-means iterations (default: %(default)s)"
+    )
     group.add_argument(
         "--val-targets",
         nargs="*",
         default=[],
         help="verification sets validated with the clustering: insightface .bin pair sets (lfw.bin, ...) and IJB "
-        "folders (holding meta/ and loose_crop/)",
+        "folders (holding meta/ and loose_crop/) (default: none)",
+    )
+    group.add_argument("--checkpoint-hist", type=int, default=10, help="checkpoint-N files kept (default: %(default)s)")
+    group.add_argument("--output", default="./output/train", help="output root (default: %(default)s)")
+    group.add_argument(
+        "--resume", default="", help="checkpoint to resume from (model, optimiser, schedule, RNG) (default: none)"
+    )
+    group.add_argument(
+        "--no-resume-opt", action="store_true", help="with --resume, restore the model only (default: off)"
+    )
+    group.add_argument(
+        "--initial-checkpoint", default="", help="load model weights only from this checkpoint (default: none)"
+    )
+    group.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="load checkpoints with weights_only=False (only for files you trust) (default: off)",
     )
 
 
-def add_ssl_args(parser: argparse.ArgumentParser) -> None:
-    """DINO pretraining flags (``--method dino``; DINO's ``main_dino.py`` names and defaults, LAFS values noted)."""
-    group = parser.add_argument_group("Self-supervised pretraining (--method dino / lafs)")
-    group.add_argument("--local-crops-number", type=int, default=8, help="local views per image (default: 8)")
+def add_logging_args(parser: argparse.ArgumentParser) -> None:
+    """Logging flags."""
+    group = parser.add_argument_group("Logging")
+    group.add_argument("--log-interval", type=int, default=50, help="steps between log lines (default: %(default)s)")
+    group.add_argument("--log-wandb", action="store_true", help="log to wandb (offline without an API key)")
     group.add_argument(
-        "--local-crops-size",
-        type=int,
-        default=None,
-        help="local view side in pixels (default: 48 for dino, DINO's 96/224; the image size for lafs)",
+        "--wandb-project", default="GCD_base_prefix_gen", help="wandb project of --log-wandb (default: %(default)s)"
     )
-    group.add_argument(
-        "--global-crops-scale", type=float, nargs=2, default=(0.4, 1.0), help="global crop area range (0.4 1)"
-    )
-    group.add_argument(
-        "--local-crops-scale", type=float, nargs=2, default=(0.05, 0.4), help="local crop area range (0.05 0.4)"
-    )
-    group.add_argument("--momentum-teacher", type=float, default=0.996, help="teacher EMA start, cosine to 1")
-    group.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 0")
-    group.add_argument("--teacher-temp", type=float, default=0.04, help="teacher temperature after the warm-up")
-    group.add_argument(
-        "--warmup-teacher-temp-epochs", type=int, default=0, help="teacher temperature warm-up (LAFS: 30, 0.07->0.04)"
-    )
-    group.add_argument("--weight-decay-end", type=float, default=0.4, help="weight decay at the end (cosine)")
-    group.add_argument("--freeze-last-layer", type=int, default=1, help="epochs with the head's last layer frozen")
-    group.add_argument(
-        "--landmark-jitter", type=float, default=5.0, help="lafs: Gaussian jitter std of every landmark in pixels (5)"
-    )
-    group.add_argument(
-        "--local-landmarks",
-        type=int,
-        default=36,
-        help="lafs: landmarks a local view keeps, a square number (default: 36, a 6 x 6 mosaic)",
-    )
+    group.add_argument("--save-images", action="store_true", help="save input grids at log steps (default: off)")
+    group.add_argument("--no-progress", action="store_true", help="no tqdm bars (default: bars on)")
+    group.add_argument("--no-ddp-bb", action="store_true", help="DDP broadcast_buffers=False (default: off)")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -416,33 +448,8 @@ def image_size_from_args(args: argparse.Namespace) -> int:
 def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """Destinations of the options that ``argv`` sets explicitly (whatever their value)."""
     probe = copy.deepcopy(parser)
+    probe._defaults.clear()  # set_defaults() values (a method's recipe, a config file) are not given on the line
     for action in probe._actions:
         action.default = argparse.SUPPRESS
     namespace, _ = probe.parse_known_args(argv)
     return set(vars(namespace))
-
-
-def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
-    """The ``ModelConfig`` described by the model flags (and the loss flags, where the parser has them)."""
-    losses = {
-        name: getattr(args, name)
-        for name in ("temperature", "sup_con_weight", "contrast_unlabel_only")
-        if hasattr(args, name)
-    }
-    return ModelConfig(
-        arch=args.arch,
-        patch_size=args.patch_size,
-        img_size=image_size_from_args(args),
-        prefix_length=args.prefix_length,
-        layer_embed=args.layer_embed,
-        initializer=args.initializer,
-        head_out_dim=args.head_out_dim,
-        hypernet_hidden_dim=args.hypernet_hidden_dim,
-        grad_from_block=args.grad_from_block,
-        eval_prompt=args.eval_prompt,
-        seed=args.seed,
-        freeze=tuple(args.freeze),
-        landmark_cnn=args.landmark_cnn,
-        landmark_tiles=args.landmark_tiles,
-        **losses,
-    )

@@ -60,7 +60,7 @@ class DataConfigError(ValueError):
 _DATA_FLAGS = {
     "dataset": ("dataset", "--dataset"),
     "data_path": ("data_path", "--data-path"),
-    "prop_train_labels": ("prop_train_labels", "--prop_train_labels"),
+    "prop_train_labels": ("prop_train_labels", "--prop-train-labels"),
     "split_seed": ("split_seed", "--split-seed"),
     "num_known": ("num_known", "--num-known"),
 }

@@ -66,8 +66,8 @@ def train_one_epoch(
         progress: show a progress bar on the primary rank.
 
     Returns:
-        Epoch averages of ``loss`` and of the method's other scalars, ``lr``, and ``no_labelled_batches`` for
-        methods that report ``has_labelled``.
+        Epoch averages of ``loss``, ``lr`` and the method's other scalars, except its ``counted_scalars``, which are
+        epoch sums (over all ranks).
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps (--grad-accum-steps) must be >= 1, got {grad_accum_steps}")
@@ -79,8 +79,7 @@ def train_one_epoch(
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
     optimizer.zero_grad(set_to_none=True)
-    batches = no_labelled_batches = 0
-    reports_labelled = False
+    batches = 0
     for step, batch in enumerate(metric_logger.log_every(loader, log_interval, header, progress=progress)):
         if step >= num_steps:
             raise RuntimeError(f"the training loader yielded more batches than its len() of {num_steps}")
@@ -115,10 +114,7 @@ def train_one_epoch(
             method.after_optimizer_step(progress_epochs)
 
         batches += 1
-        if "has_labelled" in losses:
-            reports_labelled = True
-            no_labelled_batches += int(not bool(losses["has_labelled"]))
-        scalars = {k: float(v) for k, v in losses.items() if k not in ("loss", "has_labelled")}
+        scalars = {k: float(v) for k, v in losses.items() if k != "loss"}
         metric_logger.update(loss=loss_value, lr=optimizer.param_groups[0]["lr"], **scalars)
     if batches != num_steps:
         raise RuntimeError(
@@ -126,11 +122,11 @@ def train_one_epoch(
             "accumulation group would be lost"
         )
     metric_logger.synchronize_between_processes()
-    stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
-    if reports_labelled:
-        stats["no_labelled_batches"] = float(no_labelled_batches)
-    if no_labelled_batches:
-        logger.info("epoch %d: %d batches had no labelled sample (SupCon term skipped)", epoch, no_labelled_batches)
+    stats = {
+        name: float(meter.total) if name in method.counted_scalars else meter.global_avg
+        for name, meter in metric_logger.meters.items()
+    }
+    method.end_epoch(epoch, stats)
     return stats
 
 

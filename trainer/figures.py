@@ -1,7 +1,7 @@
 """End-of-run pictures of the landmark front end: ``landmarks.png`` and ``mosaic.png`` in the run folder.
 
 A model has a landmark front end when one of its submodules is a :class:`model.landmark.LandmarkFrontEnd` (Part fViT
-``FaceRecognizer.front_end``, FaceGCD ``--landmark_cnn``, LAFS ``DINOMethod.front_end.landmarks``); LAFS-style
+``FaceRecognizer.front_end``, FaceGCD ``--landmark-cnn``, LAFS ``DINOMethod.front_end.landmarks``); LAFS-style
 regularisation copies (submodules named ``reference*``) are skipped. The pictures use up to 16 images spread evenly
 over the first validation set (``test`` when there is one), or over the training set when the run has no validation,
 always through the evaluation transform at the front end's input size. On a SynthFaces folder (``landmarks.csv``

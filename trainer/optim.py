@@ -1,6 +1,6 @@
 """Optimiser, learning-rate scaling rule and the per-epoch schedules (cosine or step) with linear warm-up.
 
-Described in docs/method.md, section 7.
+Described in docs/method.md, section 7. The schedule formulas are ``utils/schedules.py``'s, shared with DINO.
 
 References: timm ``timm/optim/_optim_factory.py`` (``sgd`` = Nesterov SGD), timm ``train.py`` (``--lr-base``
 scaling), timm ``timm/scheduler/cosine_lr.py`` (cosine with warm-up, ``warmup_prefix=False``), PyTorch
@@ -15,6 +15,8 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
+
+from utils.schedules import cosine_decay, linear_warmup, set_lr, step_decay
 
 logger = logging.getLogger(__name__)
 
@@ -81,23 +83,34 @@ def create_optimizer(
     return optimizer
 
 
+# How each learning-rate scaling rule (a method's ``lr_scaling``) turns --lr-base into the learning rate.
+LR_SCALING_RULES = {
+    "linear": "--lr-base x global batch / 256",
+    "sqrt": "--lr-base x sqrt(global batch / 256)",
+    "timm": "timm's rule: --lr-base x global batch / 256 for SGD, x its square root for Adam-type optimisers",
+    "none": "--lr-base is the learning rate itself, whatever the batch",
+}
+
+
 def resolve_lr(
     lr: float | None,
     lr_base: float,
     global_batch: int,
     opt: str,
     lr_base_size: int = 256,
-    lr_base_scale: str = "",
+    lr_base_scale: str = "timm",
 ) -> float:
-    """The learning rate to use: ``lr`` when given, else ``lr_base`` scaled by the global batch (timm's rule).
+    """The learning rate to use: ``lr`` when given, else ``lr_base`` scaled with the global batch by a method's rule.
 
     Args:
         lr: explicit learning rate (``--lr``) or None.
         lr_base: learning rate at ``lr_base_size`` samples per step (``--lr-base``).
-        global_batch: batch per GPU × world size × gradient-accumulation steps.
-        opt: optimiser name; ``ada*`` and ``lamb`` default to the square-root rule, others to the linear one.
+        global_batch: batch per GPU x world size x gradient-accumulation steps.
+        opt: optimiser name (the ``timm`` rule reads it).
         lr_base_size: reference batch size of ``lr_base``.
-        lr_base_scale: ``"linear"``, ``"sqrt"`` or ``""`` (choose from ``opt``).
+        lr_base_scale: ``linear`` (x global_batch / lr_base_size), ``sqrt`` (x its square root), ``timm`` (timm's
+            train.py: ``sqrt`` for ``ada*`` and ``lamb`` optimisers, ``linear`` otherwise) or ``none`` (``lr_base``
+            is the learning rate).
 
     Returns:
         The learning rate.
@@ -106,14 +119,16 @@ def resolve_lr(
         return float(lr)
     if global_batch < 1 or lr_base_size < 1:
         raise ValueError(f"global batch ({global_batch}) and --lr-base-size ({lr_base_size}) must be positive")
-    scale = lr_base_scale or ("sqrt" if any(k in opt.lower() for k in ("ada", "lamb")) else "linear")
-    if scale not in ("linear", "sqrt"):
-        raise ValueError(f"--lr-base-scale must be 'linear', 'sqrt' or empty, got {lr_base_scale!r}")
-    ratio = global_batch / lr_base_size
-    if scale == "sqrt":
-        ratio = math.sqrt(ratio)
+    if lr_base_scale not in LR_SCALING_RULES:
+        raise ValueError(f"learning-rate scaling rule must be one of {tuple(LR_SCALING_RULES)}, got {lr_base_scale!r}")
+    scale = lr_base_scale
+    if scale == "timm":
+        scale = "sqrt" if any(k in opt.lower() for k in ("ada", "lamb")) else "linear"
+    ratio = {"linear": global_batch / lr_base_size, "sqrt": math.sqrt(global_batch / lr_base_size), "none": 1.0}[scale]
     resolved = lr_base * ratio
-    logger.info("lr %.6g = lr_base %.6g x (%d / %d) [%s rule]", resolved, lr_base, global_batch, lr_base_size, scale)
+    logger.info(
+        "lr %.6g = lr_base %.6g x %.6g (global batch %d, %s rule)", resolved, lr_base, ratio, global_batch, scale
+    )
     return resolved
 
 
@@ -178,7 +193,7 @@ class WarmupScheduler(abc.ABC):
         if epoch < 0:
             raise ValueError(f"epoch must be non-negative, got {epoch}")
         if epoch < self.warmup_epochs:
-            return self.warmup_lr + epoch * (self.base_lr - self.warmup_lr) / self.warmup_epochs
+            return linear_warmup(epoch, self.warmup_lr, self.base_lr, self.warmup_epochs)
         return self.decayed_lr(epoch)
 
     def step(self, epoch: int) -> float:
@@ -191,8 +206,7 @@ class WarmupScheduler(abc.ABC):
             The (unscaled) learning rate.
         """
         lr = self.lr_at(epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        set_lr(self.optimizer, lr)
         self.last_epoch = epoch
         return lr
 
@@ -273,7 +287,7 @@ class CosineWarmupScheduler(WarmupScheduler):
         """
         if epoch >= self.epochs:
             return self.min_lr
-        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * epoch / self.epochs))
+        return cosine_decay(epoch, self.base_lr, self.min_lr, self.epochs)
 
 
 class StepWarmupScheduler(WarmupScheduler):
@@ -341,8 +355,7 @@ class StepWarmupScheduler(WarmupScheduler):
         Returns:
             The learning rate.
         """
-        reached = sum(1 for m in self.milestones if m <= epoch)
-        return max(self.min_lr, self.base_lr * self.decay_rate**reached)
+        return step_decay(epoch, self.base_lr, self.milestones, self.decay_rate, self.min_lr)
 
     def _hparams(self) -> dict:
         return super()._hparams() | {"milestones": list(self.milestones), "decay_rate": self.decay_rate}

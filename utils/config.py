@@ -51,19 +51,47 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` where an optional ``-c/--config`` YAML file supplies the defaults.
-
-    Precedence: command line > config file > parser defaults. Config keys are argument destinations
-    (``lr_base``); the dashed spelling (``lr-base``) is accepted too. ``-c/--config`` is added to ``parser`` when it
-    lacks it, so it shows in ``--help`` and the path ends up in ``args.config``.
+def hide_alias_spellings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Keep one spelling per flag in help and errors: the first hyphenated long option (plus a one-letter short
+    option); the other spellings (the reference's underscores) stay accepted and are listed in ``action.aliases``.
 
     Args:
-        parser: the full argument parser (modified: defaults from the config file are set on it).
-        argv: arguments without the program name; None reads ``sys.argv[1:]``.
+        parser: a fully built parser (modified in place).
 
     Returns:
-        The parsed arguments.
+        The same parser.
+    """
+    for action in parser._actions:
+        if not action.option_strings or hasattr(action, "aliases"):
+            continue
+        short = [s for s in action.option_strings if not s.startswith("--")]
+        long = [s for s in action.option_strings if s.startswith("--")]
+        canonical = next((s for s in long if "_" not in s), long[0] if long else None)
+        action.aliases = [s for s in long if s != canonical]
+        action.option_strings = short + ([canonical] if canonical else [])
+    return parser
+
+
+def _config_dest(parser: argparse.ArgumentParser, key: str) -> str | None:
+    """The destination a config-file key names: a destination itself, or any spelling of a flag without dashes."""
+    dests = {action.dest for action in parser._actions if action.dest != argparse.SUPPRESS}
+    if key in dests:
+        return key
+    for spelling in (f"--{key}", f"--{key.replace('_', '-')}", f"--{key.replace('-', '_')}"):
+        action = parser._option_string_actions.get(spelling)
+        if action is not None and action.dest != argparse.SUPPRESS:
+            return action.dest
+    return None
+
+
+def apply_config_defaults(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> set[str]:
+    """Read ``-c/--config`` from ``argv`` and make its YAML keys the parser's defaults.
+
+    Config keys are argument destinations (``lr_base``) or flag spellings without the dashes (``lr-base``,
+    ``val-kmeans-init``). ``-c/--config`` is added to ``parser`` when it lacks it.
+
+    Returns:
+        The destinations the config file set.
 
     Raises:
         FileNotFoundError: the config file does not exist.
@@ -74,24 +102,40 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument(*CONFIG_FLAGS, default="", metavar="FILE")
     config_args, _ = config_parser.parse_known_args(argv)
-    if config_args.config:
-        cfg = load_yaml_config(config_args.config)
-        cfg.pop(RECORDED_KEY, None)
-        dests = {action.dest for action in parser._actions if action.dest != argparse.SUPPRESS}
-        resolved, unknown = {}, []
-        for key, value in cfg.items():
-            dest = key if key in dests else str(key).replace("-", "_")
-            if dest in dests:
-                resolved[dest] = value
-            else:
-                unknown.append(str(key))
-        if unknown:
-            raise ValueError(
-                f"config file {config_args.config} has keys that are not arguments of this script: "
-                f"{', '.join(sorted(unknown))}"
-            )
-        parser.set_defaults(**resolved)
-        logger.info("defaults from config file %s: %s", config_args.config, sorted(resolved))
+    if not config_args.config:
+        return set()
+    cfg = load_yaml_config(config_args.config)
+    cfg.pop(RECORDED_KEY, None)
+    resolved, unknown = {}, []
+    for key, value in cfg.items():
+        dest = _config_dest(parser, str(key))
+        if dest is None:
+            unknown.append(str(key))
+        else:
+            resolved[dest] = value
+    if unknown:
+        raise ValueError(
+            f"config file {config_args.config} has keys that are not arguments of this script: "
+            f"{', '.join(sorted(unknown))}"
+        )
+    parser.set_defaults(**resolved)
+    logger.info("defaults from config file %s: %s", config_args.config, sorted(resolved))
+    return set(resolved)
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` where an optional ``-c/--config`` YAML file supplies the defaults.
+
+    Precedence: command line > config file > parser defaults (see :func:`apply_config_defaults`).
+
+    Args:
+        parser: the full argument parser (modified: defaults from the config file are set on it).
+        argv: arguments without the program name; None reads ``sys.argv[1:]``.
+
+    Returns:
+        The parsed arguments.
+    """
+    apply_config_defaults(parser, argv)
     return parser.parse_args(argv)
 
 

@@ -35,6 +35,25 @@ def is_primary() -> bool:
     return get_rank() == 0
 
 
+def contiguous_shard(n: int, rank: int | None = None, world_size: int | None = None) -> slice:
+    """The part of a length-``n`` set that this rank holds: contiguous, nearly equal blocks in rank order.
+
+    Contiguous blocks keep the rank-major concatenation equal to the original order, which makes a distributed run
+    reproduce the single-process one (k-means rows, Partial FC class centres).
+
+    Args:
+        n: number of rows.
+        rank: this rank (default: the process group's).
+        world_size: number of ranks (default: the process group's).
+
+    Returns:
+        ``slice(start, stop)`` of this rank's rows.
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    return slice(n * rank // world_size, n * (rank + 1) // world_size)
+
+
 def launched_by_torchrun() -> bool:
     """True when torchrun (or another launcher) set ``RANK`` and ``WORLD_SIZE``."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ

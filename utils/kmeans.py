@@ -24,7 +24,8 @@ position, the kept points of all ranks become weighted candidates, and weighted 
 Each candidate's weight (points nearest to it) is tracked during the rounds, so no pass over all candidates follows.
 
 The global order of the points (used by k-means++ and by tie-breaking) is the rank-major concatenation of the shards,
-so a run on contiguous shards (``contiguous_shard``) reproduces the single-process run up to float summation order.
+so a run on contiguous shards (``utils.distributed.contiguous_shard``) reproduces the single-process run up to float
+summation order.
 
 References: GCD (Vaze et al., CVPR 2022) ``methods/clustering/faster_mix_k_means_pytorch.py``; scikit-learn
 ``sklearn/cluster/_kmeans.py`` (k-means++ and empty-cluster relocation); Bahmani et al., VLDB 2012 (k-means||);
@@ -136,25 +137,6 @@ class _LabelledStats:
         c = centres[: self.num].double()
         per_class = self.sq_norms - 2.0 * (c * self.sums).sum(1) + self.counts * (c * c).sum(1)
         return float(per_class.sum().clamp_min(0.0))
-
-
-def contiguous_shard(n: int, rank: int | None = None, world_size: int | None = None) -> slice:
-    """Rows of a length-``n`` set that this rank clusters: contiguous, nearly equal blocks in rank order.
-
-    Contiguous blocks keep the rank-major concatenation equal to the original order, which makes a distributed run
-    reproduce the single-process one.
-
-    Args:
-        n: number of rows.
-        rank: this rank (default: the process group's).
-        world_size: number of ranks (default: the process group's).
-
-    Returns:
-        ``slice(start, stop)`` of this rank's rows.
-    """
-    rank = get_rank() if rank is None else rank
-    world_size = get_world_size() if world_size is None else world_size
-    return slice(n * rank // world_size, n * (rank + 1) // world_size)
 
 
 @contextmanager

@@ -72,7 +72,7 @@ def find_results(folder: str | Path, run: str | None = None) -> Path:
         return folder / RESULTS_FILE
     raise ReportInputError(
         f"no SSK results for {folder}: neither {folder / SSK_SUBDIR}/<run>/{RESULTS_FILE} nor {folder / RESULTS_FILE}"
-        f" exists; run SSK.py --save_dir {folder.parent} --experiment_idx {folder.name} first"
+        f" exists; run SSK.py --save-dir {folder.parent} --experiment-idx {folder.name} first"
     )
 
 

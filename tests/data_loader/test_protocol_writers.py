@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data_loader.face_align import ARCFACE_TEMPLATE_112, estimate_similarity
 from data_loader.protocol_writers import (
     detector_score,
     get_args_parser,
@@ -20,6 +19,7 @@ from data_loader.protocol_writers import (
 )
 from utils.evaluation.ijb import AlignedFaces, evaluate_ijb, load_ijb_meta
 from utils.evaluation.pair_sets import evaluate_pair_set, load_pair_set
+from utils.face_align import ARCFACE_TEMPLATE_112, estimate_similarity
 
 IJB_SIZES = dict(identities=6, templates_per_identity=2, media_per_template=2, images_per_media=2)
 

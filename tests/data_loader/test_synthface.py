@@ -1,6 +1,8 @@
-"""Tests for data_loader/synthface.py: determinism, layout, landmarks, presets, CLI and difficulty."""
+"""Tests for data_loader/synthface.py and synthface_render.py: determinism, layout, landmarks, presets, CLI, and the
+difficulty measured by benchmarks/pixel_nearest_neighbour.py."""
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.pixel_nearest_neighbour import pixel_nearest_neighbour_accuracy
 from data_loader.synthface import (
     GENERATOR_VERSION,
     LANDMARK_COLUMNS,
@@ -19,8 +22,8 @@ from data_loader.synthface import (
     generate_synthfaces,
     get_args_parser,
     main,
-    pixel_nearest_neighbour_accuracy,
 )
+from data_loader.synthface_render import make_identity, render_face
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(ids=3, train_per_id=3, test_per_id=2, size=112)
@@ -45,6 +48,16 @@ def test_same_seed_gives_identical_bytes_whatever_the_worker_count(tmp_path):
     jpgs = [name for name in a if name.endswith(".jpg")]
     assert len(jpgs) == 15
     assert all(a[name] != c[name] for name in jpgs)
+
+
+def test_a_render_depends_only_on_the_identity_and_the_generator():
+    first = render_face(make_identity(4, 9), np.random.default_rng(1), 64)
+    again = render_face(make_identity(4, 9), np.random.default_rng(1), 64)
+    other = render_face(make_identity(4, 9), np.random.default_rng(2), 64)
+    assert first[0] == again[0] and np.array_equal(first[1], again[1])
+    assert first[0] != other[0] and first[1].shape == (5, 2)
+    with Image.open(io.BytesIO(first[0])) as img:
+        assert img.format == "JPEG" and img.size == (64, 64)
 
 
 def test_identity_images_do_not_depend_on_the_number_of_identities(tmp_path):

@@ -22,10 +22,12 @@ from timm.models import model_entrypoint
 from torch.utils.data import default_collate
 
 from data_loader.multicrop import MultiCropTransform
-from model.dino import DINOConfig, DINOLoss, DINOMethod, DINOSchedules, cosine_schedule
+from model.dino import DINOConfig, DINOMethod, DINOSchedules
+from model.dino_loss import DINOLoss
 from model.vit import create_backbone, load_pretrained_backbone
 from utils.checkpoint import CheckpointError
 from utils.distributed import cleanup, get_rank, init_distributed
+from utils.schedules import cosine_schedule
 
 LN2 = math.log(2.0)
 A, B, C = [0.5, 0.25, 0.25], [0.25, 0.5, 0.25], [0.25, 0.25, 0.5]

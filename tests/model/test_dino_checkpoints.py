@@ -20,6 +20,7 @@ from cli_helpers import TINY_MODEL_ARGS
 from model import CheckpointError, build_facegcd, load_pretrained_backbone
 from model.facegcd import load_facegcd_checkpoint
 from utils.checkpoint import load_checkpoint
+from utils.report import RESULTS_FILE
 
 DIM = 192  # DINO vit_tiny: embed_dim 192, depth 12, 3 heads, mlp_ratio 4
 DEPTH = 12
@@ -203,7 +204,7 @@ def test_checkpoint_key_student_picks_the_student(make_config, tmp_path):
 
 def test_unknown_checkpoint_key_names_the_file_and_its_entries(tiny_backbone, tmp_path):
     torch.save(dino_training_checkpoint(dino_args()), tmp_path / "checkpoint.pth")
-    with pytest.raises(CheckpointError, match=r"checkpoint\.pth: .*'student', 'teacher'.*--checkpoint_key.*'teachr'"):
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pth: .*'student', 'teacher'.*--checkpoint-key.*'teachr'"):
         load_pretrained_backbone(tiny_backbone, tmp_path / "checkpoint.pth", checkpoint_key="teachr")
 
 
@@ -276,7 +277,7 @@ def test_ssk_checkpoint_weights_honour_unsafe_load(make_config, tiny_faces, tmp_
     assert len(refused) == 1 and "WarmupSchedule" in refused[0] and "--unsafe-load" in refused[0]
     args = parser.parse_args([*argv, "--unsafe-load"])
     assert SSK.main(args) == 0
-    assert (SSK.output_dir(args) / SSK.RESULTS_FILE).is_file()
+    assert (SSK.output_dir(args) / RESULTS_FILE).is_file()
 
 
 @pytest.fixture
@@ -327,7 +328,7 @@ def test_reference_checkpoint_loads_the_same_into_a_built_model_and_for_extracti
 def test_reference_checkpoint_without_pretrained_weights_is_an_error(make_config, dino_file, tmp_path):
     cfg = make_config()
     _reference_checkpoint(build_facegcd(cfg, pretrained_weights=dino_file), tmp_path / "ref.pth.tar")
-    with pytest.raises(CheckpointError, match=r"ref\.pth\.tar.*conditioner.*--pretrained_weights"):
+    with pytest.raises(CheckpointError, match=r"ref\.pth\.tar.*conditioner.*--pretrained-weights"):
         load_facegcd_checkpoint(tmp_path / "ref.pth.tar", build_facegcd(cfg))
 
 
@@ -344,7 +345,7 @@ def test_initial_checkpoint_of_another_architecture_is_an_error(make_config, din
 
 def test_dino_file_as_trained_checkpoint_points_to_pretrained_weights(make_config, tmp_path):
     torch.save(dino_training_checkpoint(dino_args()), tmp_path / "checkpoint.pth")
-    with pytest.raises(CheckpointError, match=r"checkpoint\.pth holds no FaceGCD state dict.*--pretrained_weights"):
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pth holds no FaceGCD state dict.*--pretrained-weights"):
         load_facegcd_checkpoint(tmp_path / "checkpoint.pth", make_config())
 
 
@@ -360,7 +361,7 @@ def test_a_pretraining_checkpoint_of_another_architecture_is_refused_with_both_n
     with pytest.raises(CheckpointError) as err:
         load_pretrained_backbone(tiny, path)
     message = str(err.value)
-    assert str(path) in message and "--arch vit_small --patch_size 16" in message
+    assert str(path) in message and "--arch vit_small --patch-size 16" in message
     assert "width 192, depth 12 and 16 px patches" in message
     assert "cls_token: checkpoint (1, 1, 384) vs model (1, 1, 192)" in message
     every = len(tiny.state_dict())  # every tensor's width differs
@@ -369,7 +370,7 @@ def test_a_pretraining_checkpoint_of_another_architecture_is_refused_with_both_n
 
     # a file without args still says what the backbone expects
     torch.save({"teacher": small.dino_checkpoint(3)["teacher"]}, tmp_path / "bare.pth")
-    with pytest.raises(CheckpointError, match=r"(?s)bare\.pth: .*width 192.*another --arch or --patch_size"):
+    with pytest.raises(CheckpointError, match=r"(?s)bare\.pth: .*width 192.*another --arch or --patch-size"):
         load_pretrained_backbone(tiny, tmp_path / "bare.pth")
 
 

@@ -1,6 +1,7 @@
 """FaceGCD meta-architecture: shapes, determinism, trainable sets, checkpointing, state dicts, config inference."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -30,9 +31,10 @@ def test_shapes(make_model, batch):
     assert model.prefixes(tokens).shape == (12, 2, 2 * batch, 3, 4, 64)
     assert model.project(images).shape == (2 * batch, 128)
     out = model(images, torch.arange(batch), torch.ones(batch, dtype=torch.bool))
-    assert set(out) == {"loss", "loss_unsup", "loss_sup", "has_labelled", "labelled_fraction"} and torch.isfinite(
-        out["loss"]
-    )
+    assert set(out) == {"loss", "loss_unsup", "loss_sup", "labelled_fraction", "batches_without_labels"}
+    assert torch.isfinite(out["loss"]) and out["batches_without_labels"].item() == 0.0
+    unlabelled = model(images, torch.arange(batch), torch.zeros(batch, dtype=torch.bool))
+    assert unlabelled["batches_without_labels"].item() == 1.0 and unlabelled["loss_sup"].item() == 0.0
     features = model.eval().extract_features(images)
     assert features.shape == (2 * batch, 192)
     torch.testing.assert_close(features.norm(dim=-1), torch.ones(2 * batch))
@@ -127,7 +129,7 @@ def test_state_dict_round_trip(make_model, images, tmp_path):
     torch.save({"state_dict": model.state_dict(), "model_config": model.cfg.to_dict()}, tmp_path / "ckpt.pth")
 
     saved = torch.load(tmp_path / "ckpt.pth", map_location="cpu", weights_only=True)
-    restored = make_model(**ModelConfig.from_dict(saved["model_config"]).to_dict()).eval()
+    restored = make_model(**dataclasses.asdict(ModelConfig.from_dict(saved["model_config"]))).eval()
     with torch.no_grad():  # move every parameter and buffer (eval prompts included) away from the saved values
         for value in restored.state_dict().values():
             value.add_(0.5)

@@ -1,4 +1,4 @@
-"""LAFS's view front end: landmarks from the clean crop, 5 px jitter, 36-landmark local mosaics (docs/pretraining.md)."""
+"""LAFS's view front end: landmarks from the clean crop, 5 px jitter, 36-landmark local mosaics (pretraining.md)."""
 
 import dataclasses
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from cli_helpers import load_worker, run_torchrun_worker
 from model.margin_heads import build_margin_head
 from model.partial_fc import INIT_BLOCK, PartialFC
-from utils.kmeans import contiguous_shard
+from utils.distributed import contiguous_shard
 
 WORKER = Path(__file__).with_name("_partial_fc_dist_worker.py")
 worker = load_worker(WORKER)

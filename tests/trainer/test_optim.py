@@ -73,7 +73,10 @@ def test_resolve_lr_rules():
     assert resolve_lr(None, 0.1, 128, "sgd") == pytest.approx(0.05)
     assert resolve_lr(None, 1e-3, 1024, "adamw") == pytest.approx(2e-3)  # sqrt(1024 / 256)
     assert resolve_lr(None, 1e-3, 1024, "adamw", lr_base_scale="linear") == pytest.approx(4e-3)
-    with pytest.raises(ValueError, match="lr-base-scale"):
+    assert resolve_lr(None, 5e-4, 64, "adamw", lr_base_scale="linear") == pytest.approx(1.25e-4)  # DINO at batch 64
+    assert resolve_lr(None, 0.1, 64, "sgd", lr_base_scale="sqrt") == pytest.approx(0.05)
+    assert resolve_lr(None, 0.1, 4096, "sgd", lr_base_scale="none") == 0.1  # arcface_torch: lr is absolute
+    with pytest.raises(ValueError, match="scaling rule"):
         resolve_lr(None, 0.1, 256, "sgd", lr_base_scale="cubic")
 
 

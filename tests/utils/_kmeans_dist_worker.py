@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from utils.distributed import all_gather_variable, cleanup, init_distributed, is_primary
-from utils.kmeans import contiguous_shard, kmeans, semi_supervised_kmeans
+from utils.distributed import all_gather_variable, cleanup, contiguous_shard, init_distributed, is_primary
+from utils.kmeans import kmeans, semi_supervised_kmeans
 
 
 def make_blobs(num_classes: int = 12, per_class: int = 40, dim: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:

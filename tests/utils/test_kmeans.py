@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import utils.kmeans as kmeans_module
-from utils.kmeans import assign_to_centres, contiguous_shard, kmeans, semi_supervised_kmeans
+from utils.kmeans import assign_to_centres, kmeans, semi_supervised_kmeans
 from utils.evaluation.clustering import cluster_acc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -405,11 +405,6 @@ def test_not_enough_unlabelled_points():
     lab = torch.tensor([True, True, True, True, False, False])
     with pytest.raises(ValueError, match="at least 3 unlabelled points"):
         semi_supervised_kmeans(x, 4, torch.tensor([0, 0, 0, 0, 1, 1]), lab, progress=False)
-
-
-def test_contiguous_shards_cover_all_rows():
-    parts = [contiguous_shard(10, r, 3) for r in range(3)]
-    assert [(p.start, p.stop) for p in parts] == [(0, 3), (3, 6), (6, 10)]
 
 
 def free_port() -> int:

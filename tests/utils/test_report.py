@@ -63,4 +63,4 @@ def test_a_folder_without_results_names_what_was_looked_for(tmp_path):
         report.find_results(tmp_path / "untrained")
     message = str(exc.value)
     assert f"neither {tmp_path / 'untrained' / 'ssk'}/<run>/ssk_results.json" in message
-    assert f"run SSK.py --save_dir {tmp_path} --experiment_idx untrained first" in message
+    assert f"run SSK.py --save-dir {tmp_path} --experiment-idx untrained first" in message

@@ -47,11 +47,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data_loader.face_align import ALIGNED_SIZE, align_face
-from data_loader.verification import DECODE_ERRORS
 from utils.checkpoint import atomic_write_text
 from utils.evaluation.pair_sets import image_to_array, stack_images
 from utils.evaluation.roc import DEFAULT_FARS, RocCurve, far_label, format_tar_table, plot_roc, roc_curve, tar_at_far
+from utils.face_align import ALIGNED_SIZE, align_face
+from utils.images import DECODE_ERRORS
 
 logger = logging.getLogger(__name__)
 

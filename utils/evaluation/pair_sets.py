@@ -44,8 +44,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data_loader.verification import DECODE_ERRORS
 from utils.checkpoint import _atomic_write
+from utils.images import DECODE_ERRORS
 
 logger = logging.getLogger(__name__)
 

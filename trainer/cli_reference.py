@@ -1,10 +1,10 @@
-"""Markdown reference of the three scripts' command-line options, generated from their argparse parsers.
+"""Markdown reference of the scripts' command-line options, generated from their argparse parsers.
 
 ``docs/cli.md`` is this module's output; a test compares the two, so the reference cannot drift from the code.
 
-    python -m utils.cli_reference                      # print the reference
-    python -m utils.cli_reference --write docs/cli.md  # regenerate the file
-    python -m utils.cli_reference --check docs/cli.md  # exit 1 when the file is out of date
+    python -m trainer.cli_reference                      # print the reference
+    python -m trainer.cli_reference --write docs/cli.md  # regenerate the file
+    python -m trainer.cli_reference --check docs/cli.md  # exit 1 when the file is out of date
 
 Each script gets one table per argument group, in the order of ``--help``: every spelling of each flag, the kind of
 value it takes, its default and its help text. Options whose help is ``argparse.SUPPRESS`` (flags accepted only so
@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOC_PATH = Path("docs") / "cli.md"
-REGENERATE_COMMAND = f"python -m utils.cli_reference --write {DOC_PATH.as_posix()}"
+REGENERATE_COMMAND = f"python -m trainer.cli_reference --write {DOC_PATH.as_posix()}"
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,10 @@ def _is_help(action: argparse.Action) -> bool:
 
 
 def _flags(action: argparse.Action) -> str:
-    names = action.option_strings or [action.dest]
-    return ", ".join(_code(name) for name in names)
+    """The flag's spellings: the canonical ones, then the accepted aliases (``utils.config.hide_alias_spellings``)."""
+    names = ", ".join(_code(name) for name in action.option_strings or [action.dest])
+    aliases = getattr(action, "aliases", [])
+    return names + (f" (also {', '.join(_code(alias) for alias in aliases)})" if aliases else "")
 
 
 def _value(action: argparse.Action) -> str:
@@ -150,23 +152,11 @@ def _group_title(group: argparse._ArgumentGroup) -> str:
     return _DEFAULT_GROUP_TITLES.get(group.title, group.title or "Options")
 
 
-def format_parser(parser: argparse.ArgumentParser, script: Script) -> str:
-    """Markdown section of one script: a heading, one table per argument group and the hidden flags.
-
-    Args:
-        parser: the script's (runtime) parser.
-        script: which script it is.
-
-    Returns:
-        The section, ending with a newline.
-    """
-    lines = [f"## `{script.file}`", "", f"{_escape(parser.prog)}: {script.summary}."]
-    if parser.description:
-        lines += ["", _escape(parser.description)]
-    if parser.epilog:
-        lines += ["", _escape(parser.epilog)]
+def _group_tables(parser: argparse.ArgumentParser, groups: Sequence[argparse._ArgumentGroup]) -> tuple[list, list]:
+    """Markdown tables of ``groups`` (one per group, in order) and the hidden flags among them."""
+    lines: list[str] = []
     hidden: list[str] = []
-    for group in parser._action_groups:
+    for group in groups:
         shown = []
         for action in group._group_actions:
             if _is_help(action):
@@ -184,12 +174,73 @@ def format_parser(parser: argparse.ArgumentParser, script: Script) -> str:
         for action in shown:
             cells = (_flags(action), _value(action), _format_default(action), _help(parser, action))
             lines.append("| " + " | ".join(cells) + " |")
-    if hidden:
-        lines += [
-            "",
-            "Also accepted without effect and hidden from `--help` (so that the reference release's commands run "
-            "unchanged): " + ", ".join(_code(flag) for flag in hidden) + ".",
+    return lines, hidden
+
+
+def _hidden_note(hidden: Sequence[str]) -> list[str]:
+    if not hidden:
+        return []
+    return [
+        "",
+        "Also accepted without effect and hidden from `--help` (so that the reference release's commands run "
+        "unchanged): " + ", ".join(_code(flag) for flag in hidden) + ".",
+    ]
+
+
+def format_parser(parser: argparse.ArgumentParser, script: Script) -> str:
+    """Markdown section of one script: a heading, one table per argument group and the hidden flags.
+
+    Args:
+        parser: the script's (runtime) parser.
+        script: which script it is.
+
+    Returns:
+        The section, ending with a newline.
+    """
+    lines = [f"## `{script.file}`", "", f"{_escape(parser.prog)}: {script.summary}."]
+    if parser.description:
+        lines += ["", _escape(parser.description)]
+    if parser.epilog:
+        lines += ["", _escape(parser.epilog)]
+    tables, hidden = _group_tables(parser, parser._action_groups)
+    return "\n".join(lines + tables + _hidden_note(hidden)) + "\n"
+
+
+def format_training(script: Script) -> str:
+    """Markdown section of ``train.py``: the flags every method shares (defaults: the default method's recipe), then
+    per registered method its summary, its recipe (the shared flags' defaults it sets) and its own flags."""
+    module = _import_script(script.module)
+    from trainer.methods import get_method, method_names
+    from trainer.optim import LR_SCALING_RULES
+
+    parsers = {name: runtime_parser(module.get_args_parser(name)) for name in method_names()}
+    titles = [{group.title for group in parser._action_groups} for parser in parsers.values()]
+    shared = set.intersection(*titles)
+    default = next(iter(parsers))
+    first = parsers[default]
+    lines = [
+        f"## `{script.file}`",
+        "",
+        f"{_escape(first.prog)}: {script.summary}. `train.py --method NAME --help` lists the flags of one method. "
+        "The flags below are shared by every method; their defaults are the default method's recipe, and each method "
+        "below sets its own (a flag of another method is an error).",
+    ]
+    tables, hidden = _group_tables(first, [g for g in first._action_groups if g.title in shared])
+    lines += tables + _hidden_note(hidden)
+    for name, parser in parsers.items():
+        method = get_method(name)
+        lines += ["", f"## `train.py --method {name}`", "", _escape(method.summary) + "."]
+        rule = LR_SCALING_RULES[method.lr_scaling]
+        lines += ["", f"Learning rate: {_escape(rule)}. Recipe (defaults of shared flags):", ""]
+        by_dest = {action.dest: action for action in parser._actions if action.option_strings}
+        recipe = [
+            f"{_code(by_dest[dest].option_strings[-1])} {_format_default(by_dest[dest])}"
+            for dest in method.recipe
+            if dest in by_dest and by_dest[dest].container.title in shared
         ]
+        lines.append(", ".join(recipe) + ".")
+        tables, _ = _group_tables(parser, [g for g in parser._action_groups if g.title not in shared])
+        lines += [line.replace("### ", "#### ", 1) if line.startswith("### ") else line for line in tables]
     return "\n".join(lines) + "\n"
 
 
@@ -205,19 +256,23 @@ def generate(scripts: Sequence[Script] = SCRIPTS) -> str:
     header = [
         "# Command-line reference",
         "",
-        "<!-- Generated by utils/cli_reference.py from the scripts' argparse parsers; do not edit by hand. -->",
+        "<!-- Generated by trainer/cli_reference.py from the scripts' argparse parsers; do not edit by hand. -->",
         "",
         f"Generated from the parsers of {', '.join(f'`{s.file}`' for s in scripts)}; do not edit this file by "
         f"hand. After changing a flag, regenerate it with `{REGENERATE_COMMAND}` "
-        "(`tests/utils/test_cli_reference.py` fails while it is out of date).",
+        "(`tests/trainer/test_cli_reference.py` fails while it is out of date).",
         "",
-        "Conventions: every spelling of a flag is listed (dashes and the reference release's underscores map to the "
-        "same option); *switch* means the flag takes no value; – means no default (unset). Every script also "
+        "Conventions: each flag is listed by its canonical, hyphenated spelling; the spellings after *also* (the "
+        "reference release's underscores) are accepted as the same option; *switch* means the flag takes no value; "
+        "– means no default (unset). Every script also "
         "accepts `-c/--config FILE`, a YAML mapping of option names (e.g. `lr_base` or `lr-base`) to values that "
         "replaces the defaults below; flags on the command line still win. How the options fit together is "
-        "described in [method.md](method.md).",
+        "described in [method.md](method.md); how a method plugs in, in [architecture.md](architecture.md).",
     ]
-    sections = [format_parser(script_parser(script), script) for script in scripts]
+    sections = [
+        format_training(script) if script.module == "train" else format_parser(script_parser(script), script)
+        for script in scripts
+    ]
     return "\n".join(header) + "\n\n" + "\n".join(sections)
 
 

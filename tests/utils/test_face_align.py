@@ -1,4 +1,4 @@
-"""Tests for data_loader/face_align.py: Umeyama similarity fit and the warp to the ArcFace template."""
+"""Tests for utils/face_align.py: Umeyama similarity fit and the warp to the ArcFace template."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_loader.face_align import (
+from utils.face_align import (
     ARCFACE_TEMPLATE_112,
     align_face,
     arcface_template,

@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from utils import cli_reference
-from utils.cli_reference import SCRIPTS, Script, format_parser, generate, runtime_parser, script_parser
+from trainer import cli_reference
+from trainer.cli_reference import (
+    SCRIPTS,
+    Script,
+    format_parser,
+    format_training,
+    generate,
+    runtime_parser,
+    script_parser,
+)
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 
@@ -40,24 +48,41 @@ def test_docs_cli_md_matches_the_parsers(generated):
         )
 
 
+def _documented(script: Script) -> list[tuple[argparse.ArgumentParser, str]]:
+    """(parser, the Markdown that documents it): train.py's shared section plus one method's section per method."""
+    if script.module != "train":
+        parser = script_parser(script)
+        return [(parser, format_parser(parser, script))]
+    import train
+    from trainer.methods import method_names
+
+    shared, *per_method = format_training(script).split("\n## `train.py --method ")
+    sections = dict(zip(method_names(), per_method))
+    separator = "\n## `train.py --method "
+    return [
+        (runtime_parser(train.get_args_parser(name)), shared + separator + sections[name]) for name in method_names()
+    ]
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.file)
 def test_every_visible_spelling_is_documented_and_hidden_ones_are_not_tabled(generated, script):
-    parser = script_parser(script)
-    section = format_parser(parser, script)
-    assert section in generated
-    table_rows = [line for line in section.splitlines() if line.startswith("| `")]
-    for action in parser._actions:
-        if isinstance(action, argparse._HelpAction):
-            continue
-        for flag in action.option_strings:
-            rows = [row for row in table_rows if f"`{flag}`" in row.split(" | ")[0]]
-            if action.help == argparse.SUPPRESS:
-                assert not rows, f"{script.file}: hidden flag {flag} appears in a table"
-                assert f"`{flag}`" in section, f"{script.file}: hidden flag {flag} is not named"
-            else:
-                assert len(rows) == 1, f"{script.file}: {flag} documented {len(rows)} times"
-    assert "==SUPPRESS==" not in section
-    assert "`-c`, `--config`" in section  # added at run time where a parser lacks it
+    for parser, section in _documented(script):
+        assert section.split("\n## `train.py --method ")[0] in generated
+        table_rows = [line for line in section.splitlines() if line.startswith("| `")]
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            for flag in action.option_strings:
+                rows = [row for row in table_rows if f"`{flag}`" in row.split(" | ")[0]]
+                if action.help == argparse.SUPPRESS:
+                    assert not rows, f"{script.file}: hidden flag {flag} appears in a table"
+                    assert f"`{flag}`" in section, f"{script.file}: hidden flag {flag} is not named"
+                else:
+                    assert len(rows) == 1, f"{script.file}: {flag} documented {len(rows)} times"
+                    for alias in getattr(action, "aliases", []):
+                        assert f"`{alias}`" in rows[0], f"{script.file}: alias {alias} of {flag} is not listed"
+        assert "==SUPPRESS==" not in section
+        assert "`-c`, `--config`" in section  # added at run time where a parser lacks it
 
 
 def test_formatting_of_values_defaults_and_help():

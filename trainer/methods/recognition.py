@@ -1,0 +1,178 @@
+"""Margin-softmax recognition (``--method recognition``): an embedding backbone trained with a margin head over
+Partial FC class centres (docs/recognition.md), on a GFD benchmark's labelled identities (the ArcFace baseline) or on a
+whole identity-labelled set. Part fViT is this method with ``--landmark-cnn``. Its recipe is arcface_torch's."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from data_loader.recognition import (
+    RECOGNITION_SETS,
+    identity_training_set,
+    labelled_training_set,
+    recognition_data_path,
+)
+from data_loader.sampler import ShuffleSampler
+from model.backbones import IRESNET_ARCHS
+from model.landmark import load_landmark_weights
+from model.margin_heads import MARGIN_HEADS
+from model.recognition import FaceRecognizer, RecognitionConfig, build_recognizer, recognizer_from_checkpoint
+from trainer.args import add_landmark_args, parse_head_arg
+from trainer.data import data_config, load_datasets
+from trainer.methods.base import VIT_ARCHS, Method, MethodSetup, register_method
+from trainer.validation import clustering_validation
+from utils.checkpoint import load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+# arcface_torch's optimiser recipe per backbone family (configs/*_r50.py and *_vit_*.py): lr is absolute.
+IRESNET_RECIPE = {"opt": "sgd", "lr_base": 0.1, "weight_decay": 5e-4}
+VIT_RECIPE = {"opt": "adamw", "lr_base": 1e-3, "weight_decay": 0.1}
+
+
+@register_method
+class RecognitionMethod(Method):
+    """Margin-softmax identity classification; a GFD benchmark trains on D_L and validates by clustering."""
+
+    name = "recognition"
+    config_class = RecognitionConfig
+    summary = (
+        "margin-softmax identity classification (ArcFace, CosFace, AdaFace, GB-CosFace over Partial FC): the "
+        "ArcFace baseline on a benchmark's labelled identities, or a whole recognition_folders/recognition_recordio "
+        "set; Part fViT with --landmark-cnn"
+    )
+    archs = VIT_ARCHS + IRESNET_ARCHS
+    lr_scaling = "none"
+    recipe = {
+        "arch": "iresnet50",
+        **IRESNET_RECIPE,
+        "momentum": 0.9,
+        "epochs": 20,
+        "warmup_epochs": 0,
+        "warmup_lr": 0.0,
+        "min_lr": 0.0,
+        "batch_size": 128,
+    }
+
+    @classmethod
+    def add_args(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group(
+            "Recognition (--method recognition)",
+            "Recipe (arcface_torch): IResNets SGD lr 0.1, weight decay 5e-4, no warm-up; ViTs AdamW lr 1e-3, weight "
+            "decay 0.1, warm-up over a tenth of the epochs. --lr-base is the learning rate itself (not scaled with "
+            "the batch), as arcface_torch's lr is.",
+        )
+        group.add_argument(
+            "--head", choices=tuple(MARGIN_HEADS), default="arcface", help="margin head (default: %(default)s)"
+        )
+        group.add_argument(
+            "--head-args",
+            nargs="*",
+            type=parse_head_arg,
+            default=[],
+            metavar="NAME=VALUE",
+            help="overrides of the head's defaults, e.g. s=64 m2=0.5 (names: the head class's arguments) "
+            "(default: none)",
+        )
+        group.add_argument(
+            "--sample-rate",
+            type=float,
+            default=1.0,
+            help="Partial FC: fraction of each rank's class centres in the softmax, positives always kept "
+            "(default: %(default)s)",
+        )
+        group.add_argument("--embedding-size", type=int, default=512, help="embedding dimension (default: %(default)s)")
+        group.add_argument(
+            "--dropout", type=float, default=0.0, help="IResNet dropout before the feature layer (default: %(default)s)"
+        )
+        group.add_argument(
+            "--landmark-regularisation",
+            action="store_true",
+            help="with --landmark-cnn (Part fViT): LAFS fine-tuning, the learned landmarks are pulled towards those "
+            "of the initial --landmark-weights by an MSE weighted 1000/100/1/0.11/0 over epochs 0-7/8-13/14-20/21-27/"
+            "28+ (default: off)",
+        )
+        add_landmark_args(
+            parser,
+            switch=True,
+            help_weights="initial landmark CNN of Part fViT in the reference key format; random when the file does "
+            "not exist (default: %(default)s)",
+        )
+
+    @classmethod
+    def resolve_args(cls, args: argparse.Namespace, explicit: set[str]) -> None:
+        if args.arch not in IRESNET_ARCHS:
+            for dest, value in VIT_RECIPE.items():
+                if dest not in explicit:
+                    setattr(args, dest, value)
+            if "warmup_epochs" not in explicit:
+                args.warmup_epochs = args.epochs // 10
+
+    @classmethod
+    def build(cls, args: argparse.Namespace, image_size: int) -> MethodSetup:
+        if args.dataset in RECOGNITION_SETS:
+            data = identity_training_set(args.dataset, recognition_data_path(args), image_size)
+            settings = data.facts
+        else:
+            datasets = load_datasets(args, image_size)
+            data = labelled_training_set(datasets, image_size)
+            settings = {**data_config(args, datasets, image_size), **data.facts}
+        config = RecognitionConfig(
+            arch=args.arch,
+            img_size=image_size,
+            patch_size=args.patch_size,
+            embedding_size=args.embedding_size,
+            num_classes=data.num_classes,
+            head=args.head,
+            head_args=dict(args.head_args),
+            sample_rate=args.sample_rate,
+            dropout=args.dropout,
+            landmark_cnn=args.landmark_cnn,
+            landmark_tiles=args.landmark_tiles,
+            landmark_regularisation=args.landmark_regularisation,
+        )
+        model = build_recognizer(
+            config, args.pretrained_weights, args.checkpoint_key, weights_only=not args.unsafe_load
+        )
+        if model.front_end is not None:
+            _initial_landmarks(model, args)
+        if args.initial_checkpoint:
+            model.load_checkpoint_state_dict(
+                load_checkpoint(args.initial_checkpoint, weights_only=not args.unsafe_load)["state_dict"]
+            )
+        gcd = data.gcd
+        return MethodSetup(
+            model=model,
+            model_config=config.to_dict(),
+            train_set=data.train,
+            sampler=ShuffleSampler(len(data.train), seed=args.seed),
+            data_config=settings,
+            **clustering_validation(gcd),
+            description=f"{args.dataset}: {data.num_classes} identities, {len(data.train)} training images"
+            + ("" if gcd is None else f" (the labelled subset D_L; validation clusters {gcd.num_classes} classes)"),
+        )
+
+    @classmethod
+    def load_for_embedding(
+        cls, ckpt: dict[str, Any], path: str | Path, *, weights_only: bool, flags: argparse.Namespace | None = None
+    ) -> FaceRecognizer:
+        return recognizer_from_checkpoint(ckpt, path)
+
+
+def _initial_landmarks(model: FaceRecognizer, args: argparse.Namespace) -> None:
+    """Part fViT's landmark CNN starts from ``--landmark-weights`` when that file exists (required for LAFS
+    fine-tuning, whose regularisation pulls towards it), else from its random initialisation."""
+    path = Path(args.landmark_weights)
+    if path.is_file():
+        load_landmark_weights(path, model.front_end, weights_only=not args.unsafe_load)
+        logger.info("Part fViT: landmark CNN from %s", path)
+    elif args.landmark_regularisation:
+        raise FileNotFoundError(
+            f"--landmark-regularisation pulls towards --landmark-weights {path}, which does not exist"
+        )
+    else:
+        logger.info("Part fViT: landmark CNN from its random initialisation (no file at --landmark-weights %s)", path)
+    model.freeze_reference_landmarks()
