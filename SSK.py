@@ -40,6 +40,7 @@ feature and centre files, ``--K auto`` and the report are ``utils.ssk``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -49,19 +50,19 @@ from pathlib import Path
 
 import torch
 
-from data_loader import DatasetError
 from trainer.args import (
     add_checkpoint_data_args,
     add_compat_args,
     add_data_args,
     add_runtime_args,
-    explicit_dests,
+    parse_recording_explicit,
     log_ignored_flags,
+    positive_int,
 )
 from trainer.cli import add_checkpoint_model_args
-from trainer.data import DataConfigError, apply_data_config
-from utils.checkpoint import CheckpointError, atomic_save, atomic_write_text
-from utils.config import hide_alias_spellings, parse_args_with_config
+from trainer.data import apply_data_config
+from utils.checkpoint import atomic_save, atomic_write_text
+from utils.config import hide_alias_spellings
 from utils.distributed import (
     all_gather_variable,
     cleanup,
@@ -75,9 +76,19 @@ from utils.k_estimation import SEARCHES, plot_k_estimation
 from utils.kmeans import INITS, KMeansResult, assign_to_centres, kmeans, semi_supervised_kmeans
 from utils.logging import setup_logging
 from utils.report import DEFAULT_RUN, RESULTS_FILE, SSK_SUBDIR, ReportInputError, ssk_run_dir
+from utils.cli_errors import exit_code
+from utils.output_sets import (
+    OUTPUT_ID_KEY,
+    check_output_ids,
+    new_output_id,
+    refuse_complete_output,
+    withdraw_manifest,
+)
+from utils.run_lock import RunLock
 from utils.ssk import (
     AUTO_K,
     K_ESTIMATION_KEY,
+    check_feature_set,
     SPLITS,
     MissingInputError,
     Protocol,
@@ -106,19 +117,19 @@ def int_or_auto(value: str) -> int | str:
     if value.strip().lower() == AUTO_K:
         return AUTO_K
     try:
-        k = int(value)
-    except ValueError:
-        k = 0
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or '{AUTO_K}', got {value!r}")
-    return k
+        return positive_int(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or '{AUTO_K}', got {value!r}") from None
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The SSK parser; the dataset and model groups matter only when features are computed in memory."""
     parser = argparse.ArgumentParser(
-        "FaceGCD semi-supervised k-means",
+        prog="SSK.py",
+        description="Semi-supervised k-means on extracted features (or features computed from --checkpoint-weights), "
+        "scored with the GCD metrics and the face-clustering F-scores.",
         add_help=add_help,
+        allow_abbrev=False,
         epilog=(
             f"Outputs go to <save_dir>/<experiment_idx>/{SSK_SUBDIR}/<experiment>/ ({RESULTS_FILE}, "
             f"{PREDICTIONS_FILE}, {CENTRES_FILE}, {TSNE_FILE}, with --K auto {K_ESTIMATION_FILE}): --experiment names "
@@ -153,7 +164,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--checkpoint_weights",
         dest="checkpoint_weights",
         default=None,
-        help="compute missing features in memory with this checkpoint (as extract_features.py does)",
+        help="compute missing features in memory with this checkpoint, as extract_features.py does (default: none: "
+        "missing features are an error)",
     )
     group.add_argument(
         "--unsafe-load",
@@ -174,7 +186,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--max-kmeans-iter",
         "--max_kmeans_iter",
         dest="max_kmeans_iter",
-        type=int,
+        type=positive_int,
         default=500,
         help="Lloyd iteration cap per restart (default: 500)",
     )
@@ -183,7 +195,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--k_means_init",
         "--k-means-init",
         dest="k_means_init",
-        type=int,
+        type=positive_int,
         default=10,
         metavar="N",
         help="k-means restarts, each seeded by --kmeans-seeding; the lowest inertia wins (default: 10)",
@@ -217,6 +229,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
             f"test: start one Lloyd run from the run folder's {CENTRES_FILE}, which must have been fitted on the "
             "same training features with the same protocol (default: train)"
         ),
+    )
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --ssk-mode train, replace the complete results of an earlier run in the run folder (default: off; "
+        "--ssk-mode test always rewrites the results and predictions of the centres it starts from)",
     )
     group.add_argument(
         "--no-plots",
@@ -264,7 +282,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--k-estimation-init",
         "--k_estimation_init",
         dest="k_estimation_init",
-        type=int,
+        type=positive_int,
         default=K_ESTIMATION_INIT,
         help=f"k-means restarts per candidate K, seeded by --kmeans-seeding from --seed (default: {K_ESTIMATION_INIT})",
     )
@@ -332,6 +350,7 @@ def load_features(args: argparse.Namespace, device: torch.device) -> tuple[dict[
     else:
         splits = {split: load_split(path) for split, path in paths.items()}
         sources = {split: str(path) for split, path in paths.items()}
+        check_feature_set(folder, splits)
     splits = validate_splits(splits, sources)
     _check_data_flags(args, splits["train"]["meta"], sources["train"])
     return splits, sources
@@ -414,6 +433,20 @@ def _plain(value):
     return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
+def check_finished_fit(out_dir: Path) -> None:
+    """The centres in ``out_dir`` must come from a run that finished: its ``ssk_results.json`` carries the centres'
+    output id (centres written before ids existed are not checked).
+
+    Raises:
+        IncompleteOutputError: the centres belong to a run that did not finish, or to another run than the results.
+    """
+    payload = torch.load(out_dir / CENTRES_FILE, map_location="cpu", weights_only=True, mmap=True)
+    centres_id = payload.get(OUTPUT_ID_KEY) if isinstance(payload, dict) else None
+    results = out_dir / RESULTS_FILE
+    stored = json.loads(results.read_text(encoding="utf-8")).get(OUTPUT_ID_KEY) if results.is_file() else None
+    check_output_ids(stored, {CENTRES_FILE: centres_id}, out_dir, "run SSK.py --ssk-mode train (--overwrite) first")
+
+
 def run(args: argparse.Namespace, device: torch.device) -> dict:
     """Load, cluster, score and (rank 0) write; returns the results dict."""
     start = time.perf_counter()
@@ -456,6 +489,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     init_centres = None
     if args.ssk_mode == "test":
         init_centres = load_centres(out_dir / CENTRES_FILE, fingerprint, k, protocol)
+        check_finished_fit(out_dir)
         logger.info("starting from the centres in %s", out_dir / CENTRES_FILE)
     logger.info(
         "%s protocol: K=%d, M=%d, %d train / %d test images, world size %d",
@@ -504,6 +538,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
         "output_dir": str(out_dir),
         "args": {k_: _plain(v) for k_, v in vars(args).items()},
         "seconds": time.perf_counter() - start,
+        OUTPUT_ID_KEY: new_output_id(),
     }
     print(format_report(results, protocol), flush=True)
     predictions = {
@@ -515,8 +550,11 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
         "label": torch.cat([train["labels"], test["labels"]]).long(),
         "cluster": torch.cat([train_pred, test_pred]),
         "labelled": torch.cat([train["labelled_mask"], test["labelled_mask"]]),
+        OUTPUT_ID_KEY: results[OUTPUT_ID_KEY],
     }
-    save_centres(out_dir / CENTRES_FILE, result.centres, fingerprint, protocol)
+    # one output set (utils.output_sets): the results are the manifest, withdrawn first and written last
+    withdraw_manifest(out_dir / RESULTS_FILE)
+    save_centres(out_dir / CENTRES_FILE, result.centres, fingerprint, protocol, results[OUTPUT_ID_KEY])
     atomic_save(predictions, out_dir / PREDICTIONS_FILE)
     atomic_write_text(out_dir / RESULTS_FILE, json.dumps(results, indent=2))
     if not args.no_plots:
@@ -530,26 +568,29 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run SSK; bad input ends with one error message and exit code 2."""
+    """Run SSK in its locked run folder; bad input ends with one error message and exit code 2."""
     device = init_distributed(args.device)
     setup_logging(rank=get_rank())
     log_ignored_flags(args)
+
+    def locked_run() -> int:
+        if args.ssk_mode == "train":
+            refuse_complete_output(output_dir(args) / RESULTS_FILE, args.overwrite, "SSK results")
+        with RunLock(output_dir(args), "SSK run folder") if is_primary() else contextlib.nullcontext():
+            run(args, device)
+        return 0
+
     try:
-        run(args, device)
-    except (SSKInputError, MissingInputError, DataConfigError, DatasetError, CheckpointError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        return 2
+        return exit_code(locked_run, logger)
     finally:
         cleanup()
-    return 0
 
 
 def cli(argv: list[str] | None = None) -> int:
     """The command line: parse ``argv`` (default: ``sys.argv[1:]``), remember which flags it set, run SSK."""
+    setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args_with_config(get_args_parser(), argv)
-    args.explicit_flags = sorted(explicit_dests(get_args_parser(), argv))
-    return main(args)
+    return exit_code(lambda: main(parse_recording_explicit(get_args_parser, argv)), logger)
 
 
 if __name__ == "__main__":

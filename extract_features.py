@@ -14,6 +14,7 @@ order, no padded duplicates, and ``extraction.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -24,25 +25,36 @@ from typing import Any
 
 import torch
 
-from data_loader import DatasetError
 from trainer.args import (
     add_checkpoint_data_args,
     add_compat_args,
     add_data_args,
     add_runtime_args,
-    explicit_dests,
+    parse_recording_explicit,
     image_size_from_args,
     log_ignored_flags,
 )
 from trainer.cli import DEFAULT_METHOD, add_checkpoint_model_args
-from trainer.data import DataConfigError, apply_data_config, check_listing, data_config, load_datasets
+from data_loader.transforms import GCD_PRESET
+from trainer.data import (
+    DataConfigError,
+    apply_data_config,
+    check_listing,
+    data_config,
+    load_datasets,
+    take_input_preset,
+)
 from trainer.features import embed_dataset
 from trainer.methods import get_method, method_of_checkpoint
 from trainer.precision import resolve_precision
 from utils.checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
-from utils.config import hide_alias_spellings, parse_args_with_config
+from utils.config import hide_alias_spellings
 from utils.distributed import cleanup, get_rank, get_world_size, init_distributed, is_primary
+from utils.cli_errors import exit_code
 from utils.logging import setup_logging
+from utils.output_sets import OUTPUT_ID_KEY, move_aside, new_output_id, refuse_complete_output, withdraw_manifest
+from utils.report import EXTRACTION_MANIFEST, SSK_SUBDIR
+from utils.run_lock import RunLock
 
 logger = logging.getLogger("extract_features")
 
@@ -67,7 +79,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         add_help=add_help,
         allow_abbrev=False,
     )
-    parser.add_argument("-c", "--config", default="", help="YAML file whose keys set parser defaults")
+    parser.add_argument("-c", "--config", default="", help="YAML file whose keys set parser defaults (default: none)")
     add_data_args(parser)
     add_checkpoint_data_args(parser)
     add_checkpoint_model_args(parser)
@@ -78,7 +90,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--checkpoint_weights",
         dest="checkpoint_weights",
         default=None,
-        help="trained checkpoint (model_best.pth.tar); without it the untrained model is used",
+        help="trained checkpoint (model_best.pth.tar) (default: none: the untrained model is used)",
     )
     group.add_argument(
         "--save-dir",
@@ -92,6 +104,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         choices=("model", "pixels"),
         default="model",
         help="model = prefixed-backbone CLS; pixels = raw-pixel baseline (16x16 RGB) (default: model)",
+    )
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a complete earlier extraction in the folder (its SSK results are moved aside) (default: off)",
     )
     group.add_argument("--save-images", action="store_true", help=argparse.SUPPRESS)
     group.add_argument(
@@ -128,11 +145,23 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
                 getattr(config, flag),
             )
     _check_front_end(args, bool(getattr(config, "landmark_cnn", False)))
-    source = {"checkpoint": str(args.checkpoint_weights), "epoch": ckpt.get("epoch")}
     stored_data = ckpt.get("data_config") or {}
+    source = {
+        "checkpoint": str(args.checkpoint_weights),
+        "epoch": ckpt.get("epoch"),
+        "input_preset": stored_data.get("input_preset", GCD_PRESET),  # files before presets used the gcd one
+    }
     if stored_data.get("train_set") == "all":
+        if not {"dataset", "data_path"} & explicit:
+            raise DataConfigError(
+                f"{args.checkpoint_weights} was trained on a whole identity set ({stored_data.get('dataset')} at "
+                f"{stored_data.get('data_path')}), not on a GFD benchmark, so it names no benchmark to extract: pass "
+                "--dataset and --data-path of the benchmark whose images to embed"
+            )
         logger.info(
-            "%s was trained on a whole identity set: the data flags choose the benchmark", args.checkpoint_weights
+            "%s was trained on a whole identity set: --dataset %s chooses the benchmark",
+            args.checkpoint_weights,
+            args.dataset,
         )
     else:
         source["data_config"] = ckpt.get("data_config")
@@ -157,7 +186,7 @@ def explicit_flags(args: argparse.Namespace) -> set[str]:
 
 
 def _describe_data(stored: dict) -> str:
-    keys = ("dataset", "data_path", "prop_train_labels", "split_seed", "num_known", "image_size")
+    keys = ("dataset", "data_path", "prop_train_labels", "split_seed", "num_known", "image_size", "input_preset")
     return ", ".join(f"{k}={stored[k]}" for k in keys if k in stored)
 
 
@@ -187,6 +216,7 @@ def compute_split_features(args: argparse.Namespace, device: torch.device | None
         given_size = image_size_from_args(args) if "input_size" in explicit else None
         apply_data_config(args, stored, explicit, source["checkpoint"], given_size)
         logger.info("data settings from %s: %s", source["checkpoint"], _describe_data(stored))
+    take_input_preset(args, source.get("input_preset"), explicit_flags(args), source["checkpoint"])
     datasets = load_datasets(args, image_size)
     if stored:
         check_listing(datasets, stored, source["checkpoint"])
@@ -236,37 +266,54 @@ def compute_split_features(args: argparse.Namespace, device: torch.device | None
     return out
 
 
+def write_feature_set(save_dir: Path, features: dict[str, dict], overwrite: bool) -> None:
+    """Write ``features_{train,test}.pt`` and, last, their manifest ``extraction.json``, all with one output id
+    (``utils.output_sets``). Replacing a set withdraws its manifest first and moves the SSK results computed from it
+    (``ssk/``) aside."""
+    manifest = save_dir / EXTRACTION_MANIFEST
+    if manifest.exists():
+        withdraw_manifest(manifest)
+        move_aside(save_dir / SSK_SUBDIR, "SSK results of the features being replaced")
+    output_id = new_output_id()
+    for split, payload in features.items():
+        payload["meta"][OUTPUT_ID_KEY] = output_id
+        atomic_save(payload, save_dir / f"features_{split}.pt")
+    description = {split: dict(payload["meta"], rows=len(payload["uq_idx"])) for split, payload in features.items()}
+    description[OUTPUT_ID_KEY] = output_id
+    atomic_write_text(manifest, json.dumps(description, indent=2, default=str))
+    logger.info("wrote %s", ", ".join(str(save_dir / f"features_{s}.pt") for s in features))
+
+
 def main(args: argparse.Namespace) -> int:
-    """Extract and write the features; returns the exit code."""
+    """Extract and write the features; bad input ends with one error message and exit code 2.
+
+    The features folder is locked for the run (``utils.run_lock``); a folder holding a complete extraction is
+    refused unless ``--overwrite`` is given.
+    """
     device = init_distributed(args.device)
     save_dir = Path(args.save_dir) / (args.experiment or "features")
-    setup_logging(save_dir if is_primary() else None, rank=get_rank())
-    log_ignored_flags(args)
+
+    def locked_run() -> int:
+        refuse_complete_output(save_dir / EXTRACTION_MANIFEST, args.overwrite, "features")
+        with RunLock(save_dir, "features folder") if is_primary() else contextlib.nullcontext():
+            setup_logging(save_dir if is_primary() else None, rank=get_rank())
+            log_ignored_flags(args)
+            features = compute_split_features(args, device)
+            if is_primary():
+                write_feature_set(save_dir, features, args.overwrite)
+        return 0
+
     try:
-        features = compute_split_features(args, device)
-    except (DataConfigError, DatasetError, CheckpointError, FileNotFoundError) as err:
-        logger.error("%s", err)
+        return exit_code(locked_run, logger)
+    finally:
         cleanup()
-        return 2
-    if is_primary():
-        for split, payload in features.items():
-            atomic_save(payload, save_dir / f"features_{split}.pt")
-        description = {
-            split: {k: v for k, v in payload["meta"].items()} | {"rows": len(payload["uq_idx"])}
-            for split, payload in features.items()
-        }
-        atomic_write_text(save_dir / "extraction.json", json.dumps(description, indent=2, default=str))
-        logger.info("wrote %s", ", ".join(str(save_dir / f"features_{s}.pt") for s in features))
-    cleanup()
-    return 0
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """The command line: parse ``argv`` (default: ``sys.argv[1:]``), remember which flags it set, extract."""
+    setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args_with_config(get_args_parser(), argv)
-    args.explicit_flags = sorted(explicit_dests(get_args_parser(), argv))
-    return main(args)
+    return exit_code(lambda: main(parse_recording_explicit(get_args_parser, argv)), logger)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from data_loader import DatasetError
 from trainer.cli import DEFAULT_METHOD, get_train_parser, parse_train_args
 from trainer.loop import train
-from utils.checkpoint import CheckpointError
+from utils.cli_errors import exit_code
 from utils.logging import setup_logging
 
 logger = logging.getLogger("train")
@@ -30,15 +29,15 @@ def get_args_parser(method: str = DEFAULT_METHOD, add_help: bool = True) -> argp
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default: the command line) and train; bad input (flags, files, data) ends with one error
-    message and exit status 2."""
+    """Parse ``argv`` (default: the command line) and train; bad input (flags, files, data, a folder in use) ends
+    with one error message and exit status 2."""
     setup_logging()  # console until the run folder is known: errors in the flags are logged too
-    try:
+
+    def run() -> int:
         args, method = parse_train_args(argv)
         return train(args, method)
-    except (ValueError, FileNotFoundError, CheckpointError, DatasetError) as err:
-        logger.error("%s", err)
-        return 2
+
+    return exit_code(run, logger)
 
 
 if __name__ == "__main__":

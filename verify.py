@@ -4,8 +4,9 @@
 Targets are insightface ``.bin`` pair sets (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW: 10-fold accuracy, VAL@FAR 1e-3) and
 IJB-B/C folders (``meta/`` + ``loose_crop/``: TAR@FAR 1e-6 ... 1e-1, a table and a ROC curve per benchmark). The
 checkpoint may come from any registered method that embeds images (recognition; FaceGCD: its prefixed ViT's CLS
-features). Results go to ``<checkpoint's folder>/verify/<checkpoint stem>/`` unless ``--output`` names a folder, so two
-checkpoints never overwrite each other's results.
+features), or be an insightface arcface_torch ``backbone.pth`` (IResNet-18/34/50/100), scored on insightface's input.
+Results go to ``<checkpoint's folder>/verify/<checkpoint stem>/`` unless ``--output`` names a folder, so two checkpoints
+never overwrite each other's results.
 
     python verify.py --checkpoint-weights output/train/arc/last.pth.tar --targets data/lfw.bin data/IJBB
     # -> output/train/arc/verify/last/ (results.json, IJB tables and ROC curves)
@@ -20,16 +21,24 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from data_loader import DatasetError
+import torch
+
+from data_loader.transforms import FACE_PRESET, GCD_PRESET
+from model.iresnet import load_arcface_torch_backbone
 from trainer.engine import evaluate_verification
 from trainer.methods import method_of_checkpoint
 from trainer.precision import resolve_precision
-from utils.checkpoint import CheckpointError, atomic_write_text, load_checkpoint
-from utils.config import hide_alias_spellings
+from utils.checkpoint import atomic_write_text, load_checkpoint
+from utils.cli_errors import exit_code
+from utils.config import hide_alias_spellings, parse_args_with_config
 from utils.distributed import init_distributed
 from utils.logging import setup_logging
+from utils.output_sets import refuse_complete_output, withdraw_manifest
+from utils.run_lock import RunLock
 
 logger = logging.getLogger("verify")
+
+RESULTS_FILE = "results.json"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -53,20 +62,64 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=None,
         help="folder of results.json, tables and ROC PNGs (default: <checkpoint folder>/verify/<checkpoint stem>)",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the complete results of an earlier verification in the output folder (default: off)",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward (default: %(default)s)")
+    parser.add_argument(
+        "-j", "--workers", type=int, default=4, help="DataLoader worker processes for IJB images (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--exact-roc",
+        action="store_true",
+        help="IJB TAR@FAR on the exact ROC instead of insightface's thinned one (sklearn's drop_intermediate) "
+        "(default: off)",
+    )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--amp", action="store_true", help="autocast the forward passes")
-    parser.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default=None, help="autocast dtype")
-    parser.add_argument("--unsafe-load", action="store_true", help="load the checkpoint with weights_only=False")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument("--amp", action="store_true", help="autocast the forward passes (default: off)")
+    parser.add_argument(
+        "--amp-dtype",
+        choices=("float16", "bfloat16"),
+        default=None,
+        help="autocast dtype (default: float16 on CUDA, bfloat16 on the CPU)",
+    )
+    parser.add_argument(
+        "--unsafe-load", action="store_true", help="load the checkpoint with weights_only=False (default: off)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars (default: bars on)")
     return hide_alias_spellings(parser)
 
 
-def load_model(path: str, weights_only: bool):
-    """The checkpoint's model, rebuilt by its registered method, and its input size."""
+class ArcFaceTorchBackbone(torch.nn.Module):
+    """An insightface arcface_torch ``backbone.pth`` (a bare IResNet state dict) as the protocols call a model."""
+
+    def __init__(self, path: str, weights_only: bool) -> None:
+        super().__init__()
+        self.net = load_arcface_torch_backbone(path, weights_only=weights_only)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's embeddings (B, E), not normalised, of face-preset images."""
+        return self.net(images)
+
+
+def is_arcface_torch_backbone(ckpt: dict) -> bool:
+    """A bare arcface_torch state dict: ``fc.weight`` and tensors only, no training-checkpoint entries."""
+    return "fc.weight" in ckpt and all(isinstance(value, torch.Tensor) for value in ckpt.values())
+
+
+def load_model(path: str, weights_only: bool) -> tuple[torch.nn.Module, int, str]:
+    """The checkpoint's model, rebuilt by its registered method, its input size and its input preset (``gcd`` for
+    files written before presets were stored). An arcface_torch ``backbone.pth`` is scored as insightface scores it:
+    the whole aligned crop, ``face`` preset."""
     ckpt = load_checkpoint(path, weights_only=weights_only, mmap=True)
+    if is_arcface_torch_backbone(ckpt):
+        model = ArcFaceTorchBackbone(path, weights_only)
+        return model, model.net.img_size, FACE_PRESET
     model = method_of_checkpoint(ckpt, path).load_for_embedding(ckpt, path, weights_only=weights_only)
-    return model, model.cfg.img_size
+    preset = (ckpt.get("data_config") or {}).get("input_preset", GCD_PRESET)
+    return model, model.cfg.img_size, preset
 
 
 def output_dir(args: argparse.Namespace) -> Path:
@@ -80,41 +133,63 @@ def output_dir(args: argparse.Namespace) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Score every target; returns the exit code."""
+    """Score every target into the locked output folder; bad input ends with one error message and exit code 2."""
+    return exit_code(lambda: _verify(args), logger)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """:func:`main`'s work."""
     for target in args.targets:
         if not (Path(target).is_dir() or (Path(target).suffix == ".bin" and Path(target).is_file())):
             raise ValueError(f"--targets {target}: expected an existing .bin pair set or IJB folder")
-    model, image_size = load_model(args.checkpoint_weights, weights_only=not args.unsafe_load)
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     out = output_dir(args)
-    setup_logging(out)
-    device = init_distributed(args.device)
-    precision = resolve_precision(args.amp, "native", args.amp_dtype, device)
-    results = evaluate_verification(
-        model.to(device),
-        args.targets,
-        image_size=image_size,
-        device=device,
-        precision=precision,
-        batch_size=args.batch_size,
-        output_dir=out,
-        progress=not args.no_progress,
-    )
-    for target, scores in results.items():
-        logger.info("%s: %s", target, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-    record = {"checkpoint": str(args.checkpoint_weights), "image_size": image_size, "results": results}
-    atomic_write_text(out / "results.json", json.dumps(record, indent=2))
-    logger.info("wrote %s", out / "results.json")
+    refuse_complete_output(out / RESULTS_FILE, args.overwrite, "verification results")
+    model, image_size, preset = load_model(args.checkpoint_weights, weights_only=not args.unsafe_load)
+    with RunLock(out, "verification folder"):
+        setup_logging(out)
+        withdraw_manifest(out / RESULTS_FILE)
+        device = init_distributed(args.device)
+        precision = resolve_precision(args.amp, "native", args.amp_dtype, device)
+        logger.info("%s: %d px, input preset %s", args.checkpoint_weights, image_size, preset)
+        results = evaluate_verification(
+            model.to(device),
+            args.targets,
+            image_size=image_size,
+            device=device,
+            precision=precision,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            exact_roc=args.exact_roc,
+            input_preset=preset,
+            output_dir=out,
+            progress=not args.no_progress,
+        )
+        for target, scores in results.items():
+            logger.info("%s: %s", target, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        record = {
+            "checkpoint": str(args.checkpoint_weights),
+            "image_size": image_size,
+            "input_preset": preset,
+            "exact_roc": args.exact_roc,
+            "results": results,
+        }
+        atomic_write_text(out / RESULTS_FILE, json.dumps(record, indent=2))
+        logger.info("wrote %s", out / RESULTS_FILE)
     return 0
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """The command line: bad input ends with one error message and exit code 2."""
+    """The command line (``-c/--config`` YAML defaults as in the other scripts): bad input ends with one error message
+    and exit code 2."""
     setup_logging()
     try:
-        return main(get_args_parser().parse_args(argv))
-    except (ValueError, FileNotFoundError, CheckpointError, DatasetError) as err:
-        logging.getLogger("verify").error("%s", err)
+        args = parse_args_with_config(get_args_parser(), argv)
+    except (ValueError, OSError) as err:  # an unreadable -c/--config file
+        logger.error("%s", err)
         return 2
+    return main(args)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from data_loader.recordio import RecordIOReader
 from data_loader.registry import BenchmarkSpec, DatasetError, KnownRule, Layout, get_spec
-from data_loader.transforms import EvalTransform, TrainTransform, TwoViewTransform
+from data_loader.transforms import GCD_PRESET, EvalTransform, TrainTransform, TwoViewTransform
 from data_loader.verification import VerifyGroup, find_corrupt, folder_group, recordio_group
 from utils.distributed import is_primary
 from utils.images import DECODE_ERRORS
@@ -144,10 +144,12 @@ class FileImageSource:
         """Where image ``i`` comes from (for messages)."""
         return self.paths[i]
 
-    def verify(self, i: int) -> None:
-        """Parse image ``i``'s header with PIL ``verify`` (raises PIL's error when it is not an image)."""
+    def verify(self, i: int) -> tuple[int, int]:
+        """Parse image ``i``'s header with PIL ``verify`` and return its (width, height) (raises PIL's error when it
+        is not an image)."""
         with Image.open(self.paths[i]) as img:
             img.verify()
+            return img.size
 
     def load(self, i: int) -> Image.Image:
         """Decode image ``i`` to RGB.
@@ -195,10 +197,12 @@ class RecordImageSource:
         """Where image ``i`` comes from (for messages)."""
         return f"{self.reader.rec_path} key {self.keys[i]}"
 
-    def verify(self, i: int) -> None:
-        """Parse image ``i``'s header with PIL ``verify`` (raises when the record is truncated or not an image)."""
+    def verify(self, i: int) -> tuple[int, int]:
+        """Parse image ``i``'s header with PIL ``verify`` and return its (width, height) (raises when the record is
+        truncated or not an image)."""
         with Image.open(io.BytesIO(self.reader.read(self.keys[i])[1])) as img:
             img.verify()
+            return img.size
 
     def load(self, i: int) -> Image.Image:
         """Decode image ``i`` to RGB (errors name the file and key)."""
@@ -560,10 +564,20 @@ def labelled_subset(train_labels: np.ndarray, num_known: int, prop_train_labels:
 
     Returns:
         Bool mask over the train listing.
+
+    Raises:
+        DatasetError: fewer images would be labelled than there are known classes (with none, the supervised
+            terms never run and SSK is plain k-means).
     """
     known_positions = np.flatnonzero(np.asarray(train_labels) < num_known)
     n_known = len(known_positions)
-    chosen = np.random.RandomState(seed).choice(n_known, int(prop_train_labels * n_known), replace=False)
+    n_labelled = int(prop_train_labels * n_known)
+    if n_labelled < num_known:
+        raise DatasetError(
+            f"--prop-train-labels {prop_train_labels} labels {n_labelled} of the {n_known} known-class training "
+            f"images, fewer than one per known class ({num_known} classes); raise it"
+        )
+    chosen = np.random.RandomState(seed).choice(n_known, n_labelled, replace=False)
     mask = np.zeros(len(train_labels), dtype=bool)
     mask[known_positions[chosen]] = True
     return mask
@@ -581,6 +595,7 @@ def build_gcd_datasets(
     verify_images: bool = True,
     osr_split_dir: str | os.PathLike | None = None,
     use_ssb_splits: bool = False,
+    input_preset: str = GCD_PRESET,
 ) -> GCDDatasets:
     """Read, check and split a benchmark (identical on every rank: it depends on seeds only).
 
@@ -603,6 +618,7 @@ def build_gcd_datasets(
             raise an error naming the file.
         osr_split_dir: folder of the class-split pickles (herbarium_19, ``use_ssb_splits``); default ``data_path``.
         use_ssb_splits: use the Semantic Shift Benchmark splits for cub, scars and aircraft.
+        input_preset: the transforms' preset, ``gcd`` or ``face`` (``data_loader.transforms``).
 
     Returns:
         The :class:`GCDDatasets`.
@@ -610,12 +626,13 @@ def build_gcd_datasets(
     Raises:
         DatasetError: unknown name, missing or inconsistent folders, wrong class count, ``num_known`` out of range or
             contradicting the benchmark, empty class folder, corrupt image (unless ``skip_corrupt``), truncated
-            RecordIO, missing class-split file.
+            RecordIO, missing class-split file, fewer labelled images than known classes.
     """
     spec = get_spec(name)
     if not 0.0 < prop_train_labels <= 1.0:
         raise DatasetError(f"prop_train_labels must be in (0, 1], got {prop_train_labels}")
-    train_tf, eval_tf = TwoViewTransform(TrainTransform(image_size)), EvalTransform(image_size)
+    train_tf = TwoViewTransform(TrainTransform(image_size, input_preset))
+    eval_tf = EvalTransform(image_size, input_preset)
     root = Path(data_path)
     progress = is_primary()
     split_dir = Path(osr_split_dir) if osr_split_dir is not None else None

@@ -34,7 +34,7 @@ from data_loader.datasets import (
 )
 from data_loader.recordio import RecordIOReader
 from data_loader.registry import DatasetError
-from data_loader.transforms import TrainTransform
+from data_loader.transforms import GCD_PRESET, TrainTransform
 from utils.distributed import is_primary
 
 logger = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ class RecognitionData:
     facts: dict[str, Any]
 
 
-def labelled_training_set(datasets: GCDDatasets, image_size: int) -> RecognitionData:
-    """D_L of a GFD benchmark, labelled by known class (0..N_old-1)."""
+def labelled_training_set(datasets: GCDDatasets, image_size: int, preset: str = GCD_PRESET) -> RecognitionData:
+    """D_L of a GFD benchmark, labelled by known class (0..N_old-1), through the ``preset`` training transform."""
     labelled = np.flatnonzero(datasets.labelled_mask.numpy())
     labels = datasets.train_labels.numpy()[labelled]
     if len(labelled) == 0 or int(labels.max()) >= datasets.num_known:
@@ -68,12 +68,12 @@ def labelled_training_set(datasets: GCDDatasets, image_size: int) -> Recognition
     missing = sorted(set(range(datasets.num_known)) - set(labels.tolist()))
     if missing:
         logger.warning("%d known classes have no labelled image; their centres get no positive", len(missing))
-    train = GCDDataset(datasets.train.source, labelled, labels, TrainTransform(image_size), Split.TRAIN)
+    train = GCDDataset(datasets.train.source, labelled, labels, TrainTransform(image_size, preset), Split.TRAIN)
     facts = {"train_set": "labelled", "num_recognition_classes": int(datasets.num_known)}
     return RecognitionData(train, int(datasets.num_known), datasets, facts)
 
 
-def _folder_set(root: Path, image_size: int) -> tuple[Dataset, int, str]:
+def _folder_set(root: Path, image_size: int, preset: str) -> tuple[Dataset, int, str]:
     if not root.is_dir():
         raise DatasetError(f"recognition_folders: {root} is not a folder (expected <data-path>/<identity>/*.jpg)")
     classes = list_class_dirs(root)
@@ -87,10 +87,10 @@ def _folder_set(root: Path, image_size: int) -> tuple[Dataset, int, str]:
         paths += [str(root / name / f) for f in files]
         labels += [label] * len(files)
     source = FileImageSource(paths)
-    return _plain(source, labels, image_size), len(classes), str(root)
+    return _plain(source, labels, image_size, preset), len(classes), str(root)
 
 
-def _recordio_set(root: Path, image_size: int) -> tuple[Dataset, int, str]:
+def _recordio_set(root: Path, image_size: int, preset: str) -> tuple[Dataset, int, str]:
     rec, idx = root / "train.rec", root / "train.idx"
     for path in (rec, idx):
         if not path.is_file():
@@ -103,26 +103,28 @@ def _recordio_set(root: Path, image_size: int) -> tuple[Dataset, int, str]:
     for label, identity in enumerate(sorted(groups)):
         keys += groups[identity]
         labels += [label] * len(groups[identity])
-    return _plain(RecordImageSource(reader, keys), labels, image_size), len(groups), str(rec)
+    return _plain(RecordImageSource(reader, keys), labels, image_size, preset), len(groups), str(rec)
 
 
-def _plain(source: Any, labels: list[int], image_size: int) -> GCDDataset:
+def _plain(source: Any, labels: list[int], image_size: int, preset: str) -> GCDDataset:
     n = len(labels)
-    return GCDDataset(source, np.arange(n), np.asarray(labels), TrainTransform(image_size), Split.TRAIN)
+    return GCDDataset(source, np.arange(n), np.asarray(labels), TrainTransform(image_size, preset), Split.TRAIN)
 
 
-def identity_training_set(name: str, root: str | Path, image_size: int) -> RecognitionData:
-    """A whole identity-labelled set (``recognition_folders`` or ``recognition_recordio``)."""
+def identity_training_set(name: str, root: str | Path, image_size: int, preset: str = GCD_PRESET) -> RecognitionData:
+    """A whole identity-labelled set (``recognition_folders`` or ``recognition_recordio``) through the ``preset``
+    training transform."""
     if name not in RECOGNITION_SETS:
         raise DatasetError(f"unknown recognition set {name!r}; expected one of {', '.join(RECOGNITION_SETS)}")
     root = Path(root)
     build = _folder_set if name == "recognition_folders" else _recordio_set
-    train, num_classes, where = build(root, image_size)
+    train, num_classes, where = build(root, image_size, preset)
     logger.info("%s from %s: %d identities, %d images", name, where, num_classes, len(train))
     facts = {
         "dataset": name,
         "data_path": str(root.resolve()),
         "image_size": int(image_size),
+        "input_preset": preset,
         "train_set": "all",
         "num_recognition_classes": int(num_classes),
         "num_train": len(train),

@@ -1,7 +1,15 @@
-"""Train and eval image transforms (docs/method.md, section 3) and the two-view wrapper.
+"""Train and eval image transforms of the two input presets (docs/method.md, section 3) and the two-view wrapper.
+
+Input presets (``--input-preset``, recorded in every checkpoint's ``data_config``):
+
+- ``gcd`` (GCD's and the FaceGCD reference's): resize the shorter side to int(S / 0.875) (bicubic), random crop S and
+  horizontal flip for training, centre crop S for evaluation, ImageNet mean and std.
+- ``face`` (insightface's arcface_torch and its evaluation): the whole aligned crop (resized to S x S only when it has
+  another size), horizontal flip for training, ``(x / 255 - 0.5) / 0.5``.
 
 References: torchvision ``references/classification/presets.py`` (preset classes), GCD's
-``ContrastiveLearningViewGenerator`` (independent views).
+``ContrastiveLearningViewGenerator`` (independent views), insightface ``recognition/arcface_torch/dataset.py`` and
+``eval/verification.py`` (the face preset).
 """
 
 from __future__ import annotations
@@ -17,7 +25,20 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+FACE_MEAN = (0.5, 0.5, 0.5)
+FACE_STD = (0.5, 0.5, 0.5)
 CROP_PCT = 0.875
+GCD_PRESET, FACE_PRESET = "gcd", "face"
+INPUT_PRESETS = (GCD_PRESET, FACE_PRESET)
+
+
+def preset_normalisation(preset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of an input preset; an unknown name is a ``ValueError`` listing the presets."""
+    if preset == GCD_PRESET:
+        return IMAGENET_MEAN, IMAGENET_STD
+    if preset == FACE_PRESET:
+        return FACE_MEAN, FACE_STD
+    raise ValueError(f"--input-preset {preset!r}: expected one of {', '.join(INPUT_PRESETS)}")
 
 
 def resize_size(image_size: int) -> int:
@@ -28,26 +49,23 @@ def resize_size(image_size: int) -> int:
 
 
 class _PresetTransform:
-    """Resize(int(S/0.875), bicubic) -> crop(S) [-> RandomHorizontalFlip(0.5)] -> tensor -> normalise.
+    """One input preset (see the module docstring) for training or evaluation.
 
     Args:
         image_size: output side S.
-        train: random crop and flip (training) or centre crop (evaluation).
-        mean: per-channel normalisation mean.
-        std: per-channel normalisation std.
+        train: augment (random crop of the ``gcd`` preset, flip) or not.
+        preset: ``gcd`` or ``face``.
     """
 
-    def __init__(
-        self,
-        image_size: int,
-        *,
-        train: bool,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
-    ) -> None:
-        self.image_size = image_size
-        resize = T.Resize(resize_size(image_size), interpolation=T.InterpolationMode.BICUBIC)
-        geometry = [T.RandomCrop(image_size), T.RandomHorizontalFlip(0.5)] if train else [T.CenterCrop(image_size)]
+    def __init__(self, image_size: int, *, train: bool, preset: str = GCD_PRESET) -> None:
+        mean, std = preset_normalisation(preset)
+        self.image_size, self.preset = image_size, preset
+        if preset == GCD_PRESET:
+            resize = T.Resize(resize_size(image_size), interpolation=T.InterpolationMode.BICUBIC)
+            geometry = [T.RandomCrop(image_size), T.RandomHorizontalFlip(0.5)] if train else [T.CenterCrop(image_size)]
+        else:
+            resize = T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC)
+            geometry = [T.RandomHorizontalFlip(0.5)] if train else []
         self.transform = T.Compose([resize, *geometry, T.ToTensor(), T.Normalize(mean, std)])
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
@@ -55,21 +73,23 @@ class _PresetTransform:
         return self.transform(img)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.transform})"
+        return f"{type(self).__name__}(preset={self.preset}, {self.transform})"
 
 
 class TrainTransform(_PresetTransform):
-    """Training preset: Resize(int(S/0.875), bicubic) -> RandomCrop(S) -> RandomHorizontalFlip -> normalise."""
+    """Training preset: ``gcd`` Resize(int(S/0.875), bicubic) -> RandomCrop(S) -> flip -> ImageNet normalisation;
+    ``face`` the whole crop at S x S -> flip -> (x - 0.5) / 0.5."""
 
-    def __init__(self, image_size: int = 112, **kwargs) -> None:
-        super().__init__(image_size, train=True, **kwargs)
+    def __init__(self, image_size: int = 112, preset: str = GCD_PRESET) -> None:
+        super().__init__(image_size, train=True, preset=preset)
 
 
 class EvalTransform(_PresetTransform):
-    """Evaluation preset: Resize(int(S/0.875), bicubic) -> CenterCrop(S) -> tensor -> normalise."""
+    """Evaluation preset: ``gcd`` Resize(int(S/0.875), bicubic) -> CenterCrop(S) -> ImageNet normalisation; ``face``
+    the whole crop at S x S -> (x - 0.5) / 0.5."""
 
-    def __init__(self, image_size: int = 112, **kwargs) -> None:
-        super().__init__(image_size, train=False, **kwargs)
+    def __init__(self, image_size: int = 112, preset: str = GCD_PRESET) -> None:
+        super().__init__(image_size, train=False, preset=preset)
 
 
 class TwoViewTransform:

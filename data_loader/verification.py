@@ -4,10 +4,10 @@ Opening every image header (PIL ``verify``) of a benchmark with a quarter of a m
 on every rank of every script is wasted time. :func:`find_corrupt` verifies a benchmark root once and writes a record
 (compact JSON) of what it checked, in groups:
 
-- an image folder (``train/<class>``): a fingerprint (SHA-1 over each image file's name, size and mtime) and the
-  unreadable files with their errors;
+- an image folder (``train/<class>``): a fingerprint (SHA-1 over each image file's name, size and mtime), the
+  unreadable files with their errors and the images smaller than :data:`MIN_IMAGE_SIDE` with their sizes;
 - a RecordIO pair: a fingerprint of the ``.rec`` and ``.idx`` sizes and mtimes, the record keys verified so far (as
-  ranges) and the unreadable keys.
+  ranges), the unreadable keys and the small images' keys.
 
 A later run verifies only the folders whose fingerprint changed (a file added, removed, resized or touched) and the
 record keys not verified yet; the rest, including which images were bad, comes from the record, so skipping corrupt
@@ -18,6 +18,12 @@ barrier and then read the record, so every rank must call :func:`find_corrupt`.
 
 A file rewritten with the same size and mtime is not noticed here; a decoding error while loading it still stops the
 run with the file's name.
+
+Images with a side under :data:`MIN_IMAGE_SIDE` (8 px) are named in one warning at every run (count and first paths).
+They still load: the transforms resize any image to the input size. But below 8 px a face is a few blobs with no
+identity left (the face benchmarks hold 112 px crops, the smallest generic set, CIFAR, 32 px images), so such a file
+is a placeholder, a broken crop or a wrong file far more often than data; a warning and not an error, because the run
+works and a resolution study may want it.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from utils.images import DECODE_ERRORS
 logger = logging.getLogger(__name__)
 
 RECORD_FILE = ".facegcd_verified.json"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: entries record the small images ("small")
+MIN_IMAGE_SIDE = 8  # images with a smaller width or height are named in a warning (module docstring)
 
 
 @dataclass
@@ -68,8 +75,9 @@ class VerifyGroup:
 class VerifiableSource(Protocol):
     """An image source that can be verified: its images are addressed by listing position."""
 
-    def verify(self, i: int) -> None:
-        """Parse image ``i``'s header; raises one of ``DECODE_ERRORS`` when it is not a readable image."""
+    def verify(self, i: int) -> tuple[int, int]:
+        """Parse image ``i``'s header and return its (width, height); raises one of ``DECODE_ERRORS`` when it is not a
+        readable image."""
 
     def describe(self, i: int) -> str:
         """Where image ``i`` comes from (for messages)."""
@@ -139,9 +147,10 @@ def record_locations(root: str | os.PathLike) -> list[Path]:
 def _valid_entry(entry: object) -> bool:
     if not isinstance(entry, dict) or not isinstance(entry.get("fingerprint"), str):
         return False
-    bad = entry.get("bad")
-    if not isinstance(bad, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in bad.items()):
-        return False
+    for field in ("bad", "small"):
+        found = entry.get(field)
+        if not isinstance(found, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in found.items()):
+            return False
     keys = entry.get("keys", [])
     return isinstance(keys, list) and all(
         isinstance(r, list) and len(r) == 2 and all(isinstance(k, int) for k in r) and r[0] <= r[1] for r in keys
@@ -156,6 +165,9 @@ def _read_record(path: Path, root: str) -> dict[str, dict]:
         return {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         logger.warning("ignoring the verification record %s, which cannot be read: %s", path, err)
+        return {}
+    if isinstance(data, dict) and isinstance(data.get("version"), int) and 0 < data["version"] < RECORD_VERSION:
+        logger.info("the verification record %s is of an older version; verifying again", path)
         return {}
     if not isinstance(data, dict) or data.get("version") != RECORD_VERSION or not isinstance(data.get("groups"), dict):
         logger.warning("ignoring the verification record %s: not a version %d record", path, RECORD_VERSION)
@@ -226,33 +238,38 @@ class _Plan:
             entry = record.get(group.name)
             if entry is not None and entry["fingerprint"] == group.fingerprint:
                 keys = {"keys": _merge_ranges(entry.get("keys", []))} if group.keyed else {}
-                return {"fingerprint": group.fingerprint, "bad": dict(entry["bad"]), **keys}, False
-        return {"fingerprint": group.fingerprint, "bad": {}, **({"keys": []} if group.keyed else {})}, True
+                found = {"bad": dict(entry["bad"]), "small": dict(entry["small"])}
+                return {"fingerprint": group.fingerprint, **found, **keys}, False
+        keys = {"keys": []} if group.keyed else {}
+        return {"fingerprint": group.fingerprint, "bad": {}, "small": {}, **keys}, True
 
-    def bad_positions(self, groups: list[list[VerifyGroup]]) -> list[dict[int, str]]:
-        """Per source, ``{position: error}`` of the images the entries mark unreadable."""
+    def positions(self, groups: list[list[VerifyGroup]], field: str) -> list[dict[int, str]]:
+        """Per source, ``{position: value}`` of the images the entries list under ``field`` (``bad``: the unreadable
+        ones with their errors; ``small``: those under :data:`MIN_IMAGE_SIDE` with their sizes)."""
         result: list[dict[int, str]] = []
         for source_groups in groups:
-            bad: dict[int, str] = {}
+            found: dict[int, str] = {}
             for group in source_groups:
-                recorded = self.entries[group.name]["bad"]
-                bad.update((p, recorded[i]) for i, p in zip(group.items, group.positions) if i in recorded)
-            result.append(dict(sorted(bad.items())))
+                recorded = self.entries[group.name][field]
+                found.update((p, recorded[i]) for i, p in zip(group.items, group.positions) if i in recorded)
+            result.append(dict(sorted(found.items())))
         return result
 
 
 def _verify(sources: Sequence[VerifiableSource], plan: _Plan, progress: bool) -> None:
-    """Verify the images the plan lacks and enter the results (bad images, verified keys) into its entries."""
+    """Verify the images the plan lacks and enter the results (bad and small images, verified keys) into its
+    entries."""
 
-    def check(job: tuple[int, int, str, str]) -> str | None:
+    def check(job: tuple[int, int, str, str]) -> tuple[str | None, str | None]:
+        """(error, None) for an unreadable image, (None, "WxH") for a small one, else (None, None)."""
         try:
-            sources[job[0]].verify(job[1])
+            width, height = sources[job[0]].verify(job[1])
         except DECODE_ERRORS as err:
-            return f"{type(err).__name__}: {err}"
-        return None
+            return f"{type(err).__name__}: {err}", None
+        return None, f"{width}x{height}" if min(width, height) < MIN_IMAGE_SIDE else None
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
-        errors = list(
+        results = list(
             tqdm(
                 pool.map(check, plan.todo, chunksize=64),
                 total=len(plan.todo),
@@ -262,10 +279,12 @@ def _verify(sources: Sequence[VerifiableSource], plan: _Plan, progress: bool) ->
             )
         )
     checked: dict[str, list[list[int]]] = {}
-    for (_, _, name, item), err in zip(plan.todo, errors):
+    for (_, _, name, item), (err, size) in zip(plan.todo, results):
         entry = plan.entries[name]
         if err is not None:
             entry["bad"][item] = err
+        if size is not None:
+            entry["small"][item] = size
         if name in plan.keyed:
             checked.setdefault(name, []).append([int(item), int(item)])
     for name, ranges in checked.items():
@@ -288,6 +307,21 @@ def _save(root: str, locations: list[Path], records: list[dict[str, dict]], entr
     return None
 
 
+def _warn_small(root: Path, sources: Sequence[VerifiableSource], small: list[dict[int, str]]) -> None:
+    """One warning naming how many images are under :data:`MIN_IMAGE_SIDE` and the first five."""
+    named = [f"{sources[s].describe(p)} ({size})" for s, found in enumerate(small) for p, size in found.items()]
+    if named:
+        shown = ", ".join(named[:5]) + (f", ... ({len(named)} in all)" if len(named) > 5 else "")
+        logger.warning(
+            "%d image(s) of %s are smaller than %d px on a side: %s; they are upscaled to the input size and show "
+            "almost nothing of a face: check or remove them",
+            len(named),
+            root,
+            MIN_IMAGE_SIDE,
+            shown,
+        )
+
+
 def _verify_and_record(root: Path, sources: Sequence[VerifiableSource], progress: bool) -> list[dict[int, str]]:
     real, locations = os.path.realpath(root), record_locations(root)
     groups = [source.verify_groups(root) for source in sources]
@@ -296,7 +330,8 @@ def _verify_and_record(root: Path, sources: Sequence[VerifiableSource], progress
     total = sum(len(g.items) for source_groups in groups for g in source_groups)
     if not plan.todo:
         logger.info("all %d images of %s are recorded as verified; skipping verification", total, root)
-        return plan.bad_positions(groups)
+        _warn_small(root, sources, plan.positions(groups, "small"))
+        return plan.positions(groups, "bad")
     logger.info(
         "verifying %d of the %d images of %s (%d recorded as verified before)",
         len(plan.todo),
@@ -316,7 +351,8 @@ def _verify_and_record(root: Path, sources: Sequence[VerifiableSource], progress
             " or ".join(map(str, locations)),
             others,
         )
-    return plan.bad_positions(groups)
+    _warn_small(root, sources, plan.positions(groups, "small"))
+    return plan.positions(groups, "bad")
 
 
 def _read_recorded(root: Path, sources: Sequence[VerifiableSource]) -> list[dict[int, str]]:
@@ -335,13 +371,14 @@ def _read_recorded(root: Path, sources: Sequence[VerifiableSource]) -> list[dict
             sources[s].describe(p),
         )
         _verify(sources, plan, progress=False)
-    return plan.bad_positions(groups)
+    return plan.positions(groups, "bad")
 
 
 def find_corrupt(
     root: str | os.PathLike, sources: Sequence[VerifiableSource], *, progress: bool
 ) -> list[dict[int, str]]:
-    """The unreadable images of ``sources``, verifying only what the record of ``root`` does not cover.
+    """The unreadable images of ``sources``, verifying only what the record of ``root`` does not cover; images under
+    :data:`MIN_IMAGE_SIDE` are named in one warning (on the primary rank).
 
     A collective under torch.distributed: the primary rank verifies and writes the record, the other ranks wait at a
     barrier and then read it. A rank that cannot read a record covering its images (node-local data or cache on

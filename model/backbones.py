@@ -12,10 +12,8 @@ import torch
 import torch.nn as nn
 from timm.models import model_entrypoint
 
-import model.iresnet  # noqa: F401  (registers the IResNet entrypoints with timm)
+from model.iresnet import IRESNET_ARCHS  # importing model.iresnet registers its entrypoints with timm
 from model.vit import PrefixViT, create_backbone, list_backbones
-
-IRESNET_ARCHS = ("iresnet18", "iresnet34", "iresnet50", "iresnet100")
 
 
 def list_embedding_backbones() -> list[str]:

@@ -303,9 +303,13 @@ class FaceGCD(MetaArch):
             )
 
     def batch_inputs(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """``(views, label, uq_idx, is_labelled)`` -> ``(images (2B, ...), labels, labelled_mask)`` on ``device``."""
+        """``(views, label, uq_idx, is_labelled)`` -> ``(images (2B, ...), labels, labelled_mask)`` on ``device``.
+
+        Each view is copied as the loader gave it (pinned on CUDA, so the copies overlap with compute) and the two are
+        concatenated on the device: a host-side concatenation would make a new, unpinned batch and a synchronous copy.
+        """
         views, labels, _, is_labelled = batch
-        images = torch.cat(views, dim=0).to(device, non_blocking=True)
+        images = torch.cat([view.to(device, non_blocking=True) for view in views], dim=0)
         return images, labels.to(device, non_blocking=True), is_labelled.to(device, non_blocking=True).bool()
 
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:

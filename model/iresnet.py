@@ -2,7 +2,9 @@
 
 The module names match arcface_torch's ``backbones/iresnet.py`` (``conv1``, ``bn1``, ``prelu``, ``layer1``..``layer4``,
 ``bn2``, ``dropout``, ``fc``, ``features``; inside a block ``bn1``, ``conv1``, ``bn2``, ``prelu``, ``conv2``, ``bn3``,
-``downsample.0``/``downsample.1``), so an arcface_torch ``backbone.pth`` loads with ``model.load_state_dict(sd)``.
+``downsample.0``/``downsample.1``), so an arcface_torch ``backbone.pth`` (a bare state dict) loads as it is:
+:func:`load_arcface_torch_backbone` builds the model the file describes, :func:`load_arcface_torch_weights` fills an
+existing one; both refuse a file of another architecture with one error naming the file and the mismatches.
 
 References:
     - Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face Recognition", CVPR 2019 (the IResNet
@@ -14,7 +16,9 @@ References:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -22,7 +26,16 @@ import torch
 import torch.nn as nn
 from timm.models import checkpoint, register_model
 
-IRESNET_ARCHS = ("iresnet18", "iresnet34", "iresnet50", "iresnet100")
+from utils.checkpoint import CheckpointError, load_checkpoint
+
+# Blocks per stage of each architecture (arcface_torch's iresnet18/34/50/100).
+IRESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
+    "iresnet18": (2, 2, 2, 2),
+    "iresnet34": (3, 4, 6, 3),
+    "iresnet50": (3, 4, 14, 3),
+    "iresnet100": (3, 13, 30, 3),
+}
+IRESNET_ARCHS = tuple(IRESNET_LAYERS)
 STAGE_WIDTHS = (64, 128, 256, 512)
 # Four stride-2 stages: the input side must be a multiple of 16 for the final map to be img_size / 16.
 TOTAL_STRIDE = 16
@@ -215,14 +228,19 @@ class IResNet(nn.Module):
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Embedding head.
 
+        BN, flatten and dropout run under the caller's autocast; the 512·s·s-wide Linear layer and the feature
+        BatchNorm run in float32 with autocast off, as in arcface_torch (its fc takes ``x.float()`` outside the
+        autocast block).
+
         Args:
             x: feature map (B, 512, s, s) from :meth:`forward_features`.
 
         Returns:
-            Embedding (B, embedding_size).
+            Embedding (B, embedding_size), float32.
         """
-        x = torch.flatten(self.bn2(x), 1)
-        return self.features(self.fc(self.dropout(x)))
+        x = self.dropout(torch.flatten(self.bn2(x), 1))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.features(self.fc(x.float()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed a batch of faces.
@@ -238,7 +256,6 @@ class IResNet(nn.Module):
 
 def _create_iresnet(
     variant: str,
-    layers: Sequence[int],
     pretrained: bool,
     img_size: int,
     dropout: float,
@@ -248,14 +265,14 @@ def _create_iresnet(
     """Build a registered IResNet; pretrained weights are never downloaded."""
     if pretrained:
         raise ValueError(
-            f"{variant}: pretrained=True would download weights; build with pretrained=False and load a local "
-            "arcface_torch backbone.pth with model.load_state_dict(torch.load(path, weights_only=True))"
+            f"{variant}: pretrained=True would download weights; load a local arcface_torch backbone.pth with "
+            "model.iresnet.load_arcface_torch_backbone(path)"
         )
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     if kwargs:
         raise TypeError(f"{variant}: unexpected arguments {', '.join(sorted(kwargs))}")
-    return IResNet(layers, img_size=img_size, dropout=dropout, embedding_size=embedding_size)
+    return IResNet(IRESNET_LAYERS[variant], img_size=img_size, dropout=dropout, embedding_size=embedding_size)
 
 
 @register_model
@@ -263,7 +280,7 @@ def iresnet18(
     pretrained: bool = False, img_size: int = 112, dropout: float = 0.0, embedding_size: int = 512, **kwargs: Any
 ) -> IResNet:
     """IResNet-18: (2, 2, 2, 2) blocks."""
-    return _create_iresnet("iresnet18", (2, 2, 2, 2), pretrained, img_size, dropout, embedding_size, **kwargs)
+    return _create_iresnet("iresnet18", pretrained, img_size, dropout, embedding_size, **kwargs)
 
 
 @register_model
@@ -271,7 +288,7 @@ def iresnet34(
     pretrained: bool = False, img_size: int = 112, dropout: float = 0.0, embedding_size: int = 512, **kwargs: Any
 ) -> IResNet:
     """IResNet-34: (3, 4, 6, 3) blocks."""
-    return _create_iresnet("iresnet34", (3, 4, 6, 3), pretrained, img_size, dropout, embedding_size, **kwargs)
+    return _create_iresnet("iresnet34", pretrained, img_size, dropout, embedding_size, **kwargs)
 
 
 @register_model
@@ -279,7 +296,7 @@ def iresnet50(
     pretrained: bool = False, img_size: int = 112, dropout: float = 0.0, embedding_size: int = 512, **kwargs: Any
 ) -> IResNet:
     """IResNet-50: (3, 4, 14, 3) blocks, 43.59M parameters at 112 px."""
-    return _create_iresnet("iresnet50", (3, 4, 14, 3), pretrained, img_size, dropout, embedding_size, **kwargs)
+    return _create_iresnet("iresnet50", pretrained, img_size, dropout, embedding_size, **kwargs)
 
 
 @register_model
@@ -287,4 +304,133 @@ def iresnet100(
     pretrained: bool = False, img_size: int = 112, dropout: float = 0.0, embedding_size: int = 512, **kwargs: Any
 ) -> IResNet:
     """IResNet-100: (3, 13, 30, 3) blocks, 65.16M parameters at 112 px."""
-    return _create_iresnet("iresnet100", (3, 13, 30, 3), pretrained, img_size, dropout, embedding_size, **kwargs)
+    return _create_iresnet("iresnet100", pretrained, img_size, dropout, embedding_size, **kwargs)
+
+
+# Names listed per kind of mismatch in an error message.
+_LISTED = 8
+
+
+def load_arcface_torch_backbone(
+    path: str | os.PathLike, arch: str | None = None, *, weights_only: bool = True
+) -> IResNet:
+    """Build the IResNet that an arcface_torch ``backbone.pth`` describes and load the file into it.
+
+    The architecture follows from the blocks per stage in the key names (``layer{i}.{j}.*``) unless ``arch`` is
+    given; the input size is 16·s and the embedding size E, read from ``fc.weight``'s shape (E, 512·s·s).
+
+    Args:
+        path: a bare state dict with arcface_torch's key names (what its ``train_v2.py`` saves as ``model.pt``,
+            published as ``backbone.pth``).
+        arch: one of ``IRESNET_ARCHS`` the file must hold, or None to infer it.
+        weights_only: safe loading; False only for a trusted file holding other pickled objects.
+
+    Returns:
+        The model in eval mode, on the CPU.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: the file is not a bare state dict, or not an arcface_torch IResNet (of ``arch``); the
+            message names the file and the mismatched keys and shapes.
+    """
+    if arch is not None and arch not in IRESNET_LAYERS:
+        raise ValueError(f"arch must be one of {', '.join(IRESNET_ARCHS)}, got {arch!r}")
+    state = _read_state_dict(path, weights_only)
+    img_size, embedding_size = _head_geometry(state, path)
+    if arch is None:
+        blocks = _blocks_per_stage(state)
+        arch = _arch_of(blocks)
+        if arch is None:
+            known = ", ".join(f"{name} {layers}" for name, layers in IRESNET_LAYERS.items())
+            raise CheckpointError(f"{path}: blocks per stage {blocks} match no arcface_torch IResNet ({known})")
+    model = IResNet(IRESNET_LAYERS[arch], img_size=img_size, embedding_size=embedding_size)
+    _load_checked(model, state, path)
+    return model.eval()
+
+
+def load_arcface_torch_weights(model: IResNet, path: str | os.PathLike, *, weights_only: bool = True) -> None:
+    """Load an arcface_torch ``backbone.pth`` into an existing IResNet (fine-tuning from it).
+
+    Args:
+        model: the IResNet to fill; its architecture, input size and embedding size must be the file's.
+        path: a bare state dict with arcface_torch's key names.
+        weights_only: safe loading; False only for a trusted file holding other pickled objects.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: the file is not a bare state dict or does not fit ``model`` (the message names the file,
+            the model and the mismatched keys and shapes).
+    """
+    _load_checked(model, _read_state_dict(path, weights_only), path)
+
+
+def _read_state_dict(path: str | os.PathLike, weights_only: bool) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(path, weights_only=weights_only)
+    not_tensors = sorted(str(k) for k, v in state.items() if not torch.is_tensor(v))
+    if not_tensors:
+        raise CheckpointError(
+            f"{path} is not a bare state dict like arcface_torch's backbone.pth: its entries {_listed(not_tensors)} "
+            "are not tensors"
+        )
+    return state
+
+
+def _head_geometry(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> tuple[int, int]:
+    """(input size, embedding size) from ``fc.weight`` (E, 512·s·s): (16·s, E)."""
+    fc = state.get("fc.weight")
+    if fc is None or fc.ndim != 2:
+        got = "no fc.weight" if fc is None else f"fc.weight of shape {tuple(fc.shape)}"
+        raise CheckpointError(f"{path}: an arcface_torch IResNet has a 2-D fc.weight (E, 512·s·s); the file has {got}")
+    side = math.isqrt(fc.shape[1] // STAGE_WIDTHS[-1])
+    if side < 1 or fc.shape[1] != STAGE_WIDTHS[-1] * side * side:
+        raise CheckpointError(
+            f"{path}: fc.weight has shape {tuple(fc.shape)}; an arcface_torch IResNet's is (E, 512·s·s) with "
+            "s = input size / 16"
+        )
+    return TOTAL_STRIDE * side, int(fc.shape[0])
+
+
+def _blocks_per_stage(state: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """Blocks of ``layer1``..``layer4`` from the key names: 1 + the largest block index (0 for an absent stage)."""
+    counts = []
+    for stage in range(1, len(STAGE_WIDTHS) + 1):
+        indices = [int(k.split(".")[1]) for k in state if k.startswith(f"layer{stage}.") and k.split(".")[1].isdigit()]
+        counts.append(max(indices) + 1 if indices else 0)
+    return tuple(counts)
+
+
+def _arch_of(blocks: Sequence[int]) -> str | None:
+    return next((name for name, layers in IRESNET_LAYERS.items() if layers == tuple(blocks)), None)
+
+
+def _listed(names: Sequence[str]) -> str:
+    more = f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
+    return ", ".join(names[:_LISTED]) + more
+
+
+def _load_checked(model: IResNet, state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Load ``state`` into ``model`` if its keys and shapes are exactly the model's, else one error naming all."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        blocks = tuple(len(stage) for stage in model.stages)
+        fc = state.get("fc.weight")
+        file_fc = tuple(fc.shape) if torch.is_tensor(fc) else "absent"
+        found = _blocks_per_stage(state)
+        problems = [
+            f"{label}: {_listed(items)}"
+            for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shapes", shapes))
+            if items
+        ]
+        raise CheckpointError(
+            f"{path} does not fit {_arch_of(blocks)} {blocks} at {model.img_size} px with a {model.num_features}-d "
+            f"embedding: the file has blocks per stage {found} ({_arch_of(found) or 'no arcface_torch IResNet'}) "
+            f"and fc.weight {file_fc}; " + "; ".join(problems)
+        )
+    model.load_state_dict(state)

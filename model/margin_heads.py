@@ -70,13 +70,14 @@ def _target_index(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class CombinedMargin(nn.Module):
     """Combined angular/additive margin: ArcFace, CosFace, SphereFace and their combinations (insightface).
 
-    With theta the angle of a cosine, the target logit is ``s * (psi(theta) - m3)`` and every other logit
-    ``s * cos(theta)``, where ``psi(theta) = cos(m1 * theta + m2)`` while ``m1 * theta + m2 <= pi``. Beyond pi, plain
-    cos(m1 * theta + m2) would rise again (a worse angle would get a larger logit), so psi continues with SphereFace's
-    monotone extension ``psi = (-1)^k cos(phi) - 2k`` with ``phi = m1 * theta + m2`` and ``k = floor(phi / pi)``:
-    continuous, non-increasing in theta on [0, pi], and equal to the plain formula for k = 0. Example: ArcFace
-    (m2 = 0.5) at theta = 3 has phi = 3.5 > pi, k = 1, psi = -cos(3.5) - 2 = 0.936 - 2 = -1.064 instead of
-    cos(3.5) = -0.936, which would exceed psi at theta = pi - 0.5 (-1).
+    With theta the angle of a cosine and ``phi = m1 * theta + m2``, the target logit is ``s * (psi(theta) - m3)`` and
+    every other logit ``s * cos(theta)``, where ``psi(theta) = cos(phi)``: plain, as arcface_torch's
+    ``CombinedMarginLoss`` computes it (``easy_margin`` off; its ``th`` / ``mm`` constants are unused), also where
+    phi > pi. There cos(phi) rises again, so a worse angle gets a larger target logit: ArcFace (m2 = 0.5) at theta = 3
+    has phi = 3.5 and psi = cos(3.5) = -0.936, above psi(pi - 0.5) = -1. ``monotone_past_pi=True`` continues psi past
+    pi with SphereFace's monotone extension ``psi = (-1)^k cos(phi) - 2k``, ``k = floor(phi / pi)``: continuous,
+    non-increasing in theta on [0, pi], and equal to the plain formula for k = 0 (at theta = 3: -cos(3.5) - 2 =
+    -1.064). The ``sphereface`` preset uses it (arcface_torch has no m1 != 1 path; SphereFace's paper defines it).
 
     Gradient: straight-through, as arcface_torch (its margin is applied under ``no_grad``): the target logit's value
     has the margin, its gradient is that of ``s * cos`` (d logit / d cos = s for every column). This stays finite at
@@ -89,7 +90,9 @@ class CombinedMargin(nn.Module):
 
     Presets (``build_margin_head``): ArcFace (1.0, 0.5, 0.0); CosFace (1.0, 0.0, 0.4) -- arcface_torch's default
     m3 = 0.4, which issue #9 adopts over the 0.35 of the design method.md (the CosFace paper's value); SphereFace
-    (1.35, 0.0, 0.0) and the combination CM1 (1.0, 0.3, 0.2), both from the ArcFace paper's Table 2; s = 64.
+    (1.35, 0.0, 0.0) and the combination CM1 (1.0, 0.3, 0.2), both from the ArcFace paper's Table 2; s = 64. CM1 is
+    cos(theta + 0.3) - 0.2, as in the paper and insightface's MXNet ``train.py``; arcface_torch's
+    ``CombinedMarginLoss`` applies only m3 whenever m3 > 0 (m2 is dropped) and refuses m1 != 1.
 
     Args:
         s: logit scale.
@@ -97,6 +100,8 @@ class CombinedMargin(nn.Module):
         m2: additive angular margin in radians (>= 0).
         m3: additive cosine margin (>= 0).
         interclass_filtering_threshold: cosine above which non-target logits are zeroed, in [0, 1); 0 = off.
+        monotone_past_pi: continue the target past phi = pi with SphereFace's monotone extension instead of plain
+            cos(phi); 0/1 accepted (``--head-args monotone_past_pi=1``).
     """
 
     kind = "softmax"
@@ -108,6 +113,7 @@ class CombinedMargin(nn.Module):
         m2: float = 0.5,
         m3: float = 0.0,
         interclass_filtering_threshold: float = 0.0,
+        monotone_past_pi: bool = False,
     ) -> None:
         super().__init__()
         if s <= 0 or m1 <= 0 or m2 < 0 or m3 < 0:
@@ -118,13 +124,17 @@ class CombinedMargin(nn.Module):
             raise ValueError(
                 f"interclass_filtering_threshold must be in [0, 1) (0 = off), got {interclass_filtering_threshold}"
             )
+        if monotone_past_pi not in (0, 1):
+            raise ValueError(f"monotone_past_pi must be 0/1 (False/True), got {monotone_past_pi!r}")
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
         self.interclass_filtering_threshold = float(interclass_filtering_threshold)
+        self.monotone_past_pi = bool(monotone_past_pi)
 
     def extra_repr(self) -> str:
         return (
             f"s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}, "
-            f"interclass_filtering_threshold={self.interclass_filtering_threshold}"
+            f"interclass_filtering_threshold={self.interclass_filtering_threshold}, "
+            f"monotone_past_pi={self.monotone_past_pi}"
         )
 
     @torch.no_grad()
@@ -132,6 +142,8 @@ class CombinedMargin(nn.Module):
         """``psi(theta) - m3`` for target cosines (any shape; clamped to [-1, 1]), float32, without gradient."""
         theta = torch.acos(cos_target.float().clamp(-1.0, 1.0))
         phi = self.m1 * theta + self.m2
+        if not self.monotone_past_pi:
+            return torch.cos(phi) - self.m3
         k = torch.floor(phi / math.pi).clamp_min(0.0)
         sign = 1.0 - 2.0 * torch.remainder(k, 2.0)
         return sign * torch.cos(phi) - 2.0 * k - self.m3
@@ -381,7 +393,7 @@ class GBCosFace(nn.Module):
 _PRESETS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "arcface": (CombinedMargin, dict(s=64.0, m1=1.0, m2=0.5, m3=0.0)),
     "cosface": (CombinedMargin, dict(s=64.0, m1=1.0, m2=0.0, m3=0.4)),
-    "sphereface": (CombinedMargin, dict(s=64.0, m1=1.35, m2=0.0, m3=0.0)),
+    "sphereface": (CombinedMargin, dict(s=64.0, m1=1.35, m2=0.0, m3=0.0, monotone_past_pi=True)),
     "combined": (CombinedMargin, dict(s=64.0, m1=1.0, m2=0.3, m3=0.2)),
     "adaface": (AdaFace, {}),
     "gbcosface": (GBCosFace, {}),

@@ -134,7 +134,8 @@ class MetaArch(nn.Module):
         return contextlib.nullcontext()
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights to save, identical on every rank (a collective for model-parallel methods: call on all ranks)."""
+        """Weights to save. A collective for model-parallel methods: call it on every rank; their result may be
+        complete on the primary rank only (the one that saves), e.g. without the full class centres elsewhere."""
         return self.state_dict()
 
     def load_checkpoint_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -142,7 +143,8 @@ class MetaArch(nn.Module):
         self.load_state_dict(state_dict)
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Optimiser state to save (a collective for model-parallel methods)."""
+        """Optimiser state to save. A collective for model-parallel methods (call it on every rank), whose result
+        may be complete on the primary rank only, as :meth:`checkpoint_state_dict`."""
         return optimizer.state_dict()
 
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

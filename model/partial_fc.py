@@ -1,11 +1,12 @@
 """Partial FC: class centres sharded over ranks, with sampled negative centres (An et al., CVPR 2022).
 
-Rank r holds the contiguous class block ``[start, end)`` of ``utils.kmeans.contiguous_shard(num_classes)`` as its
-``weight`` parameter (not wrapped in DDP). Each step:
+Rank r holds the contiguous class block ``[start, end)`` of ``utils.distributed.contiguous_shard(num_classes)`` as
+its ``weight`` parameter (not wrapped in DDP). Each step:
 
 1. the ranks' embeddings (with autograd) and labels are all-gathered in rank order, so every rank sees the global
    batch; the backward of the gather sums the gradients of all ranks and hands each rank its own rows, so a rank's
-   embeddings get the gradient of the global loss (local batch sizes may differ);
+   embeddings get the gradient of the global loss (local batch sizes may differ: they are exchanged as host integers
+   over gloo, ``utils.distributed.all_gather_ints``, so the exchange does not wait for the device);
 2. with ``sample_rate`` r < 1 (training mode only), each rank keeps its positive centres (classes of the global
    batch in its block) plus uniformly drawn negatives, ``max(#positives, int(r * num_local))`` centres in all;
 3. cosines ``normalize(emb) @ normalize(weight[index]).T`` in float32 (autocast off) go to the margin head with the
@@ -21,11 +22,22 @@ Under DDP, which averages the backbone gradients over W ranks, the backbone then
 gradient (arcface_torch multiplies the embedding gradient by W inside its gather to compensate); scale it with
 ``embeddings.register_hook(lambda g: g * world_size)`` where the plain global-loss gradient is wanted.
 
+Labels are checked (all in [0, num_classes), else a ValueError naming the label, its rank and num_classes, raised
+on every rank) on the first forward after construction and after each ``train()`` / ``eval()`` call: the training
+loop calls ``train()`` at the start of every epoch, so once per epoch. The check reads the global labels on the host;
+the other steps read nothing back for it.
+
 Reproducibility: the initial centres (normal, std 0.01) are drawn in blocks of ``INIT_BLOCK`` classes, block k from a
 generator seeded with ``derive_seed(seed, 0, k)``, so the full matrix is the same for any world size; the negatives of
-training step t on rank r come from a generator seeded with ``derive_seed(seed, 1, t, r)``, where t is the ``step``
-buffer (checkpointed with ``seed``; it counts the sampled steps). With world size 1 and no process group the module
-is a plain full classifier.
+training step t on rank r come from a generator seeded with ``derive_seed(seed, 1, t, r)``, where t is ``step`` (it
+counts the sampled steps). ``seed`` and ``step`` are Python integers, so drawing reads nothing from the device; the
+state dict holds them as int64 tensors under the keys ``seed`` and ``step``, as when they were buffers, so
+checkpoints of either kind load. With world size 1 and no process group the module is a plain full classifier.
+
+Checkpoints: ``gather_classes`` / ``full_weight`` assemble a (num_classes, ...) tensor on rank 0 only, in rounds of
+``CHECKPOINT_BLOCK`` classes moved to the CPU as they arrive (``utils.distributed.gather_shards_to_primary``), so no
+rank holds more than a block of other ranks' classes on its device; ``shard_classes`` / ``load_full_weight`` slice a
+saved tensor for any world size.
 
 References: insightface ``recognition/arcface_torch/partial_fc_v2.py`` (``PartialFC_V2``, ``DistCrossEntropyFunc``,
 ``AllGatherFunc``); "Killing Two Birds with One Stone: Efficient and Robust Training of Face Recognition CNNs by
@@ -41,11 +53,19 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.distributed import all_gather_variable, contiguous_shard, get_rank, get_world_size
+from utils.distributed import (
+    all_gather_ints,
+    contiguous_shard,
+    gather_shards_to_primary,
+    get_rank,
+    get_world_size,
+)
 
 logger = logging.getLogger(__name__)
 
 INIT_BLOCK = 4096  # classes per generator seed of the initial centres
+CHECKPOINT_BLOCK = 65_536  # classes rank 0 receives per round when gathering centres or their optimiser state
+_COUNTERS = ("seed", "step")  # Python integers, saved in the state dict as int64 tensors
 _MASK64 = (1 << 64) - 1
 
 
@@ -191,10 +211,11 @@ class PartialFC(nn.Module):
             if self.world_size > 1:
                 dist.broadcast_object_list(box, src=0)
             seed = box[0]
-        self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.int64))
-        self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
-        self.weight = nn.Parameter(self._initial_rows(int(seed)))
+        self.seed = int(seed)
+        self.step = 0
+        self.weight = nn.Parameter(self._initial_rows(self.seed))
         self.head = head
+        self._check_labels_next = True
         logger.info(
             "PartialFC: classes [%d, %d) of %d on rank %d, D=%d, sample rate %g, %s head",
             self.class_start,
@@ -212,6 +233,43 @@ class PartialFC(nn.Module):
             f"classes=[{self.class_start}, {self.class_end}), sample_rate={self.sample_rate}"
         )
 
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in _COUNTERS:
+            destination[prefix + name] = torch.tensor(getattr(self, name), dtype=torch.int64)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        counters = {}
+        for name in _COUNTERS:
+            key = prefix + name
+            value = state_dict.pop(key, None)  # load_state_dict hands each module its own copy of the dict
+            if value is None:
+                if strict:
+                    missing_keys.append(key)
+            elif torch.is_tensor(value) and value.numel() == 1 and not value.is_floating_point():
+                counters[name] = int(value)
+            else:
+                error_msgs.append(f"{key}: expected a one-element integer tensor, got {value!r}")
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        for name, value in counters.items():
+            setattr(self, name, value)
+
+    def train(self, mode: bool = True) -> PartialFC:
+        """Set the mode; the next forward checks its labels (the training loop calls this every epoch)."""
+        self._check_labels_next = True
+        return super().train(mode)
+
     def _initial_rows(self, seed: int) -> torch.Tensor:
         """This rank's rows of the world-size independent N(0, 0.01^2) initial centre matrix."""
         rows = torch.empty(self.num_local, self.embedding_size)
@@ -223,23 +281,23 @@ class PartialFC(nn.Module):
             rows[first - self.class_start : last - self.class_start] = values[first - offset : last - offset]
         return rows
 
-    def gather_classes(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's (num_local, ...) tensor into (num_classes, ...), on every rank (collective).
+    def gather_classes(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """Concatenate every rank's (num_local, ...) tensor into (num_classes, ...) on rank 0, on the CPU (collective).
+
+        The classes travel in rounds of ``CHECKPOINT_BLOCK`` (``utils.distributed.gather_shards_to_primary``): rank 0
+        holds the CPU result and one round's buffers, the other ranks nothing beyond one padded chunk.
 
         Args:
             tensor: a tensor whose first dimension is this rank's classes (the weight, its gradient, optimiser state).
 
         Returns:
-            The full tensor in class order (detached).
+            The full tensor in class order (detached, on the CPU) on rank 0; None on the other ranks.
         """
         if tensor.shape[0] != self.num_local:
             raise ValueError(
                 f"gather_classes expects {self.num_local} rows (this rank's classes), got {tuple(tensor.shape)}"
             )
-        tensor = tensor.detach()
-        if self.world_size == 1:
-            return tensor.clone()
-        return torch.cat(all_gather_variable(tensor.contiguous()))
+        return gather_shards_to_primary(tensor, self.num_classes, CHECKPOINT_BLOCK)
 
     def shard_classes(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows ``[start, end)`` of a (num_classes, ...) tensor (a copy), for any world size."""
@@ -247,8 +305,8 @@ class PartialFC(nn.Module):
             raise ValueError(f"shard_classes expects {self.num_classes} rows (all classes), got {tuple(full.shape)}")
         return full[self.class_start : self.class_end].clone()
 
-    def full_weight(self) -> torch.Tensor:
-        """The (num_classes, D) centre matrix gathered on every rank (collective)."""
+    def full_weight(self) -> torch.Tensor | None:
+        """The (num_classes, D) centre matrix on the CPU on rank 0, None on the other ranks (collective)."""
         return self.gather_classes(self.weight)
 
     @torch.no_grad()
@@ -261,29 +319,35 @@ class PartialFC(nn.Module):
             )
         self.weight.copy_(self.shard_classes(full).to(self.weight))
 
-    def _check_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> list[int]:
-        """Every rank's batch size; raises on all ranks when any rank has a label outside [0, num_classes)."""
+    def _batch_sizes(self, embeddings: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        """Every rank's batch size (exchanged on the host); raises when this rank's shapes do not fit."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"embeddings must be (b, {self.embedding_size}), got {tuple(embeddings.shape)}")
         if labels.shape != (embeddings.shape[0],):
             raise ValueError(
                 f"labels must be ({embeddings.shape[0]},) to match the embeddings, got {tuple(labels.shape)}"
             )
+        return all_gather_ints(labels.shape[0]) if self.world_size > 1 else [labels.shape[0]]
+
+    def _check_labels(self, labels: torch.Tensor, counts: list[int]) -> None:
+        """Raise (on every rank: all hold the global batch) when a label lies outside [0, num_classes).
+
+        Args:
+            labels: the global batch's labels, rank after rank.
+            counts: every rank's batch size.
+        """
         bad = (labels < 0) | (labels >= self.num_classes)
-        first_bad = torch.where(bad, labels, 0)[bad.int().argmax()] if labels.numel() else labels.new_zeros(())
-        info = torch.stack([labels.new_tensor(labels.shape[0]), bad.sum(), first_bad]).long()
-        if self.world_size > 1:
-            gathered = info.new_empty(self.world_size * 3)
-            dist.all_gather_single(gathered, info)
-            info = gathered
-        table = info.view(-1, 3).tolist()
-        for rank, (_, num_bad, label) in enumerate(table):
-            if num_bad:
-                raise ValueError(
-                    f"label {label} (rank {rank}, {num_bad} bad in its batch) is outside [0, num_classes) "
-                    f"with num_classes={self.num_classes}"
-                )
-        return [row[0] for row in table]
+        if not bool(bad.any()):
+            return
+        first = int(torch.nonzero(bad)[0])
+        rank, start = 0, 0
+        while first >= start + counts[rank]:
+            start += counts[rank]
+            rank += 1
+        raise ValueError(
+            f"label {int(labels[first])} (rank {rank}, {int(bad[start : start + counts[rank]].sum())} bad in its "
+            f"batch) is outside [0, num_classes) with num_classes={self.num_classes}"
+        )
 
     def _select(self, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Kept centre indices (None = all) and the labels as columns of the kept centres (-1 when not here)."""
@@ -297,7 +361,7 @@ class PartialFC(nn.Module):
             index = positives
         else:
             gen = torch.Generator(device=labels.device)
-            gen.manual_seed(derive_seed(int(self.seed), 1, int(self.step), self.rank))
+            gen.manual_seed(derive_seed(self.seed, 1, self.step, self.rank))
             scores = torch.rand(self.num_local, generator=gen, device=labels.device)
             scores[positives] = 2.0
             index = torch.topk(scores, num_sample, sorted=False).indices.sort().values
@@ -351,19 +415,23 @@ class PartialFC(nn.Module):
 
         Args:
             local_embeddings: (b, D) this rank's embeddings (not normalised; any float dtype).
-            local_labels: (b,) class ids in [0, num_classes).
+            local_labels: (b,) class ids in [0, num_classes) (checked on the first forward after ``train()`` /
+                ``eval()``, see the module docstring).
 
         Returns:
             ``{"loss": scalar float32 (mean over the global batch, the same on every rank), "accuracy": top-1 of the
             cosines over the kept centres (target cosine >= every kept cosine), detached}``.
         """
         labels = local_labels.reshape(-1).long()
-        counts = self._check_batch(local_embeddings, labels)
+        counts = self._batch_sizes(local_embeddings, labels)
         if self.world_size > 1:
             embeddings = _GatherWithGrad.apply(local_embeddings, counts)
             labels = _gather_rows(labels, counts)
         else:
             embeddings = local_embeddings
+        if self._check_labels_next:
+            self._check_labels(labels, counts)
+            self._check_labels_next = False
         index, columns = self._select(labels)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             emb = embeddings.float()

@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from model.backbones import ViTEmbedder, create_embedding_backbone
+from model.iresnet import load_arcface_torch_weights
 from model.landmark import (
     LANDMARK_EXPORT,
     LandmarkFrontEnd,
@@ -184,6 +185,18 @@ class FaceRecognizer(MetaArch):
         if self.front_end is not None:
             save_landmark_weights(self.front_end.cnn, Path(out_dir) / LANDMARK_EXPORT)
 
+    def clip_parameters(self) -> list[nn.Parameter]:
+        """What ``--clip-grad`` clips together: the trainable image path (backbone, and Part fViT's landmark CNN).
+
+        The class centres are left out, as arcface_torch clips its backbone only. Each rank holds its own block of
+        the centres, so a norm that included them would differ between ranks: each rank would scale the same
+        all-reduced backbone gradient by its own factor and the data-parallel replicas would drift apart.
+
+        Returns:
+            The trainable parameters of the backbone and the landmark front end.
+        """
+        return [p for p in self._encoder[0].parameters() if p.requires_grad]
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of the backbone."""
         self.backbone.set_grad_checkpointing(enable)
@@ -203,9 +216,17 @@ class FaceRecognizer(MetaArch):
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights with the full (num_classes, D) centre matrix; a collective under several processes."""
+        """Weights with the full (num_classes, D) centre matrix; a collective under several processes.
+
+        The centres are gathered to rank 0 on the CPU in class blocks (``PartialFC.gather_classes``); the state of
+        the other ranks lacks ``partial_fc.weight`` (only rank 0 saves).
+        """
         state = self.state_dict()
-        state["partial_fc.weight"] = self.partial_fc.full_weight()
+        full = self.partial_fc.full_weight()
+        if full is None:
+            del state["partial_fc.weight"]
+        else:
+            state["partial_fc.weight"] = full
         return state
 
     def load_checkpoint_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -232,15 +253,12 @@ class FaceRecognizer(MetaArch):
         return matches[0] if matches else None
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Optimiser state with the centres' per-class tensors (e.g. momentum) gathered to all classes."""
+        """Optimiser state with the centres' per-class tensors (e.g. momentum) gathered to all classes, on rank 0
+        (collective; as :meth:`checkpoint_state_dict`, the other ranks' state lacks those tensors)."""
         state = optimizer.state_dict()
         index = self._centre_state_index(optimizer)
-        local = self.partial_fc.weight.shape[0]
         if index is not None and index in state["state"]:
-            state["state"][index] = {
-                k: self.partial_fc.gather_classes(v) if _per_class(v, local) else v
-                for k, v in state["state"][index].items()
-            }
+            state["state"][index] = _gather_per_class(self.partial_fc, state["state"][index])
         return state
 
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -275,18 +293,43 @@ def _per_class(value: Any, rows: int) -> bool:
     return torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == rows
 
 
+def _gather_per_class(partial_fc: PartialFC, param_state: dict[str, Any]) -> dict[str, Any]:
+    """A centre parameter's optimiser state with its per-class tensors gathered on rank 0 (dropped elsewhere)."""
+    out = {}
+    for key, value in param_state.items():
+        if not _per_class(value, partial_fc.num_local):
+            out[key] = value
+        elif (full := partial_fc.gather_classes(value)) is not None:
+            out[key] = full
+    return out
+
+
 def build_recognizer(
     cfg: RecognitionConfig,
     pretrained_weights: str | Path | None = None,
     checkpoint_key: str = "teacher",
     weights_only: bool = True,
 ) -> FaceRecognizer:
-    """A recognition model; ``pretrained_weights`` (DINO or timm ViT weights) initialise a ViT backbone."""
+    """A recognition model, its backbone optionally initialised from ``pretrained_weights``.
+
+    Args:
+        cfg: the model configuration.
+        pretrained_weights: DINO or timm weights for a ViT backbone; an arcface_torch ``backbone.pth`` (bare state
+            dict, arcface_torch key names) for an IResNet, whose architecture, input size and embedding size must be
+            ``cfg``'s.
+        checkpoint_key: entry of a full DINO checkpoint holding the ViT weights (unused for IResNets).
+        weights_only: safe loading; False only for trusted files holding other pickled objects.
+
+    Returns:
+        The model (class centres freshly initialised).
+    """
     model = FaceRecognizer(cfg)
     if pretrained_weights:
-        if not isinstance(model.backbone, ViTEmbedder):
-            raise ValueError(f"--pretrained-weights loads ViT weights; --arch {cfg.arch} is not a ViT")
-        load_pretrained_backbone(model.backbone.vit, pretrained_weights, checkpoint_key, weights_only=weights_only)
+        if isinstance(model.backbone, ViTEmbedder):
+            load_pretrained_backbone(model.backbone.vit, pretrained_weights, checkpoint_key, weights_only=weights_only)
+        else:
+            load_arcface_torch_weights(model.backbone, pretrained_weights, weights_only=weights_only)
+            logger.info("backbone %s from arcface_torch weights %s", cfg.arch, pretrained_weights)
     return model
 
 

@@ -20,7 +20,7 @@ stamp "== data: $DATASET in $DATA"
 "$PY" -c "from data_loader.synthface import ensure_synthfaces; ensure_synthfaces('$DATA', '$DATASET')"
 
 stamp "== ArcFace on D_L (the FaceGCD paper's baseline)"
-"$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${SCHEDULE[@]}" --method recognition --head arcface --embedding-size 192 \
+"$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${SCHEDULE[@]}" --method recognition --input-preset gcd --head arcface --embedding-size 192 \
   --lr 1e-3 --epochs 112 --experiment arcface $(resume arcface)
 stamp "== GCD: the same contrastive training without prefixes"
 "$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${SCHEDULE[@]}" "${GCD[@]}" --prefix_length 0 --experiment gcd $(resume gcd)
@@ -29,9 +29,9 @@ stamp "== FaceGCD: prefixes from the HyperNetwork (the quickstart's recipe)"
 
 for run in arcface gcd facegcd; do
   stamp "== extraction and SSK: $run"
-  "$PY" extract_features.py --checkpoint_weights "$OUT/$run/last.pth.tar" --workers 0 --save_dir "$RES" \
+  "$PY" extract_features.py --overwrite --checkpoint_weights "$OUT/$run/last.pth.tar" --workers 0 --save_dir "$RES" \
     --experiment "$run"
-  "$PY" SSK.py "${SSK[@]}" --experiment_idx "$run" --no-plots
+  "$PY" SSK.py --overwrite "${SSK[@]}" --experiment_idx "$run" --no-plots
 done
 
 echo

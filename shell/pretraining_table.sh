@@ -32,7 +32,7 @@ stamp "== data: $DATASET in $DATA"
 "$PY" -c "from data_loader.synthface import ensure_synthfaces; ensure_synthfaces('$DATA', '$DATASET')"
 
 stamp "== 1. Part fViT on D_L: CosFace, the landmark CNN learned end to end"
-"$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${EVAL[@]}" --method recognition --head cosface --landmark_cnn \
+"$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${EVAL[@]}" --method recognition --input-preset gcd --head cosface --landmark_cnn \
   --landmark-weights "$OUT/none.pth" --embedding-size 192 --opt adamw --lr 1e-3 --weight-decay 0.05 --warmup-epochs 3 \
   --epochs 60 --batch-size 64 --clip-grad 1.0 --experiment part_fvit $(resume part_fvit)
 
@@ -54,15 +54,15 @@ stamp "== 4. LAFS pretraining (DINO on landmark mosaics: 5 px jitter, 4-landmark
   --pretrained_weights "$OUT/lafs/checkpoint.pth" --experiment from_lafs $(resume from_lafs)
 
 stamp "== extraction and SSK"
-"$PY" extract_features.py --dataset "$DATASET" --data-path "$DATA" --workers 0 "${VIT[@]}" --features pixels \
+"$PY" extract_features.py --overwrite --dataset "$DATASET" --data-path "$DATA" --workers 0 "${VIT[@]}" --features pixels \
   --save_dir "$RES" --experiment pixels
-"$PY" SSK.py "${SSK[@]}" --experiment_idx pixels --no-plots
+"$PY" SSK.py --overwrite "${SSK[@]}" --experiment_idx pixels --no-plots
 for run in scratch scratch_landmarks from_dino from_lafs; do
   extra=()
   case $run in *landmarks|from_lafs) extra=(--landmark_cnn) ;; esac
-  "$PY" extract_features.py --checkpoint_weights "$OUT/$run/last.pth.tar" --workers 0 --save_dir "$RES" \
+  "$PY" extract_features.py --overwrite --checkpoint_weights "$OUT/$run/last.pth.tar" --workers 0 --save_dir "$RES" \
     --experiment "$run" "${extra[@]}"
-  "$PY" SSK.py "${SSK[@]}" --experiment_idx "$run" --no-plots
+  "$PY" SSK.py --overwrite "${SSK[@]}" --experiment_idx "$run" --no-plots
 done
 
 echo

@@ -27,19 +27,19 @@ stamp "== data: $DATASET in $DATA"
 "$PY" -c "from data_loader.synthface import ensure_synthfaces; ensure_synthfaces('$DATA', '$DATASET')"
 
 stamp "== baselines: k-means on raw pixels and on the untrained backbone"
-"$PY" extract_features.py "${COMMON[@]}" "${MODEL[@]}" --features pixels --save_dir "$RES" --experiment pixels
-"$PY" SSK.py "${SSK[@]}" --experiment_idx pixels --no-plots
-"$PY" extract_features.py "${COMMON[@]}" "${MODEL[@]}" --save_dir "$RES" --experiment untrained
-"$PY" SSK.py "${SSK[@]}" --experiment_idx untrained --no-plots
+"$PY" extract_features.py --overwrite "${COMMON[@]}" "${MODEL[@]}" --features pixels --save_dir "$RES" --experiment pixels
+"$PY" SSK.py --overwrite "${SSK[@]}" --experiment_idx pixels --no-plots
+"$PY" extract_features.py --overwrite "${COMMON[@]}" "${MODEL[@]}" --save_dir "$RES" --experiment untrained
+"$PY" SSK.py --overwrite "${SSK[@]}" --experiment_idx untrained --no-plots
 
 stamp "== training FaceGCD from scratch (float32)"
 "$PY" train.py "${COMMON[@]}" "${MODEL[@]}" --opt adamw --lr 2e-4 --weight-decay 0.05 --warmup-epochs 3 --epochs 28 \
   --batch-size 64 --clip-grad 1.0 --val-interval 1000 --val-kmeans-init 1 --checkpoint-select last --no-progress \
   --output "$OUT" --experiment trained
 stamp "== extraction and SSK (data settings and model read from the checkpoint)"
-"$PY" extract_features.py --checkpoint_weights "$OUT/trained/model_best.pth.tar" --workers 0 --save_dir "$RES" \
+"$PY" extract_features.py --overwrite --checkpoint_weights "$OUT/trained/model_best.pth.tar" --workers 0 --save_dir "$RES" \
   --experiment trained
-"$PY" SSK.py "${SSK[@]}" --experiment_idx trained
+"$PY" SSK.py --overwrite "${SSK[@]}" --experiment_idx trained
 
 echo
 echo "== v2 clustering accuracy (%), $DATASET: SS-k-means fitted on all training features, scored on the"

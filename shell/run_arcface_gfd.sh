@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The ArcFace baseline of the FaceGCD paper on one GFD benchmark: ArcFace trained on the labelled known identities
-# (D_L) only, then the usual extraction and SSK. Same backbone and initialisation as FaceGCD's recipe (ViT-B/8 at
-# 112 px from DINO weights), 128 images per GPU, AdamW + cosine, the last epoch kept.
+# (D_L) only, then the usual extraction and SSK. Same backbone, initialisation and input preset (--input-preset gcd)
+# as FaceGCD's recipe (ViT-B/8 at 112 px from DINO weights), 128 images per GPU, AdamW + cosine, the last epoch kept.
 #
 #   bash shell/run_arcface_gfd.sh youtubefaces_1000 [train.py flags...]
 #
@@ -34,8 +34,8 @@ case "$ARCH" in
   vit_*) MODEL+=(--patch_size 8 --pretrained_weights "$PRETRAINED") ;;
 esac
 
-"${RUN[@]}" train.py --method recognition --head arcface --dataset "$DATASET" --data-path "$DATA_PATH" "${MODEL[@]}" \
+"${RUN[@]}" train.py --method recognition --input-preset gcd --head arcface --dataset "$DATASET" --data-path "$DATA_PATH" "${MODEL[@]}" \
   --opt adamw --lr-base 5e-4 --weight-decay 0.05 --warmup-epochs 2 --epochs "$EPOCHS" --batch-size "$BATCH" --amp \
   --checkpoint-select last --output "$OUTPUT" --experiment "$EXP" --log-wandb "${RESUME[@]}" "$@"
-"${RUN[@]}" extract_features.py --checkpoint_weights "$LAST" --amp --save_dir "$SAVE_DIR" --experiment "$EXP"
-"${RUN[@]}" SSK.py --max_kmeans_iter 500 --k_means_init 10 --experiment_idx "$EXP" --save_dir "$SAVE_DIR"
+"${RUN[@]}" extract_features.py --overwrite --checkpoint_weights "$LAST" --amp --save_dir "$SAVE_DIR" --experiment "$EXP"
+"${RUN[@]}" SSK.py --overwrite --max_kmeans_iter 500 --k_means_init 10 --experiment_idx "$EXP" --save_dir "$SAVE_DIR"

@@ -36,6 +36,6 @@ RESUME=()
   --arch vit_base --patch_size 8 --input-size 3 112 112 --prefix_length 10 --layer-embed --amp \
   --batch-size "$BATCH" --epochs "$EPOCHS" --checkpoint-select last --output "$OUTPUT" --experiment "$EXP" \
   --log-wandb "${RESUME[@]}" "$@"
-"${RUN[@]}" extract_features.py --checkpoint_weights "$CHECKPOINT" --pretrained_weights "$PRETRAINED" --amp \
+"${RUN[@]}" extract_features.py --overwrite --checkpoint_weights "$CHECKPOINT" --pretrained_weights "$PRETRAINED" --amp \
   --save_dir "$SAVE_DIR" --experiment "$EXP"
-"${RUN[@]}" SSK.py --max_kmeans_iter 500 --k_means_init 10 --experiment_idx "$EXP" --save_dir "$SAVE_DIR"
+"${RUN[@]}" SSK.py --overwrite --max_kmeans_iter 500 --k_means_init 10 --experiment_idx "$EXP" --save_dir "$SAVE_DIR"

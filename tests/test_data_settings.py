@@ -161,5 +161,5 @@ def test_resume_refuses_other_data_settings(run_030, run_script):
     out = run_030["checkpoint"].parent.parent
     args = _one_epoch_args("synthfaces_tiny", run_030["data"], out, "p03", "--prop_train_labels", "0.5")
     proc = run_script("train.py", [*args, "--epochs", "2", "--resume", str(last)], check=False)
-    assert proc.returncode == 2 and "other data settings" in proc.stderr
-    assert "prop_train_labels: checkpoint 0.3, now 0.5" in proc.stderr
+    assert proc.returncode == 2 and "continues a run with other settings" in proc.stderr
+    assert "--prop-train-labels 0.5 (the run: 0.3)" in proc.stderr

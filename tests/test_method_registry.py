@@ -172,7 +172,7 @@ def test_a_method_defined_in_a_test_trains_resumes_extracts_clusters_and_verifie
     feats = tmp_path / "feats"
     run_script(
         "extract_features.py",
-        ["--checkpoint-weights", str(run / "last.pth.tar"), "--save-dir", str(feats), "--experiment", "toy"],
+        ["--checkpoint-weights", str(run / "last.pth.tar"), "--save-dir", str(feats), "--experiment", "toy", "-j", "0"],
     )
     train = torch.load(feats / "toy" / "features_train.pt", weights_only=True)
     assert train["features"].shape == (48, 6) and train["meta"]["model_config"]["method"] == "toy_linear"
@@ -234,8 +234,18 @@ def test_the_cli_contract_holds_in_a_real_process(tmp_path, run_script):
     [  # (FaceGCD's --grad-from-block 11 needs --pretrained-weights, so its case trains every block)
         # DINO's main_dino.py: AdamW, 5e-4 per 256 images (linear), weight decay 0.04 -> 0.4, 10 warm-up epochs
         ("dino", {"opt": "adamw", "lr_base": 5e-4, "weight_decay": 0.04, "weight_decay_end": 0.4, "warmup_epochs": 10}),
-        # arcface_torch, IResNet-50: SGD lr 0.1, weight decay 5e-4
-        ("recognition", {"arch": "iresnet50", "opt": "sgd", "lr_base": 0.1, "weight_decay": 5e-4}),
+        # arcface_torch, IResNet-50: SGD lr 0.1, weight decay 5e-4, the backbone clipped at 5, insightface's input
+        (
+            "recognition",
+            {
+                "arch": "iresnet50",
+                "opt": "sgd",
+                "lr_base": 0.1,
+                "weight_decay": 5e-4,
+                "clip_grad": 5.0,
+                "input_preset": "face",
+            },
+        ),
         # the FaceGCD reference: SGD-Nesterov, lr 0.1 per 256 images, weight decay 2e-5
         ("facegcd", {"arch": "vit_base", "opt": "sgd", "lr_base": 0.1, "weight_decay": 2e-5, "warmup_epochs": 5}),
     ],

@@ -62,21 +62,34 @@ def _state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+# Chance levels of the held-out sets below, for features that carry no identity (1000+ draws of uniform random
+# scores through the same metrics): pair-set 10-fold accuracy on 200 pairs 0.50 (99.9th percentile 0.625); IJB AUC
+# with 16 genuine of 496 template pairs 0.50 (99.9th percentile 0.717); v2 clustering accuracy of uniform random
+# labels on D_U (36 images: 4 old identities x 3, 4 new x 6; K = 8) 0.35 (99th percentile 0.44). Measured on the
+# development CPU (seed 3, last epoch): 0.765, 0.784 and 0.583; seeds 4 and 5 gave 0.585-0.70, 0.78-0.82, 0.50-0.58.
+PAIR_ACCURACY_BOUND = 0.65
+IJB_AUC_BOUND = 0.72
+SSK_V2_BOUND = 0.45
+
+
 def test_recognition_training_lowers_the_loss_and_feeds_verification_extraction_and_ssk(
     tiny_faces, tmp_path, run_script
 ):
     # held-out identities (ids from 1,000,000 on) as an insightface pair set and an IJB-style folder
-    write_synthface_pair_set(tmp_path / "synth.bin", identities=6, pairs=20, progress=False)
-    write_synthface_ijb(tmp_path / "ijb", "ijbb", identities=4, progress=False)
+    write_synthface_pair_set(tmp_path / "synth.bin", identities=12, pairs=200, progress=False)
+    write_synthface_ijb(tmp_path / "ijb", "ijbb", identities=16, progress=False)
     targets = ["--val-targets", str(tmp_path / "synth.bin"), str(tmp_path / "ijb")]
-    run_script("train.py", _recognition_args(tiny_faces, tmp_path, "arc", "--epochs", "2", *targets))
+    # ArcFace at s = 16 and lr 0.02: the loss falls within the 6 steps (at s = 64 and lr 0.1 it need not)
+    recipe = ["--epochs", "2", "--lr", "0.02", "--head-args", "s=16"]
+    run_script("train.py", _recognition_args(tiny_faces, tmp_path, "arc", *recipe, *targets))
     run = tmp_path / "arc"
     records = _records(run)
     assert [r["epoch"] for r in records] == [0, 1]
     assert records[1]["train_loss"] < records[0]["train_loss"]
     assert "unlabelled" in records[1]["eval"] and "test" in records[1]["eval"]  # clustering validation of D_U, test
     verification = records[1]["eval"]["verification"]
-    assert 0.0 <= verification["synth"]["accuracy"] <= 1.0 and 0.0 <= verification["ijbb"]["auc"] <= 1.0
+    assert verification["synth"]["accuracy"] > PAIR_ACCURACY_BOUND
+    assert verification["ijbb"]["auc"] > IJB_AUC_BOUND
     assert (run / "verification" / "ijbb_roc.png").is_file() and (run / "verification" / "ijbb_tar_at_far.md").is_file()
     best = max(r["eval"]["verification"]["synth"]["accuracy"] for r in records)
     assert _state(run / "model_best.pth.tar")["metric"] == best  # model_best is selected on the first target
@@ -110,7 +123,7 @@ def test_recognition_training_lowers_the_loss_and_feeds_verification_extraction_
     run_script("SSK.py", ["--save_dir", str(feats), "--experiment_idx", "arc", "--k_means_init", "2"])
     results = json.loads(next((feats / "arc").rglob("ssk_results.json")).read_text())
     assert results["M"] == 4 and results["train"]["num_samples"] == 36  # clustered D_U with the 4 labelled classes
-    assert 0.0 <= results["train"]["v2"]["all"] <= 1.0
+    assert results["train"]["v2"]["all"] > SSK_V2_BOUND
 
 
 def test_recognition_resumes_exactly_after_a_kill(tiny_faces, tmp_path, run_script):
@@ -188,7 +201,6 @@ def test_part_fvit_learns_landmarks_that_facegcd_then_uses(tiny_faces, tmp_path,
     args += ["--landmark-weights", str(tmp_path / "none.pth")]
     run_script("train.py", args)
     run = tmp_path / "pfvit"
-    assert all(0.0 < r["train_loss"] < 100.0 for r in _records(run))
     learned = torch.load(run / "landmark_cnn.pth", weights_only=True)  # the reference key format
     assert learned and all("stn" in k or "output" in k for k in learned)
     ckpt = _state(run / "last.pth.tar")
@@ -197,11 +209,15 @@ def test_part_fvit_learns_landmarks_that_facegcd_then_uses(tiny_faces, tmp_path,
     assert not torch.equal(first, learned["output.weight"])  # trained end to end under the recognition loss
     assert all((run / picture).stat().st_size > 1000 for picture in ("landmarks.png", "mosaic.png"))
 
-    # LAFS fine-tuning from those landmarks: the regularisation is logged with its epoch-0 weight of 1000
+    # LAFS fine-tuning from those landmarks: each step's loss is CosFace's + 1000 x the regularisation (epoch 0), so
+    # the epoch means satisfy loss - 1000 reg = the mean CosFace loss, which lies in [0, log(1 + 3 e^(64 (1 + 1.4)))]
+    # = [0, 154.70] (s = 64, m = 0.4, 4 classes: target logit >= 64 (-1 - 0.4), the other three <= 64)
     lafs = _recognition_args(tiny_faces, tmp_path, "lafs", "--epochs", "1", "--landmark_cnn", *vit)
     lafs += ["--landmark-weights", str(run / "landmark_cnn.pth"), "--landmark-regularisation"]
     run_script("train.py", lafs)
-    assert _records(tmp_path / "lafs")[0]["train_landmark_reg"] >= 0.0
+    first = _records(tmp_path / "lafs")[0]
+    assert first["train_landmark_reg"] > 0.0
+    assert 0.0 <= first["train_loss"] - 1000.0 * first["train_landmark_reg"] <= 154.70
 
     # FaceGCD with the learned landmark CNN as its frozen front end
     facegcd = tiny_facegcd_args(

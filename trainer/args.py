@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+from collections.abc import Callable
 
+from data_loader.transforms import INPUT_PRESETS
 from model.landmark import LANDMARK_ORIENTATIONS, REFERENCE_LANDMARK_PATH
 from trainer.optim import SUPPORTED_OPTIMIZERS, SUPPORTED_SCHEDULERS
+from utils.config import parse_args_with_config
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,14 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         "freely (default: the benchmark's, N // 2)",
     )
     group.add_argument(
+        "--input-preset",
+        choices=INPUT_PRESETS,
+        default=None,
+        help="image preset: gcd (resize to S/0.875, random/centre crop S, ImageNet mean/std; GCD's and FaceGCD's) or "
+        "face (the whole aligned crop, flip, (x/255 - 0.5)/0.5; insightface's); stored in the checkpoint (default: the "
+        "method's recipe when training, the checkpoint's in extraction and SSK)",
+    )
+    group.add_argument(
         "--skip-corrupt",
         action="store_true",
         help="skip unreadable images (listed in the log) instead of stopping (default: stop)",
@@ -81,7 +92,16 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         "--pin_mem",
         dest="pin_mem",
         action="store_true",
-        help="pin host memory (only has an effect on CUDA)",
+        default=None,
+        help="pin the training loader's host memory, so copies to the GPU overlap with compute (default: on when the "
+        "device is CUDA; pinning has no effect elsewhere)",
+    )
+    group.add_argument(
+        "--no-pin-mem",
+        dest="pin_mem",
+        action="store_false",
+        default=None,
+        help="do not pin the training loader's host memory on CUDA",
     )
 
 
@@ -130,7 +150,8 @@ def add_backbone_args(parser: argparse.ArgumentParser, archs: tuple[str, ...], d
         "--pretrained_weights",
         dest="pretrained_weights",
         default=None,
-        help="DINO/timm backbone weights (local file; nothing is downloaded) (default: random initialisation)",
+        help="backbone weights, a local file (nothing is downloaded): DINO/timm weights for a ViT, an arcface_torch "
+        "backbone.pth for an IResNet (default: random initialisation)",
     )
     group.add_argument(
         "--checkpoint-key",
@@ -163,6 +184,27 @@ def add_landmark_args(parser: argparse.ArgumentParser, *, switch: bool, help_wei
         default="natural",
         help="mosaic tile orientation: natural, or reference (the reference's transposed tiles) (default: natural)",
     )
+
+
+def parse_recording_explicit(
+    parser_factory: Callable[[], argparse.ArgumentParser], argv: list[str]
+) -> argparse.Namespace:
+    """Parse ``argv`` (``-c/--config`` YAML defaults included) and record in ``args.explicit_flags`` the destinations
+    the command line set, which extraction and SSK compare with a checkpoint's settings."""
+    args = parse_args_with_config(parser_factory(), argv)
+    args.explicit_flags = sorted(explicit_dests(parser_factory(), argv))
+    return args
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (restart and iteration counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def parse_head_arg(text: str) -> tuple[str, float]:
@@ -257,7 +299,8 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
         dest="clip_grad",
         type=float,
         default=None,
-        help="max gradient norm over the parameters the method clips (default: %(default)s, no clipping)",
+        help="max gradient norm over the parameters the method clips; 0 turns off a recipe's clipping (default: "
+        "%(default)s)",
     )
 
 
@@ -300,7 +343,7 @@ def add_validation_args(parser: argparse.ArgumentParser) -> None:
         "--val-kmeans-restarts",
         "--val-kmeans-init",
         dest="val_kmeans_restarts",
-        type=int,
+        type=positive_int,
         default=10,
         help="validation k-means restarts (default: %(default)s)",
     )
@@ -313,6 +356,12 @@ def add_validation_args(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="verification sets validated with the clustering: insightface .bin pair sets (lfw.bin, ...) and IJB "
         "folders (holding meta/ and loose_crop/) (default: none)",
+    )
+    group.add_argument(
+        "--exact-roc",
+        action="store_true",
+        help="IJB TAR@FAR on the exact ROC instead of insightface's thinned one (sklearn's drop_intermediate) "
+        "(default: off)",
     )
     group.add_argument("--checkpoint-hist", type=int, default=10, help="checkpoint-N files kept (default: %(default)s)")
     group.add_argument("--output", default="./output/train", help="output root (default: %(default)s)")
@@ -357,8 +406,9 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
         dest="amp_dtype",
         choices=("float16", "bfloat16"),
         default=None,
-        help="autocast dtype (default: float16 on CUDA, bfloat16 on the CPU, which autocasts only where it computes "
-        "bfloat16 natively and runs float32 otherwise)",
+        help="autocast dtype (default: bfloat16 on a CUDA GPU that computes it natively (compute capability 8.0 and "
+        "later), float16 with a gradient scaler on older GPUs; bfloat16 on the CPU, which autocasts only where it "
+        "computes bfloat16 natively and runs float32 otherwise)",
     )
     group.add_argument(
         "--amp-impl",
@@ -368,7 +418,11 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
         default="native",
         help="native = torch.amp; apex = the reference's O0 setting, i.e. FP32 (default: native)",
     )
-    group.add_argument("--experiment", default="", help="run name; folder under the output root")
+    group.add_argument(
+        "--experiment",
+        default="",
+        help="run name; folder under the output root (default: <date>-<time>-<arch>-patch<patch size>-<image size>)",
+    )
 
 
 def add_compat_args(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from data_loader.transforms import GCD_PRESET
 from trainer.args import (
     add_backbone_args,
     add_compat_args,
@@ -40,7 +41,9 @@ def get_train_parser(method: str = DEFAULT_METHOD, add_help: bool = True) -> arg
         add_help=add_help,
         allow_abbrev=False,
     )
-    parser.add_argument("-c", "--config", default="", help="YAML file whose keys set parser defaults (an args.yaml)")
+    parser.add_argument(
+        "-c", "--config", default="", help="YAML file whose keys set parser defaults, e.g. an args.yaml (default: none)"
+    )
     parser.add_argument(
         "--method",
         default=DEFAULT_METHOD,
@@ -111,6 +114,8 @@ def parse_train_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namesp
     if unknown:
         message = _foreign_flag_error(unknown, method)
         parser.error(message or f"unrecognized arguments: {' '.join(unknown)}")
+    if args.input_preset is None:
+        args.input_preset = GCD_PRESET
     spec.resolve_args(args, explicit_dests(parser, argv) | config_dests)
     return args, spec
 

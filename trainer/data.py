@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from data_loader import build_gcd_datasets, get_spec
 from data_loader.datasets import GCDDatasets
+from data_loader.transforms import GCD_PRESET
 from utils.distributed import barrier, get_rank, is_primary
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def load_datasets(args: argparse.Namespace, image_size: int) -> GCDDatasets:
         seed=args.split_seed,
         num_known=args.num_known,
         skip_corrupt=args.skip_corrupt,
+        input_preset=args.input_preset,
     )
 
 
@@ -63,6 +65,7 @@ _DATA_FLAGS = {
     "prop_train_labels": ("prop_train_labels", "--prop-train-labels"),
     "split_seed": ("split_seed", "--split-seed"),
     "num_known": ("num_known", "--num-known"),
+    "input_preset": ("input_preset", "--input-preset"),
 }
 
 
@@ -92,7 +95,7 @@ def data_config(args: argparse.Namespace, datasets: GCDDatasets, image_size: int
 
     Returns:
         ``dataset`` (canonical name), ``data_path`` (absolute), ``prop_train_labels``, ``split_seed``, ``num_known``,
-        ``image_size`` and the counts of :func:`listing_facts`.
+        ``image_size``, ``input_preset`` and the counts of :func:`listing_facts`.
     """
     return {
         "dataset": datasets.spec.name,
@@ -101,6 +104,7 @@ def data_config(args: argparse.Namespace, datasets: GCDDatasets, image_size: int
         "split_seed": int(args.split_seed),
         "num_known": int(datasets.num_known),
         "image_size": int(image_size),
+        "input_preset": args.input_preset,
         **listing_facts(datasets),
     }
 
@@ -112,6 +116,8 @@ def _same(field: str, given: Any, stored: Any) -> bool:
         return Path(given).resolve() == Path(stored).resolve()
     if field == "prop_train_labels":
         return abs(float(given) - float(stored)) < 1e-12
+    if field == "input_preset":
+        return given == stored
     return int(given) == int(stored)
 
 
@@ -154,6 +160,23 @@ def apply_data_config(
             f"--input-size 3 {image_size} {image_size} contradicts the checkpoint {source}, trained at "
             f"{stored['image_size']} px; drop the flag"
         )
+
+
+def take_input_preset(args: argparse.Namespace, stored: str | None, explicit: set[str], source: str | None) -> None:
+    """Set ``args.input_preset`` to the checkpoint's preset (``stored``); without a checkpoint, the flag's or ``gcd``.
+
+    Raises:
+        DataConfigError: ``--input-preset`` given on the command line contradicts the checkpoint.
+    """
+    if stored is None:
+        args.input_preset = args.input_preset or GCD_PRESET
+        return
+    if "input_preset" in explicit and args.input_preset not in (None, stored):
+        raise DataConfigError(
+            f"--input-preset {args.input_preset} contradicts the checkpoint {source}, trained with --input-preset "
+            f"{stored}; drop the flag"
+        )
+    args.input_preset = stored
 
 
 def _differences(stored: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
@@ -202,6 +225,9 @@ def make_train_loader(
 ) -> tuple[DataLoader, torch.Generator]:
     """The distributed training loader of a method's dataset and sampler (``drop_last=True``).
 
+    Host memory is pinned on CUDA unless ``--no-pin-mem`` is given, so the batches' ``non_blocking`` copies overlap
+    with compute (unpinned, they are synchronous).
+
     Returns:
         The loader and the generator that seeds its workers (reseed per epoch).
     """
@@ -217,7 +243,7 @@ def make_train_loader(
         batch_size=args.batch_size,
         sampler=sampler,
         num_workers=args.workers,
-        pin_memory=args.pin_mem and device.type == "cuda",
+        pin_memory=device.type == "cuda" and args.pin_mem is not False,
         drop_last=True,
         generator=generator,
         persistent_workers=False,

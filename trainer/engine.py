@@ -8,15 +8,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from data_loader.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_size
+from data_loader.transforms import GCD_PRESET, preset_normalisation, resize_size
 from trainer.features import embed_dataset
 from trainer.precision import Precision
-from utils.distributed import all_gather_variable, is_primary
+from utils.distributed import all_gather_variable, get_world_size, is_primary
 from utils.kmeans import kmeans
 from utils.logging import MetricLogger, SmoothedValue
 from utils.evaluation.clustering import evaluate_clustering
@@ -26,8 +27,11 @@ from utils.evaluation.pair_sets import evaluate_pair_set
 logger = logging.getLogger(__name__)
 
 
+IJB_HEADLINE = "tar@1e-4"  # the IJB figure (TAR at FAR 1e-4, N1D1F1) verification selects checkpoints on
+
+
 class NonFiniteLossError(RuntimeError):
-    """Raised when the training loss is NaN or infinite; the last good checkpoint is left untouched."""
+    """Raised when a training loss was NaN or infinite; the epoch's checkpoint is not written."""
 
 
 def train_one_epoch(
@@ -47,6 +51,13 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train one pass over ``loader`` for any method (``model.meta_arch.MetaArch``).
 
+    The step does not wait for the device: the logged scalars stay on it until a log line (every ``log_interval``
+    steps and the last step) or the epoch's statistics read them. The NaN guard records on the device the first step
+    whose loss is NaN or infinite and is read at the same steps, right after their forward pass, all ranks agreeing
+    (docs/method.md, section 6): the run stops there with :class:`NonFiniteLossError`, before the epoch's
+    checkpoint, having taken at most ``log_interval - 1`` optimiser steps past the bad loss (``log_interval=1``
+    stops before the bad step's update).
+
     Args:
         model: the module ``prepare_for_distributed_training`` returned (the method, or DDP around it); its forward
             takes the method's ``batch_inputs`` and returns a dict of scalars with ``loss``.
@@ -61,16 +72,22 @@ def train_one_epoch(
             step, with each loss divided by that group's size, so every step uses the mean gradient over the
             micro-batches it holds and DDP synchronises on the epoch's last micro-batch.
         clip_grad: max gradient norm, or None.
-        log_interval: steps between log lines (and saved input grids).
+        log_interval: steps between log lines, NaN checks and saved input grids.
         save_images_dir: folder for ``train-batch-<step>.jpg`` grids, or None.
         progress: show a progress bar on the primary rank.
 
     Returns:
         Epoch averages of ``loss``, ``lr`` and the method's other scalars, except its ``counted_scalars``, which are
         epoch sums (over all ranks).
+
+    Raises:
+        NonFiniteLossError: a loss of this epoch was NaN or infinite on some rank (the message names the first
+            such step).
     """
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps (--grad-accum-steps) must be >= 1, got {grad_accum_steps}")
+    if log_interval < 1:
+        raise ValueError(f"log_interval (--log-interval) must be >= 1, got {log_interval}")
     method = model.module if isinstance(model, DistributedDataParallel) else model
     num_steps = len(loader)  # the epoch's last accumulation group may be shorter; it still steps
     model.train()
@@ -79,6 +96,7 @@ def train_one_epoch(
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
     optimizer.zero_grad(set_to_none=True)
+    first_non_finite = torch.full((), num_steps, dtype=torch.int64, device=device)  # num_steps: none so far
     batches = 0
     for step, batch in enumerate(metric_logger.log_every(loader, log_interval, header, progress=progress)):
         if step >= num_steps:
@@ -95,12 +113,11 @@ def train_one_epoch(
             with precision.autocast():
                 losses = model(*inputs)
             loss = losses["loss"]
-            loss_value = loss.item()
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({loss_value}) at epoch {epoch}, step {step}; the run stops here and "
-                    "the last good checkpoint (last.pth.tar of the previous epoch) is kept"
-                )
+            first_non_finite = torch.where(
+                torch.isfinite(loss.detach()), first_non_finite, first_non_finite.clamp(max=step)
+            )
+            if step % log_interval == 0 or step + 1 == num_steps:
+                _stop_on_non_finite_loss(first_non_finite, num_steps, epoch)
             scaler.scale(loss / group_size).backward()
         if final_micro_step:
             progress_epochs = epoch + step / num_steps
@@ -114,8 +131,8 @@ def train_one_epoch(
             method.after_optimizer_step(progress_epochs)
 
         batches += 1
-        scalars = {k: float(v) for k, v in losses.items() if k != "loss"}
-        metric_logger.update(loss=loss_value, lr=optimizer.param_groups[0]["lr"], **scalars)
+        scalars = {k: v for k, v in losses.items() if k != "loss"}
+        metric_logger.update(loss=loss, lr=optimizer.param_groups[0]["lr"], **scalars)
     if batches != num_steps:
         raise RuntimeError(
             f"the training loader yielded {batches} batches but its len() is {num_steps}; the last gradient "
@@ -128,6 +145,25 @@ def train_one_epoch(
     }
     method.end_epoch(epoch, stats)
     return stats
+
+
+def _stop_on_non_finite_loss(first_non_finite: torch.Tensor, num_steps: int, epoch: int) -> None:
+    """Raise :class:`NonFiniteLossError` when any rank recorded a non-finite loss (one host synchronisation).
+
+    Args:
+        first_non_finite: this rank's first step with a NaN or infinite loss, ``num_steps`` when none.
+        num_steps: steps in the epoch.
+        epoch: 0-based epoch, for the message.
+    """
+    if get_world_size() > 1:  # every rank checks at the same steps, so every rank stops together
+        first_non_finite = first_non_finite.clone()
+        dist.all_reduce(first_non_finite, op=dist.ReduceOp.MIN)
+    step = int(first_non_finite.item())
+    if step < num_steps:
+        raise NonFiniteLossError(
+            f"non-finite training loss at epoch {epoch}, step {step}; the run stops here and the last good "
+            "checkpoint (last.pth.tar of the previous epoch) is kept"
+        )
 
 
 def _first_images(inputs: torch.Tensor | list | tuple) -> torch.Tensor:
@@ -224,22 +260,29 @@ def _mean_over_sets(
 
 
 def uint8_embedder(
-    model: nn.Module, image_size: int, device: torch.device, precision: Precision
+    model: nn.Module, image_size: int, device: torch.device, precision: Precision, preset: str = GCD_PRESET
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The verification protocols' ``embed``: (B, 3, H, W) uint8 RGB -> the model's unnormalised features.
 
-    Images pass the evaluation preset of ``data_loader.transforms`` (resize to int(S / 0.875) bicubic, centre crop S,
-    ImageNet normalisation), as tensors, so a model sees aligned faces as it saw its validation images.
+    Images pass the evaluation transform of the run's input preset (``data_loader.transforms``), as tensors, so a
+    model sees aligned faces as it saw its validation images: ``gcd`` resizes to int(S / 0.875) (bicubic), crops the
+    centre S x S and normalises with ImageNet's mean and std; ``face`` takes the whole crop (resized to S x S only
+    when it has another size) as ``(x / 255 - 0.5) / 0.5``, insightface's input.
     """
-    resize, mean, std = resize_size(image_size), IMAGENET_MEAN, IMAGENET_STD
+    mean, std = preset_normalisation(preset)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    top = (resize - image_size) // 2
 
     def embed(images: torch.Tensor) -> torch.Tensor:
         x = images.to(device, non_blocking=True).float().div_(255.0)
-        x = F.interpolate(x, size=(resize, resize), mode="bicubic", align_corners=False, antialias=True)
-        x = (x[..., top : top + image_size, top : top + image_size].clamp_(0.0, 1.0) - mean_t) / std_t
+        if preset == GCD_PRESET:
+            resize, top = resize_size(image_size), (resize_size(image_size) - image_size) // 2
+            x = F.interpolate(x, size=(resize, resize), mode="bicubic", align_corners=False, antialias=True)
+            x = x[..., top : top + image_size, top : top + image_size].clamp_(0.0, 1.0)
+        elif x.shape[-2:] != (image_size, image_size):
+            x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False, antialias=True)
+            x = x.clamp_(0.0, 1.0)
+        x = (x - mean_t) / std_t
         with torch.no_grad(), precision.autocast():
             return model.forward_features(x).float()
 
@@ -254,29 +297,66 @@ def evaluate_verification(
     device: torch.device,
     precision: Precision,
     batch_size: int = 64,
+    num_workers: int = 0,
+    exact_roc: bool = False,
+    input_preset: str = GCD_PRESET,
     output_dir: Path | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Face verification on each target: ``.bin`` pair sets (10-fold accuracy) and IJB folders (TAR@FAR).
 
+    With a process group every rank must call it: IJB faces are embedded sharded over the ranks (``evaluate_ijb``),
+    pair sets are scored on every rank alike, so every rank returns the same results; the primary rank writes the
+    IJB files and shows the bars.
+
+    Args:
+        model: the model (its ``forward_features``); put in eval mode for the call.
+        targets: ``.bin`` pair sets and IJB folders.
+        image_size: the model's input side.
+        device: where the model runs.
+        precision: autocast settings.
+        batch_size: images per forward.
+        num_workers: DataLoader processes per rank reading and aligning IJB crops.
+        exact_roc: IJB TAR@FAR on the exact ROC instead of insightface's (sklearn's ``drop_intermediate=True``).
+        input_preset: the model's input preset (``data_loader.transforms``), from its checkpoint.
+        output_dir: folder of the IJB tables, JSON and ROC curves (None: none written).
+        progress: show tqdm bars.
+
     Returns:
-        ``{target name: scores}``; every entry has ``accuracy`` (pair sets: mean 10-fold accuracy; IJB: TAR at
-        FAR 1e-4 of the default N1D1F1 mode, the figure IJB papers lead with).
+        ``{target name: scores}``: pair sets ``accuracy`` (mean 10-fold), its std, the threshold, VAL and FAR; IJB
+        the ``auc`` and the TAR at every reported FAR (``tar@1e-4`` ...) of the default N1D1F1 mode.
+        :func:`headline_score` picks the leading figure of either (IJB: TAR at FAR 1e-4, the one IJB papers lead
+        with).
     """
     was_training = model.training
     model.eval()
-    embed = uint8_embedder(model, image_size, device, precision)
+    embed = uint8_embedder(model, image_size, device, precision, input_preset)
     results: dict[str, dict[str, float]] = {}
     for target in targets:
         path = Path(target)
         if path.suffix == ".bin":
-            scores = evaluate_pair_set(path, embed, batch_size=batch_size, progress=progress).to_dict()
+            pair_set = evaluate_pair_set(path, embed, batch_size=batch_size, progress=progress and is_primary())
+            scores = pair_set.to_dict()
             results[path.stem] = {k: scores[k] for k in ("accuracy", "accuracy_std", "threshold", "val", "far")}
         else:
             name = ijb_name(path)
-            ijb = evaluate_ijb(path, name, embed, output_dir=output_dir, batch_size=batch_size, progress=progress)
+            ijb = evaluate_ijb(
+                path,
+                name,
+                embed,
+                output_dir=output_dir,
+                batch_size=batch_size,
+                workers=num_workers,
+                exact_roc=exact_roc,
+                progress=progress,
+            )
             tars = ijb.to_dict()["tar_at_far"][DEFAULT_MODE]
-            results[name] = {"accuracy": float(ijb.tar_at_far[DEFAULT_MODE][1e-4]), "auc": float(ijb.auc[DEFAULT_MODE])}
+            results[name] = {"auc": float(ijb.auc[DEFAULT_MODE])}
             results[name].update({f"tar@{far}": float(tar) for far, tar in tars.items()})
     model.train(was_training)
     return results
+
+
+def headline_score(scores: dict[str, float]) -> float:
+    """The leading figure of one target's scores: a pair set's 10-fold accuracy, an IJB set's TAR at FAR 1e-4."""
+    return float(scores["accuracy"] if "accuracy" in scores else scores[IJB_HEADLINE])

@@ -1,7 +1,7 @@
 """Sharded, index-keyed feature extraction shared by validation, extract_features.py and SSK.py.
 
-Every rank embeds a strided shard of the dataset (no padding, no duplicates); the rows are gathered in rank order
-and sorted by ``uq_idx``, so neither the sharding nor the loader order can corrupt the result.
+Every rank embeds a strided shard of the dataset (no padding, no duplicates; ``utils.sharding``); the rows are
+gathered and sorted by ``uq_idx``, so neither the sharding nor the loader order can corrupt the result.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from utils.distributed import all_gather_variable, get_rank, get_world_size, is_primary
+from utils.distributed import is_primary
+from utils.sharding import gather_rows_by_index, strided_shard
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +34,6 @@ class Features:
     features: torch.Tensor
     labels: torch.Tensor
     uq_idx: torch.Tensor
-
-
-def shard_indices(n: int, rank: int | None = None, world_size: int | None = None) -> list[int]:
-    """Strided shard ``rank, rank + W, ...`` of ``range(n)``: every index on exactly one rank."""
-    rank = get_rank() if rank is None else rank
-    world_size = get_world_size() if world_size is None else world_size
-    return list(range(rank, n, world_size))
 
 
 @torch.inference_mode()
@@ -70,7 +64,7 @@ def embed_dataset(
     Returns:
         ``Features`` with float32 features.
     """
-    shard = Subset(dataset, shard_indices(len(dataset)))
+    shard = Subset(dataset, strided_shard(len(dataset)))
     loader = DataLoader(
         shard,
         batch_size=batch_size,
@@ -105,11 +99,5 @@ def _probe_dim(embed_fn: Callable[[torch.Tensor], torch.Tensor], dataset: Datase
 
 def _gather_by_index(local: Features, device: torch.device) -> Features:
     """All-gather every rank's rows and return them sorted by ``uq_idx``; overlapping shards are an error."""
-    uq_idx = torch.cat(all_gather_variable(local.uq_idx.to(device))).cpu()
-    labels = torch.cat(all_gather_variable(local.labels.to(device))).cpu()
-    feats = torch.cat(all_gather_variable(local.features.to(device))).cpu()
-    order = torch.argsort(uq_idx)
-    sorted_idx = uq_idx[order]
-    if bool((sorted_idx[1:] == sorted_idx[:-1]).any()):
-        raise RuntimeError("feature extraction gathered duplicate sample indices: the shards overlap")
-    return Features(features=feats[order], labels=labels[order], uq_idx=sorted_idx)
+    uq_idx, (feats, labels) = gather_rows_by_index(local.uq_idx, [local.features, local.labels], device)
+    return Features(features=feats, labels=labels, uq_idx=uq_idx)

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from data_loader.synthface import LANDMARK_COLUMNS, LANDMARK_NAMES
-from data_loader.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, resize_size
+from data_loader.transforms import FACE_PRESET, GCD_PRESET, EvalTransform, preset_normalisation, resize_size
 from model.landmark import LandmarkFrontEnd, landmark_mosaic
 from utils.landmark_plots import plot_landmarks, plot_mosaic
 
@@ -49,33 +49,39 @@ def find_landmark_front_end(model: nn.Module) -> LandmarkFrontEnd | None:
     return found[0][1] if found else None
 
 
-def eval_transform_points(points: np.ndarray, width: int, height: int, image_size: int) -> np.ndarray:
-    """Map pixel coordinates of a ``width x height`` image to the output of ``EvalTransform(image_size)``.
+def eval_transform_points(
+    points: np.ndarray, width: int, height: int, image_size: int, preset: str = GCD_PRESET
+) -> np.ndarray:
+    """Map pixel coordinates of a ``width x height`` image to the output of ``EvalTransform(image_size, preset)``.
 
-    Coordinates are (x, y) with pixel centres at integers (SynthFaces' ``landmarks.csv`` convention). The transform
-    resizes the shorter side to ``int(S / 0.875)`` (the longer one to ``int(new_short * long / short)``, as
+    Coordinates are (x, y) with pixel centres at integers (SynthFaces' ``landmarks.csv`` convention). The ``gcd``
+    preset resizes the shorter side to ``int(S / 0.875)`` (the longer one to ``int(new_short * long / short)``, as
     torchvision does), which maps ``x -> (x + 0.5) * new_w / width - 0.5``, then centre-crops ``S x S`` from
-    ``left = round((new_w - S) / 2)``, ``top = round((new_h - S) / 2)``.
+    ``left = round((new_w - S) / 2)``, ``top = round((new_h - S) / 2)``. The ``face`` preset resizes the whole image
+    to ``S x S``: ``x -> (x + 0.5) * S / width - 0.5``.
 
     Args:
         points: (..., 2) array of (x, y) pixel coordinates.
         width: source image width in pixels.
         height: source image height in pixels.
         image_size: S, the transform's output side.
+        preset: the input preset (``gcd`` or ``face``).
 
     Returns:
         (..., 2) float64 coordinates in the S x S network input.
     """
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got {width} x {height}")
+    points = np.asarray(points, dtype=np.float64)
+    if points.shape[-1] != 2:
+        raise ValueError(f"points must be (..., 2) (x, y) pairs, got shape {points.shape}")
+    if preset == FACE_PRESET:
+        return (points + 0.5) * np.array([image_size / width, image_size / height]) - 0.5
     short = resize_size(image_size)
     if width <= height:
         new_w, new_h = short, int(short * height / width)
     else:
         new_w, new_h = int(short * width / height), short
-    points = np.asarray(points, dtype=np.float64)
-    if points.shape[-1] != 2:
-        raise ValueError(f"points must be (..., 2) (x, y) pairs, got shape {points.shape}")
     scale = np.array([new_w / width, new_h / height])
     offset = np.array([round((new_w - image_size) / 2.0), round((new_h - image_size) / 2.0)])
     return (points + 0.5) * scale - 0.5 - offset
@@ -153,8 +159,8 @@ def _figure_dataset(setup: Any) -> tuple[Dataset, str]:
     return setup.train_set, "training set"
 
 
-def figure_batch(setup: Any, image_size: int, num_images: int = FIGURE_IMAGES) -> FigureBatch:
-    """Up to ``num_images`` images spread evenly over the figure dataset, through ``EvalTransform(image_size)``.
+def figure_batch(setup: Any, image_size: int, num_images: int = FIGURE_IMAGES, preset: str = GCD_PRESET) -> FigureBatch:
+    """Up to ``num_images`` images spread evenly over the figure dataset, through ``EvalTransform(image_size, preset)``.
 
     Args:
         setup: a ``trainer.methods.MethodSetup`` (``eval_sets``, ``train_set``); the datasets must expose their
@@ -162,6 +168,7 @@ def figure_batch(setup: Any, image_size: int, num_images: int = FIGURE_IMAGES) -
             ``data_loader.datasets.GCDDataset`` does.
         image_size: S, the landmark front end's input side.
         num_images: how many images (fewer when the dataset is smaller).
+        preset: the run's input preset.
 
     Returns:
         The :class:`FigureBatch`.
@@ -177,22 +184,21 @@ def figure_batch(setup: Any, image_size: int, num_images: int = FIGURE_IMAGES) -
         raise ValueError(f"no figure image to draw: the {name} has {len(uq_idx)} images, {num_images} requested")
     picks = np.unique(np.linspace(0, len(uq_idx) - 1, min(num_images, len(uq_idx))).round().astype(np.int64))
     positions = [int(uq_idx[i]) for i in picks]
-    transform = EvalTransform(image_size)
+    transform = EvalTransform(image_size, preset)
     images, sizes = [], []
     for pos in positions:
         img = source.load(pos)
         sizes.append(img.size)
         images.append(transform(img))
     images = torch.stack(images)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in preset_normalisation(preset))
     display = (images * std + mean).clamp(0, 1)
 
     paths = getattr(source, "paths", None)
     raw = None if paths is None else synthface_points([paths[pos] for pos in positions])
     true_points = None
     if raw is not None:
-        mapped = np.stack([eval_transform_points(p, w, h, image_size) for p, (w, h) in zip(raw, sizes)])
+        mapped = np.stack([eval_transform_points(p, w, h, image_size, preset) for p, (w, h) in zip(raw, sizes)])
         true_points = torch.from_numpy(mapped).float()
     return FigureBatch(images, display, true_points, name)
 
@@ -216,7 +222,7 @@ def write_run_figures(model: nn.Module, setup: Any, out_dir: str | Path, device:
     if front_end is None:
         logger.info("no landmark front end in %s: no landmark pictures", type(model).__name__)
         return []
-    batch = figure_batch(setup, front_end.img_size)
+    batch = figure_batch(setup, front_end.img_size, preset=setup.data_config.get("input_preset", GCD_PRESET))
     dtype = next(front_end.parameters()).dtype
     was_training = front_end.training
     front_end.eval()

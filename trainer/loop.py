@@ -9,6 +9,7 @@ are called; nothing here knows a method by name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import random
 import time
@@ -31,6 +32,7 @@ from utils.config import save_args_yaml
 from utils.distributed import cleanup, get_rank, get_world_size, init_distributed, is_primary
 from utils.logging import JsonlWriter, WandbLogger, setup_logging, truncate_jsonl, truncate_summary, update_summary
 from utils.plots import plot_training_curves
+from utils.run_lock import RunLock
 
 logger = logging.getLogger("train")
 
@@ -113,9 +115,6 @@ def _resume(args, data_cfg, model, optimizer, scheduler, scaler, sampler, saver)
     data settings must equal the run's (same labelled subset).
     """
     ckpt = load_checkpoint(args.resume, weights_only=not args.unsafe_load)
-    stored_method = checkpoint_method_name(ckpt)
-    if stored_method != args.method:
-        raise CheckpointError(f"--resume {args.resume} is a --method {stored_method} run; this run is {args.method}")
     check_same_data(ckpt.get("data_config"), data_cfg, f"--resume {args.resume}")
     model.load_checkpoint_state_dict(ckpt["state_dict"])
     start_epoch = 0
@@ -131,12 +130,59 @@ def _resume(args, data_cfg, model, optimizer, scheduler, scaler, sampler, saver)
     return start_epoch
 
 
+# Settings a resumed run must share with its checkpoint besides the method's own flags (data paths may move).
+RESUME_SETTINGS = ("arch", "patch_size", "input_size", "input_preset", "dataset", "prop_train_labels", "split_seed")
+
+
+def check_resume_settings(args: argparse.Namespace, method: type[Method]) -> None:
+    """``--resume`` continues the run its checkpoint belongs to: the architecture, the data settings and every flag of
+    the method's own groups must equal the stored ones (paths excepted). Nothing is written before this check.
+
+    Raises:
+        CheckpointError: the method or a setting differs (each flag named with both values).
+    """
+    ckpt = load_checkpoint(args.resume, weights_only=not args.unsafe_load, mmap=True)
+    stored_method = checkpoint_method_name(ckpt)
+    if stored_method != args.method:
+        raise CheckpointError(f"--resume {args.resume} is a --method {stored_method} run; this run is {args.method}")
+    stored = ckpt.get("args") or {}
+    probe = argparse.ArgumentParser(add_help=False)
+    method.add_args(probe)
+    own = {action.dest for action in probe._actions if not action.dest.endswith("_weights")}
+    differ = []
+    for dest in sorted(set(RESUME_SETTINGS) | own):
+        if dest in stored and hasattr(args, dest) and _plain(getattr(args, dest)) != _plain(stored[dest]):
+            differ.append(f"--{dest.replace('_', '-')} {_plain(getattr(args, dest))} (the run: {_plain(stored[dest])})")
+    if differ:
+        raise CheckpointError(
+            f"--resume {args.resume} continues a run with other settings: {'; '.join(differ)}; drop or fix these "
+            "flags (or start a new run with --initial-checkpoint)"
+        )
+
+
+def _plain(value: object) -> object:
+    """Lists and tuples compare equal (YAML and checkpoints store lists)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def train(args: argparse.Namespace, method: type[Method]) -> int:
-    """Run training of ``method`` (``trainer.cli.parse_train_args`` gives both); returns the process exit code."""
+    """Run training of ``method`` (``trainer.cli.parse_train_args`` gives both); returns the process exit code.
+
+    The run folder is locked (``utils.run_lock``) by the primary rank for the whole run: a second process that
+    writes the same ``--experiment`` stops at once with an error naming this one.
+    """
     check_common_args(args)
     device = init_distributed(args.device)
     out_dir = _experiment_dir(args)
+    with RunLock(out_dir, "run folder") if is_primary() else contextlib.nullcontext():
+        return _train(args, method, device, out_dir)
+
+
+def _train(args: argparse.Namespace, method: type[Method], device: torch.device, out_dir: Path) -> int:
+    """:func:`train` once the run folder is locked."""
     _check_fresh_output(args, out_dir)
+    if args.resume:
+        check_resume_settings(args, method)
     setup_logging(out_dir if is_primary() else None, rank=get_rank())
     log_ignored_flags(args)
     precision = resolve_precision(args.amp, args.amp_impl, args.amp_dtype, device)
@@ -235,7 +281,7 @@ def train(args: argparse.Namespace, method: type[Method]) -> int:
                 epoch=epoch,
                 device=device,
                 grad_accum_steps=args.grad_accum_steps,
-                clip_grad=args.clip_grad,
+                clip_grad=args.clip_grad if args.clip_grad and args.clip_grad > 0 else None,
                 log_interval=args.log_interval,
                 save_images_dir=out_dir if args.save_images else None,
                 progress=not args.no_progress,

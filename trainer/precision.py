@@ -1,6 +1,7 @@
 """Mixed precision with ``torch.amp``, chosen by the hardware (docs/method.md, section 9).
 
-On CUDA, ``--amp`` autocasts to float16 (with a GradScaler) or bfloat16. On the CPU it autocasts to bfloat16 only
+On CUDA, ``--amp`` autocasts to bfloat16 where the GPU computes it natively (compute capability 8.0 and later) and to
+float16 with a GradScaler on older GPUs; ``--amp-dtype`` overrides. On the CPU it autocasts to bfloat16 only
 where the CPU computes bfloat16 natively (x86 AVX-512-BF16 or AMX-BF16, Arm BF16): elsewhere bfloat16 is emulated
 and a training step was measured at 30x its float32 time, so the run warns once and computes in float32.
 
@@ -46,6 +47,21 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(capabilities.get(flag, False)) for flag in _NATIVE_BF16_FLAGS)
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA ``device`` computes bfloat16 in hardware (compute capability 8.0 and later, or ROCm).
+
+    Args:
+        device: a CUDA device (without an index: the current one).
+
+    Returns:
+        False without CUDA; emulated bfloat16 (``torch.cuda.is_bf16_supported()``'s default) does not count.
+    """
+    if not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 @dataclass
 class Precision:
     """How a run computes: the autocast dtype (None = FP32), whether a GradScaler is needed, and why.
@@ -87,7 +103,7 @@ def resolve_precision(amp: bool, amp_impl: str, amp_dtype: str | None, device: t
     Args:
         amp: ``--amp`` given.
         amp_impl: ``native`` or ``apex``.
-        amp_dtype: ``float16``, ``bfloat16`` or None (float16 on CUDA, bfloat16 on the CPU).
+        amp_dtype: ``float16``, ``bfloat16`` or None (bfloat16, except float16 on a GPU without native bfloat16).
         device: the run's device.
 
     Returns:
@@ -108,8 +124,14 @@ def resolve_precision(amp: bool, amp_impl: str, amp_dtype: str | None, device: t
         return Precision(device.type, None, False, reason)
     if amp_impl != "native":
         raise ValueError(f"--amp-impl {amp_impl!r}: expected 'native' or 'apex'")
-    if amp_dtype is None:
-        amp_dtype = "float16" if device.type == "cuda" else "bfloat16"
+    if device.type != "cuda":
+        amp_dtype, reason = amp_dtype or "bfloat16", "--amp on a CPU with native bfloat16"
+    elif amp_dtype is None:
+        native = cuda_has_native_bf16(device)
+        amp_dtype = "bfloat16" if native else "float16"
+        reason = f"--amp on CUDA {'with' if native else 'without'} native bfloat16"
+    else:
+        reason = f"--amp on CUDA with --amp-dtype {amp_dtype}"
     dtype = _DTYPES.get(amp_dtype)
     if dtype is None:
         raise ValueError(f"--amp-dtype {amp_dtype!r}: expected 'float16' or 'bfloat16'")
@@ -122,5 +144,4 @@ def resolve_precision(amp: bool, amp_impl: str, amp_dtype: str | None, device: t
         )
         logger.warning("%s; computing in float32", reason)
         return Precision(device.type, None, False, reason)
-    where = "CUDA" if device.type == "cuda" else "a CPU with native bfloat16"
-    return Precision(device.type, dtype, dtype is torch.float16 and device.type == "cuda", f"--amp on {where}")
+    return Precision(device.type, dtype, dtype is torch.float16 and device.type == "cuda", reason)

@@ -11,9 +11,8 @@ from typing import Any
 import torch
 
 from data_loader.datasets import GCDDatasets
-from trainer.engine import evaluate, evaluate_verification
+from trainer.engine import evaluate, evaluate_verification, headline_score
 from trainer.precision import Precision
-from utils.distributed import is_primary
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +36,8 @@ def validate(
     out_dir: Path,
 ) -> dict:
     """Clustering validation on the method's GFD sets (when it has them) and verification on ``--val-targets``
-    (primary rank; IJB tables and ROC curves in ``<run>/verification/``), logged per set."""
+    (every rank, IJB embedding sharded over them; IJB tables and ROC curves in ``<run>/verification/``), logged per
+    set."""
     results: dict = {}
     if setup.eval_sets:
         results = evaluate(
@@ -63,7 +63,7 @@ def validate(
                     variant,
                     *(_fmt(entries[e]) for e in ("all", "old", "new")),
                 )
-    if args.val_targets and is_primary():
+    if args.val_targets:  # every rank: IJB embedding is sharded over the ranks
         results["verification"] = evaluate_verification(
             model,
             args.val_targets,
@@ -71,6 +71,9 @@ def validate(
             device=device,
             precision=precision,
             batch_size=args.batch_size,
+            num_workers=args.workers,
+            exact_roc=args.exact_roc,
+            input_preset=args.input_preset,
             output_dir=out_dir / "verification",
             progress=not args.no_progress,
         )
@@ -80,10 +83,10 @@ def validate(
 
 
 def selection_metric(results: dict, args: argparse.Namespace, epoch: int) -> float:
-    """First verification target's accuracy when there are targets, else the clustering selection accuracy, else
-    the epoch (nothing validated: the latest wins)."""
+    """First verification target's headline score (pair set: accuracy; IJB: TAR at FAR 1e-4) when there are targets,
+    else the clustering selection accuracy, else the epoch (nothing validated: the latest wins)."""
     if results.get("verification"):
-        return float(next(iter(results["verification"].values()))["accuracy"])
+        return headline_score(next(iter(results["verification"].values())))
     if "combined" not in results:
         return float(epoch)
     variant = args.eval_funcs[0]

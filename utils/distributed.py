@@ -131,3 +131,88 @@ def all_gather_variable(tensor: torch.Tensor) -> list[torch.Tensor]:
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded)
     return [g[:n] for g, n in zip(gathered, counts)]
+
+
+_host_group: tuple[dist.ProcessGroup, dist.ProcessGroup] | None = None  # (the default group it serves, gloo group)
+
+
+def _host_process_group() -> dist.ProcessGroup | None:
+    """A gloo group over all ranks for host-side integers: the default group when it is gloo, else a gloo group
+    created on first use (a collective: every rank reaches it at the same call)."""
+    global _host_group
+    if dist.get_backend() == dist.Backend.GLOO:
+        return None
+    if _host_group is None or _host_group[0] is not dist.group.WORLD:
+        _host_group = (dist.group.WORLD, dist.new_group(backend=dist.Backend.GLOO))
+    return _host_group[1]
+
+
+def all_gather_ints(value: int) -> list[int]:
+    """Every rank's integer, in rank order, exchanged over gloo on the host (collective).
+
+    Host values need no device round trip: under NCCL the exchange goes through a gloo group, so it neither waits for
+    the device nor makes the device wait.
+
+    Args:
+        value: this rank's integer (e.g. its batch size).
+
+    Returns:
+        The list of every rank's value (``[value]`` without a process group).
+    """
+    world = get_world_size()
+    if world == 1:
+        return [int(value)]
+    values = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(values, torch.tensor([int(value)], dtype=torch.int64), group=_host_process_group())
+    return [int(v) for v in values]
+
+
+def gather_shards_to_primary(shard: torch.Tensor, total_rows: int, block_rows: int) -> torch.Tensor | None:
+    """Concatenate every rank's ``contiguous_shard(total_rows)`` rows into one CPU tensor on rank 0, in blocks
+    (collective).
+
+    The rows travel in rounds: in each, every rank sends the next c = max(1, block_rows // W) rows of its shard
+    (zero-padded to c) to rank 0 with ``dist.gather``, and rank 0 copies them into the CPU result. Rank 0 therefore
+    holds the result plus W c <= max(block_rows, W) rows of receive buffers on ``shard``'s device; every other rank
+    holds at most one padded chunk of c rows beyond its shard. The tensors travel on ``shard``'s device (CPU for gloo,
+    CUDA for NCCL).
+
+    Args:
+        shard: this rank's (len(contiguous_shard(total_rows)), ...) rows; trailing shape and dtype agree across ranks.
+        total_rows: rows of all ranks together.
+        block_rows: rows rank 0 receives per round (>= 1).
+
+    Returns:
+        The (total_rows, ...) CPU tensor in rank order on rank 0; None on the other ranks.
+    """
+    world, rank = get_world_size(), get_rank()
+    mine = contiguous_shard(total_rows, rank, world)
+    if shard.shape[0] != mine.stop - mine.start or block_rows < 1:
+        raise ValueError(
+            f"gather_shards_to_primary: rank {rank} must pass its {mine.stop - mine.start} rows of {total_rows} and "
+            f"block_rows >= 1; got a tensor of shape {tuple(shard.shape)} and block_rows={block_rows}"
+        )
+    shard = shard.detach()
+    if world == 1:
+        return shard.to("cpu", copy=True)
+    chunk = max(1, block_rows // world)
+    shards = [contiguous_shard(total_rows, r, world) for r in range(world)]
+    rounds = -(-max(s.stop - s.start for s in shards) // chunk)
+    out, received = None, None
+    if rank == 0:
+        out = torch.empty((total_rows, *shard.shape[1:]), dtype=shard.dtype)
+        received = [shard.new_empty((chunk, *shard.shape[1:])) for _ in range(world)]
+    for step in range(rounds):
+        piece = shard[step * chunk : (step + 1) * chunk]
+        if piece.shape[0] < chunk:
+            padded = shard.new_zeros((chunk, *shard.shape[1:]))
+            padded[: piece.shape[0]] = piece
+            piece = padded
+        dist.gather(piece.contiguous(), gather_list=received, dst=0)
+        if rank == 0:
+            for r, block in enumerate(received):
+                start = shards[r].start + step * chunk
+                rows = min(chunk, shards[r].stop - start)
+                if rows > 0:
+                    out[start : start + rows].copy_(block[:rows])
+    return out

@@ -4,8 +4,10 @@
 (no reflection, no shear) mapping source points onto destination points; insightface aligns with the same model
 (``skimage.transform.SimilarityTransform.estimate``, which is Umeyama's method). ``align_face`` maps a face's five
 landmarks (left eye, right eye, nose tip, left and right mouth corner, as seen in the image) onto
-``ARCFACE_TEMPLATE_112`` and resamples the image bilinearly, black outside it, as ``cv2.warpAffine(...,
-borderValue=0)`` does in insightface's IJB scripts.
+``ARCFACE_TEMPLATE_112`` and resamples the image with ``warp_affine``, which is insightface's ``norm_crop`` warp:
+``cv2.warpAffine(img, M, (112, 112), borderValue=0.0)``: bilinear in OpenCV's fixed-point arithmetic (sample
+positions on a 1/32-pixel grid, uint8 results rounded to nearest, halves up), with a constant 0 outside the image,
+so a sample between an edge pixel and the outside mixes the edge with 0.
 
 Coordinates are in pixels with pixel centres at integers (the convention of OpenCV and of SynthFaces'
 ``landmarks.csv``): the centre of the top-left pixel is (0, 0).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -93,8 +96,21 @@ def estimate_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return matrix
 
 
+def _output_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(width, height) from a side or a (width, height) pair of positive integers."""
+    sides = size if isinstance(size, tuple) else (size, size)
+    if len(sides) != 2 or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in sides
+    ):
+        raise ValueError(f"face alignment: the output size must be a positive side or (width, height), got {size!r}")
+    return int(sides[0]), int(sides[1])
+
+
 def warp_affine(image: Image.Image, matrix: np.ndarray, size: int | tuple[int, int]) -> Image.Image:
     """Resample ``image`` through the forward affine map ``matrix`` (input -> output pixels), bilinear, black fill.
+
+    This is ``cv2.warpAffine(pixels, matrix, (width, height), borderValue=0.0)``, insightface's ``norm_crop`` warp
+    (module docstring); the warp acts on each channel alone, so RGB and OpenCV's BGR give the same pixels.
 
     Args:
         image: source image (converted to RGB).
@@ -104,21 +120,17 @@ def warp_affine(image: Image.Image, matrix: np.ndarray, size: int | tuple[int, i
     Returns:
         The output RGB image.
     """
-    width, height = (size, size) if isinstance(size, int) else size
+    width, height = _output_size(size)
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.shape != (2, 3) or not np.isfinite(matrix).all():
         raise ValueError(f"face alignment: expected a finite (2, 3) affine matrix, got shape {matrix.shape}")
-    linear = matrix[:, :2]
-    if abs(np.linalg.det(linear)) < 1e-12:
+    if abs(np.linalg.det(matrix[:, :2])) < 1e-12:
         raise ValueError("face alignment: the affine matrix is singular")
-    inverse = np.linalg.inv(linear)
-    # PIL samples output pixel (i, j) at continuous position (i + 0.5, j + 0.5) and puts input pixel centres at
-    # half-integers too; shift by half a pixel on both sides to keep the integer-centre convention.
-    offset = 0.5 - inverse @ (matrix[:, 2] + 0.5)
-    coeffs = (inverse[0, 0], inverse[0, 1], offset[0], inverse[1, 0], inverse[1, 1], offset[1])
-    return image.convert("RGB").transform(
-        (width, height), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    warped = cv2.warpAffine(
+        pixels, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0
     )
+    return Image.fromarray(warped, "RGB")
 
 
 def align_face(image: Image.Image, landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> Image.Image:

@@ -84,6 +84,10 @@ def _reduce_device() -> torch.device:
 class SmoothedValue:
     """Tracks a series of values: a recent window (median, average) and running totals (global average).
 
+    Tensor values stay on their device until the meter is read (any statistic, ``total``, ``str``), so updating never
+    waits for the device; the read copies every pending value to the host at once. The statistics equal those of
+    the values read one by one with ``float``: the totals are summed on the host in update order.
+
     Args:
         window_size: number of recent values kept for ``median`` and ``avg``.
         fmt: ``str.format`` template over ``median``, ``avg``, ``global_avg``, ``max`` and ``value``.
@@ -91,27 +95,63 @@ class SmoothedValue:
 
     def __init__(self, window_size: int = 20, fmt: str | None = None) -> None:
         self.deque: deque[float] = deque(maxlen=window_size)
-        self.total = 0.0
         self.count = 0
+        self._total = 0.0
+        self._pending: list[tuple[torch.Tensor | float, int]] = []  # not yet read to the host, in update order
         self.fmt = fmt if fmt is not None else "{median:.4f} ({global_avg:.4f})"
 
     def update(self, value: float | torch.Tensor, n: int = 1) -> None:
-        """Add ``value``, counted ``n`` times in the global average (e.g. a batch mean over ``n`` samples)."""
-        value = float(value)
-        self.deque.append(value)
+        """Add ``value``, counted ``n`` times in the global average (e.g. a batch mean over ``n`` samples).
+
+        Args:
+            value: a number, or a one-element tensor (kept as it is until the meter is read: do not change it in
+                place afterwards).
+            n: weight of the value in ``total`` and ``global_avg``.
+
+        Raises:
+            ValueError: a tensor with more than one element.
+            TypeError: neither a number nor a tensor.
+        """
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"needs a scalar, got a tensor of shape {tuple(value.shape)}")
+            value = value.detach().reshape(())
+        elif isinstance(value, (int, float)):
+            value = float(value)
+        else:
+            raise TypeError(f"needs a number, got {type(value).__name__}")
         self.count += n
-        self.total += value * n
+        if isinstance(value, torch.Tensor) or self._pending:
+            self._pending.append((value, n))
+        else:
+            self._add(value, n)
+
+    def _add(self, value: float, n: int) -> None:
+        """Fold one host value into the window and the total."""
+        self.deque.append(value)
+        self._total += value * n
+
+    def _settle(self) -> None:
+        """Read the pending tensors to the host (see :func:`_settle_meters`)."""
+        _settle_meters([self])
 
     def synchronize_between_processes(self) -> None:
         """Sum ``count`` and ``total`` over all ranks (the window stays local)."""
         totals = torch.tensor([self.count, self.total], dtype=torch.float64, device=_reduce_device())
         all_reduce_sum(totals)
         self.count = int(totals[0].item())
-        self.total = float(totals[1].item())
+        self._total = float(totals[1].item())
+
+    @property
+    def total(self) -> float:
+        """Sum of value x n over every update."""
+        self._settle()
+        return self._total
 
     @property
     def median(self) -> float:
         """Median of the window (NaN when empty)."""
+        self._settle()
         if not self.deque:
             return math.nan
         return torch.tensor(list(self.deque)).median().item()
@@ -119,6 +159,7 @@ class SmoothedValue:
     @property
     def avg(self) -> float:
         """Mean of the window (NaN when empty)."""
+        self._settle()
         if not self.deque:
             return math.nan
         return sum(self.deque) / len(self.deque)
@@ -131,11 +172,13 @@ class SmoothedValue:
     @property
     def max(self) -> float:
         """Largest value in the window (NaN when empty)."""
+        self._settle()
         return max(self.deque) if self.deque else math.nan
 
     @property
     def value(self) -> float:
         """Most recent value (NaN when empty)."""
+        self._settle()
         return self.deque[-1] if self.deque else math.nan
 
     def __str__(self) -> str:
@@ -144,8 +187,33 @@ class SmoothedValue:
         )
 
 
+def _settle_meters(meters: Iterable[SmoothedValue]) -> None:
+    """Fold the pending values of ``meters`` into their windows and totals, in update order.
+
+    All pending tensors are copied to the host together: one copy per (device, dtype), so one host-device
+    synchronisation for the usual float32 scalars of one device.
+    """
+    meters = [m for m in meters if m._pending]
+    tensors = [v for m in meters for v, _ in m._pending if isinstance(v, torch.Tensor)]
+    groups: defaultdict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(t.device, t.dtype)].append(i)
+    host = [0.0] * len(tensors)
+    for indices in groups.values():
+        for i, v in zip(indices, torch.stack([tensors[i] for i in indices]).cpu().tolist()):
+            host[i] = float(v)
+    values = iter(host)
+    for meter in meters:
+        pending, meter._pending = meter._pending, []
+        for value, n in pending:
+            meter._add(next(values) if isinstance(value, torch.Tensor) else value, n)
+
+
 class MetricLogger:
     """A dict of :class:`SmoothedValue` meters plus :meth:`log_every`, which times and reports a loop.
+
+    Tensor values are read to the host only when the meters are read (a log line, :meth:`synchronize_between_processes`,
+    a statistic), all meters together.
 
     Args:
         delimiter: separator between meters in the string form.
@@ -156,20 +224,20 @@ class MetricLogger:
         self.delimiter = delimiter
 
     def update(self, n: int = 1, **kwargs: float | torch.Tensor) -> None:
-        """Update the named meters; tensors must hold one element.
+        """Update the named meters; tensors must hold one element and are not read here (no host synchronisation).
 
         Args:
             n: weight of each value in the global averages.
             **kwargs: meter name -> value.
+
+        Raises:
+            ValueError, TypeError: a value that is not a number or a one-element tensor (the message names the meter).
         """
         for name, value in kwargs.items():
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    raise ValueError(f"meter {name!r} needs a scalar, got a tensor of shape {tuple(value.shape)}")
-                value = value.item()
-            if not isinstance(value, (int, float)):
-                raise TypeError(f"meter {name!r} needs a number, got {type(value).__name__}")
-            self.meters[name].update(value, n=n)
+            try:
+                self.meters[name].update(value, n=n)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"meter {name!r} {e}") from None
 
     def __getattr__(self, attr: str) -> SmoothedValue:
         meters = self.__dict__.get("meters", {})
@@ -178,10 +246,12 @@ class MetricLogger:
         raise AttributeError(f"{type(self).__name__} has no attribute or meter {attr!r}")
 
     def __str__(self) -> str:
+        _settle_meters(self.meters.values())
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
     def synchronize_between_processes(self) -> None:
         """Sum every meter's count and total over all ranks (same meter names and order on every rank)."""
+        _settle_meters(self.meters.values())
         for meter in self.meters.values():
             meter.synchronize_between_processes()
 

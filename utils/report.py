@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+EXTRACTION_MANIFEST = "extraction.json"  # written last by extract_features.py, beside features_{train,test}.pt
 SSK_SUBDIR = "ssk"
 DEFAULT_RUN = "default"
 RESULTS_FILE = "ssk_results.json"

@@ -18,6 +18,7 @@ flags. See docs/method.md, sections 1 and 10-12.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import pickle
 import zipfile
@@ -27,6 +28,8 @@ from pathlib import Path
 import torch
 
 from utils.checkpoint import atomic_save
+from utils.output_sets import OUTPUT_ID_KEY, check_output_ids
+from utils.report import EXTRACTION_MANIFEST
 from utils.distributed import contiguous_shard
 from utils.evaluation.clustering import MetricVariant, clustering_scores, evaluate_clustering
 from utils.k_estimation import KEstimate, estimate_k
@@ -141,6 +144,27 @@ def validate_splits(splits: dict[str, dict], sources: dict[str, str]) -> dict[st
     return splits
 
 
+def check_feature_set(folder: Path, splits: dict[str, dict]) -> None:
+    """The two features files must come from one finished extraction: both carry the id of the folder's
+    ``extraction.json`` (``utils.output_sets``), and files without ids (hand-made, or older) name one checkpoint.
+
+    Raises:
+        IncompleteOutputError: the files belong to different or unfinished extractions.
+        SSKInputError: the train and test files were extracted from different checkpoints.
+    """
+    manifest = folder / EXTRACTION_MANIFEST
+    manifest_id = json.loads(manifest.read_text(encoding="utf-8")).get(OUTPUT_ID_KEY) if manifest.is_file() else None
+    metas = {split: splits[split].get("meta") or {} for split in SPLITS}
+    rerun = "extract the features again (extract_features.py ... --overwrite)"
+    check_output_ids(manifest_id, {f"features_{s}.pt": metas[s].get(OUTPUT_ID_KEY) for s in SPLITS}, folder, rerun)
+    checkpoints = {split: metas[split].get("checkpoint") for split in SPLITS}
+    if "checkpoint" in metas["train"] and "checkpoint" in metas["test"] and len(set(checkpoints.values())) > 1:
+        raise SSKInputError(
+            f"{folder}: features_train.pt was extracted from {checkpoints['train']}, features_test.pt from "
+            f"{checkpoints['test']}; {rerun}"
+        )
+
+
 def features_fingerprint(features: torch.Tensor, labelled_mask: torch.Tensor, source: str) -> dict:
     """What identifies the training input of a fit: source, shape, the sha256 of the float32 features and of the
     labelled mask (which points are pinned to their class).
@@ -178,7 +202,9 @@ def _checked_centres(centres: object, k: int, dim: int, path: Path) -> torch.Ten
     return centres.float()
 
 
-def save_centres(path: Path, centres: torch.Tensor, fingerprint: dict, protocol: Protocol) -> Path:
+def save_centres(
+    path: Path, centres: torch.Tensor, fingerprint: dict, protocol: Protocol, output_id: str | None = None
+) -> Path:
     """Write the centres of a fit with what they were fitted on, as :func:`load_centres` reads them.
 
     Args:
@@ -186,6 +212,7 @@ def save_centres(path: Path, centres: torch.Tensor, fingerprint: dict, protocol:
         centres: (K, D) fitted centres.
         fingerprint: :func:`features_fingerprint` of the training features of the fit.
         protocol: the protocol of the fit.
+        output_id: the id of the run's output set, which its ``ssk_results.json`` repeats once the run has finished.
 
     Returns:
         The written path.
@@ -196,6 +223,7 @@ def save_centres(path: Path, centres: torch.Tensor, fingerprint: dict, protocol:
         "D": fingerprint["dim"],
         "protocol": protocol.value,
         "features": fingerprint,
+        OUTPUT_ID_KEY: output_id,
     }
     return atomic_save(payload, path)
 

@@ -153,3 +153,14 @@ def test_bad_labelled_fraction_and_missing_class_split_file(tmp_path, monkeypatc
     with open(tmp_path / "splits.pkl", "wb") as f:
         pickle.dump({"Old": [0, 1], "New": [2]}, f)
     assert "partition classes 0..3" in _error("herb_t", root, osr_split_dir=tmp_path)
+
+
+def test_a_labelled_fraction_that_leaves_fewer_labelled_images_than_known_classes_is_refused(tmp_path):
+    root = _write_tree(tmp_path)  # 4 classes x 3 train images, known = the first 2: 6 known-class images
+    # int(0.01 * 6) = 0 and int(0.3 * 6) = int(1.8) = 1 labelled images: fewer than the 2 known classes
+    for prop, labelled in ((0.01, 0), (0.3, 1)):
+        message = _error("tiny4", root, prop_train_labels=prop)
+        assert f"--prop-train-labels {prop} labels {labelled} of the 6 known-class training images" in message
+        assert "fewer than one per known class (2 classes); raise it" in message
+    # int(0.34 * 6) = int(2.04) = 2: as many labelled images as known classes is accepted
+    assert int(build_gcd_datasets("tiny4", root, image_size=S, prop_train_labels=0.34).labelled_mask.sum()) == 2

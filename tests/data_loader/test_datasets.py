@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from cli_helpers import run_torchrun_worker
-from data_loader import build_gcd_datasets
+from data_loader import build_gcd_datasets, synthface
 from data_loader.recordio import write_recordio
 from data_loader.registry import DATASET_REGISTRY, BenchmarkSpec, KnownRule, Layout
 from data_loader.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, TwoViewTransform
@@ -166,12 +166,13 @@ def test_class_subset_draw_and_class_list_file(tmp_path, monkeypatch):
     )
     names = [f"n{i}" for i in range(6)]
     _write_tree(tmp_path, names, n_train=1, n_test=1)
-    ds = build_gcd_datasets("sub4", tmp_path, image_size=S)
+    # one image per class: labelling all known-class images gives one labelled image per known class
+    ds = build_gcd_datasets("sub4", tmp_path, image_size=S, prop_train_labels=1.0)
     drawn = sorted(np.random.RandomState(42).choice(6, 4, replace=False).tolist())  # [0, 1, 2, 5]
     assert ds.class_names == [names[i] for i in drawn]
     assert ds.train_labels.tolist() == [0, 1, 2, 3]
     (tmp_path / "classes.txt").write_text("n5\nn4\nn1\nn3\n")
-    ds = build_gcd_datasets("sub4", tmp_path, image_size=S)
+    ds = build_gcd_datasets("sub4", tmp_path, image_size=S, prop_train_labels=1.0)
     assert ds.class_names == ["n1", "n3", "n4", "n5"]
 
 
@@ -213,7 +214,6 @@ def test_recordio_benchmark_reads_the_rec_directly(tmp_path, monkeypatch):
 
 
 def test_synthfaces_preset_reads_the_generated_tree(tmp_path):
-    synthface = pytest.importorskip("data_loader.synthface")
     root = synthface.ensure_synthfaces(tmp_path / "tiny", "synthfaces_tiny")
     preset = synthface.SYNTH_PRESETS["synthfaces_tiny"]
     ds = build_gcd_datasets("synthfaces_tiny", root, image_size=S)

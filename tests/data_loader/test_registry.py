@@ -2,7 +2,7 @@
 
 import pytest
 
-from data_loader import DatasetError, get_spec, list_datasets
+from data_loader import DatasetError, get_spec, list_datasets, synthface
 from data_loader.registry import KnownRule, Layout
 
 FACE_NAMES = [f"{kind}_{n}" for kind in ("youtubefaces", "casia") for n in (500, 1000, 2000)]
@@ -59,7 +59,6 @@ def test_generic_sets_read_local_folders(name):
 
 
 def test_synthface_presets_take_n_from_the_generator():
-    synthface = pytest.importorskip("data_loader.synthface")
     for preset in ("synthfaces_tiny", "synthfaces_quick"):
         spec = get_spec(preset)
         ids = synthface.SYNTH_PRESETS[preset]["ids"]

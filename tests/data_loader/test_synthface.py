@@ -1,12 +1,15 @@
-"""Tests for data_loader/synthface.py and synthface_render.py: determinism, layout, landmarks, presets, CLI, and the
-difficulty measured by benchmarks/pixel_nearest_neighbour.py."""
+"""Tests for data_loader/synthface.py and synthface_render.py: determinism, layout, landmarks, presets (generated
+into an empty folder, reused, never written over a user's files), CLI, and the difficulty measured by
+benchmarks/pixel_nearest_neighbour.py."""
 
 import csv
 import io
 import json
-import os
+import logging
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.pixel_nearest_neighbour import pixel_nearest_neighbour_accuracy
+from data_loader import DatasetError, build_gcd_datasets
 from data_loader.synthface import (
     GENERATOR_VERSION,
     LANDMARK_COLUMNS,
@@ -24,13 +28,20 @@ from data_loader.synthface import (
     main,
 )
 from data_loader.synthface_render import make_identity, render_face
+from utils.run_lock import RunLock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(ids=3, train_per_id=3, test_per_id=2, size=112)
+TINY = SYNTH_PRESETS["synthfaces_tiny"]
 
 
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under `root` (the verification record too) with its bytes and mtime."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
 def _landmarks(root: Path) -> list[dict[str, str]]:
@@ -138,49 +149,145 @@ def test_bad_parameters_name_the_flag(tmp_path, kwargs, flag):
     assert not (tmp_path / "out").exists()
 
 
-def test_refuses_a_non_empty_output_folder(tmp_path):
+def test_refuses_a_non_empty_output_folder_and_an_earlier_set_and_touches_neither(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("user data")
     with pytest.raises(FileExistsError, match="not empty"):
-        generate_synthfaces(tmp_path / "out", ids=1, train_per_id=1, test_per_id=1, progress=False, overwrite=True)
+        generate_synthfaces(tmp_path / "out", ids=1, train_per_id=1, test_per_id=1, progress=False)
     assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
+    generate_synthfaces(tmp_path / "set", progress=False, **SMALL)
+    before = _snapshot(tmp_path / "set")
+    with pytest.raises(FileExistsError, match="not empty"):
+        generate_synthfaces(tmp_path / "set", progress=False, **SMALL)
+    assert _snapshot(tmp_path / "set") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "set"]
 
 
 def test_cli_generates_and_rejects_bad_flags(tmp_path):
     argv = ["--train-per-id", "1", "--test-per-id", "1", "--size", "64", "--no-progress"]
     assert main(get_args_parser().parse_args(argv + ["--out", str(tmp_path / "cli"), "--ids", "2"])) == 0
     assert len(list((tmp_path / "cli").glob("*/*/*.jpg"))) == 4
+    with pytest.raises(FileExistsError, match="not empty"):  # a second run never replaces the first one's set
+        main(get_args_parser().parse_args(argv + ["--out", str(tmp_path / "cli"), "--ids", "3"]))
+    assert len(list((tmp_path / "cli").glob("*/*/*.jpg"))) == 4
+    assert "--overwrite" not in get_args_parser()._option_string_actions
     cmd = [sys.executable, "-m", "data_loader.synthface", *argv, "--out", str(tmp_path / "bad"), "--ids", "0"]
     bad = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--ids" in bad.stderr
     assert not (tmp_path / "bad").exists()
 
 
-def test_ensure_synthfaces_is_idempotent_and_regenerates_on_change(tmp_path):
+def test_ensure_synthfaces_generates_into_an_empty_folder_and_reuses_it_untouched(tmp_path):
     root = tmp_path / "synth"
+    root.mkdir()
     assert ensure_synthfaces(root, "synthfaces_tiny", progress=False) == root
-    image = root / "train" / "id_0000" / "000.jpg"
-    stamps = (image.stat().st_mtime_ns, (root / "meta.json").stat().st_mtime_ns)
-    ensure_synthfaces(root, "synthfaces_tiny", progress=False)
-    assert (image.stat().st_mtime_ns, (root / "meta.json").stat().st_mtime_ns) == stamps
-
-    meta = json.loads((root / "meta.json").read_text())
-    meta["parameters"]["ids"] = 2
-    (root / "meta.json").write_text(json.dumps(meta))
-    os.utime(image, ns=(0, 0))
-    ensure_synthfaces(root, "synthfaces_tiny", progress=False)
-    assert json.loads((root / "meta.json").read_text())["parameters"]["ids"] == SYNTH_PRESETS["synthfaces_tiny"]["ids"]
-    assert image.stat().st_mtime_ns != 0
+    # synthfaces_tiny: 8 identities x (6 train + 2 test) images
+    assert len(list(root.glob("train/*/*.jpg"))) == 48 and len(list(root.glob("test/*/*.jpg"))) == 16
+    assert json.loads((root / "meta.json").read_text())["parameters"] == dict(TINY, nuisance=1.0)
+    build_gcd_datasets("synthfaces_tiny", root, image_size=32)  # keeps its verification record beside the data
+    before = _snapshot(root)
+    assert ".facegcd_verified.json" in before
+    assert ensure_synthfaces(root, "synthfaces_tiny", progress=False) == root
+    assert _snapshot(root) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]
 
 
-def test_ensure_synthfaces_rejects_unknown_presets_and_foreign_folders(tmp_path):
-    with pytest.raises(ValueError, match="synthfaces_quick"):
+def test_a_preset_on_a_set_made_with_other_parameters_is_refused_and_every_file_stays(tmp_path):
+    root = tmp_path / "synth"
+    # what `python -m data_loader.synthface --out DIR --ids 3 --train-per-id 2 --test-per-id 1 --size 48` writes
+    generate_synthfaces(root, ids=3, train_per_id=2, test_per_id=1, size=48, progress=False)
+    (root / "notes.txt").write_text("my notes")
+    before = _snapshot(root)
+    with pytest.raises(DatasetError) as info:
+        ensure_synthfaces(root, "synthfaces_tiny", progress=False)
+    message = str(info.value)
+    # meta.json's parameters against SYNTH_PRESETS["synthfaces_tiny"] (ids 8, 6 + 2 per id, 112 px, seed 0)
+    assert str(root) in message and "nothing in it is replaced or deleted" in message
+    differing = "ids 3 (preset: 8), train_per_id 2 (preset: 6), test_per_id 1 (preset: 2), size 48 (preset: 112)"
+    assert f"made with other parameters: {differing};" in message  # seed and nuisance agree: not named
+    assert "1 file(s) or folder(s) that are not part of a SynthFaces set: notes.txt" in message
+    assert "another --data-path" in message and "--dataset identity_folders" in message
+    assert _snapshot(root) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]
+
+
+def test_a_set_of_another_preset_is_named_by_that_preset(tmp_path, monkeypatch):
+    monkeypatch.setitem(SYNTH_PRESETS, "synthfaces_mini", dict(ids=2, train_per_id=1, test_per_id=1, size=32, seed=0))
+    root = ensure_synthfaces(tmp_path / "mini", "synthfaces_mini", progress=False)
+    with pytest.raises(DatasetError, match="use the set that is there with --dataset synthfaces_mini"):
+        ensure_synthfaces(root, "synthfaces_tiny", progress=False)
+
+
+def test_a_preset_folder_with_a_file_added_or_of_another_version_is_refused_and_missing_files_are_named(
+    tmp_path, caplog
+):
+    root = ensure_synthfaces(tmp_path / "synth", "synthfaces_tiny", progress=False)
+    for name in ("missing", "version"):
+        shutil.copytree(root, tmp_path / name)
+    (root / "train" / "id_0003" / "extra.jpg").write_bytes(b"not from the generator")
+    before = _snapshot(root)
+    with pytest.raises(DatasetError) as info:
+        ensure_synthfaces(root, "synthfaces_tiny", progress=False)
+    assert "not part of a SynthFaces set: train/id_0003/extra.jpg" in str(info.value)
+    assert f"move the files listed out of {root}" in str(info.value)
+    assert _snapshot(root) == before
+
+    (tmp_path / "missing" / "test" / "id_0007" / "001.jpg").unlink()
+    with caplog.at_level(logging.WARNING, logger="data_loader.synthface"):
+        ensure_synthfaces(tmp_path / "missing", "synthfaces_tiny", progress=False)
+    assert "1 file(s) of preset synthfaces_tiny are missing" in caplog.text and "test/id_0007/001.jpg" in caplog.text
+    assert not (tmp_path / "missing" / "test" / "id_0007" / "001.jpg").exists()  # used as it is, not regenerated
+
+    meta = json.loads((tmp_path / "version" / "meta.json").read_text())
+    (tmp_path / "version" / "meta.json").write_text(json.dumps(dict(meta, version="0.9.0")))
+    with pytest.raises(DatasetError, match=f"generator version 0.9.0, synthfaces_tiny by {GENERATOR_VERSION}"):
+        ensure_synthfaces(tmp_path / "version", "synthfaces_tiny", progress=False)
+
+
+def test_ensure_synthfaces_rejects_unknown_presets_files_and_foreign_folders(tmp_path):
+    with pytest.raises(DatasetError, match="synthfaces_quick"):
         ensure_synthfaces(tmp_path / "x", "synthfaces_huge")
-    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "photos").mkdir(parents=True)
     (tmp_path / "other" / "notes.txt").write_text("not a data set")
-    with pytest.raises(FileExistsError, match="meta.json"):
+    with pytest.raises(DatasetError) as info:
         ensure_synthfaces(tmp_path / "other", "synthfaces_tiny", progress=False)
+    message = str(info.value)
+    assert "holds no SynthFaces meta.json" in message and "2 file(s) or folder(s)" in message
+    assert "notes.txt, photos" in message and "--dataset identity_folders if it holds your own" in message
+    assert (tmp_path / "other" / "notes.txt").read_text() == "not a data set"
+    (tmp_path / "file").write_text("a file")
+    with pytest.raises(DatasetError, match="is not a folder"):
+        ensure_synthfaces(tmp_path / "file", "synthfaces_tiny", progress=False)
+    assert (tmp_path / "file").read_text() == "a file"
+
+
+def test_a_killed_generation_leaves_its_partial_folder_which_the_next_one_removes(tmp_path):
+    out = tmp_path / "out"
+    code = (
+        "from data_loader.synthface import generate_synthfaces; "
+        f"generate_synthfaces({str(out)!r}, ids=400, train_per_id=10, test_per_id=5, progress=False)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT)
+    deadline = time.monotonic() + 120
+    try:
+        while not list(tmp_path.glob(".out.partial-*/set/train/*/*.jpg")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the generation ended before the kill"
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # SIGKILL: no clean-up runs
+        proc.wait()
+    (stale,) = tmp_path.glob(".out.partial-*")
+    assert not out.exists()
+    lookalike = tmp_path / ".out.partial-mine"  # the generator's name pattern, but not its lock: not provably ours
+    lookalike.mkdir()
+    (lookalike / "keep.txt").write_text("mine")
+    live = tmp_path / ".out.partial-live"
+    with RunLock(live, "another generation"):  # a generation that is still running
+        generate_synthfaces(out, progress=False, **SMALL)
+        assert (live / ".lock").is_file()
+    assert not stale.exists()
+    assert (lookalike / "keep.txt").read_text() == "mine"
+    assert len(list(out.glob("*/*/*.jpg"))) == 15
 
 
 def test_pixel_nearest_neighbour_is_above_chance_but_weak(tmp_path):

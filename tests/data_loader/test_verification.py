@@ -261,3 +261,45 @@ def test_a_rank_without_a_readable_record_verifies_itself(tmp_path, opened, monk
         _build(root)
     assert len(opened) == 20
     assert not (root / RECORD_FILE).exists()  # only the primary rank writes the record
+
+
+def test_images_under_8_px_on_a_side_are_named_in_one_warning_at_every_build(tmp_path, opened, caplog):
+    root = _write_tree(tmp_path / "data")
+    small = {root / "train" / "b" / "1.jpg": (1, 1), root / "test" / "d" / "0.jpg": (7, 20)}
+    for path, size in small.items():
+        Image.new("RGB", size, (9, 9, 9)).save(path)
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(root / "train" / "c" / "0.jpg")  # 8 px on each side: not small
+    for attempt in range(2):  # the second warning comes from the record: no image is opened
+        opened.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="data_loader.verification"):
+            ds = _build(root)
+        assert len(opened) == (20 if attempt == 0 else 0)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1
+        assert f"2 image(s) of {root} are smaller than 8 px on a side" in warnings[0]
+        assert f"{root / 'train' / 'b' / '1.jpg'} (1x1), {root / 'test' / 'd' / '0.jpg'} (7x20);" in warnings[0]
+        assert "c/0.jpg" not in warnings[0]
+        assert ds.train_eval.source.describe(4) == str(root / "train" / "b" / "1.jpg")
+        assert ds.train_eval[4][0].shape == (3, S, S)  # the 1 x 1 image still loads (upscaled)
+    # more than five are counted and the first five named
+    for i in range(3):
+        for c in "acd":
+            Image.new("RGB", (3, 40), (9, 9, 9)).save(root / "train" / c / f"{i}.jpg")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="data_loader.verification"):
+        _build(root)
+    assert "11 image(s)" in caplog.text and ", ... (11 in all); they are upscaled" in caplog.text
+
+
+def test_a_record_of_the_previous_version_is_verified_again(tmp_path, opened):
+    root = _write_tree(tmp_path / "data")
+    _build(root)
+    record = json.loads((root / RECORD_FILE).read_text())
+    assert record["version"] == 2 and all(entry["small"] == {} for entry in record["groups"].values())
+    for entry in record["groups"].values():  # a version 1 record: no "small" entries
+        del entry["small"]
+    (root / RECORD_FILE).write_text(json.dumps(dict(record, version=1)))
+    opened.clear()
+    _build(root)
+    assert len(opened) == 20

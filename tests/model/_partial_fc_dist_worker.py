@@ -16,13 +16,22 @@ import torch.distributed as dist
 
 from model.margin_heads import GBCosFace, build_margin_head
 from model.partial_fc import INIT_BLOCK, PartialFC
-from utils.distributed import all_gather_variable, cleanup, get_rank, init_distributed, is_primary
+from utils.distributed import (
+    all_gather_ints,
+    all_gather_variable,
+    cleanup,
+    gather_shards_to_primary,
+    get_rank,
+    init_distributed,
+    is_primary,
+)
 
 DIM = 8
 CLASSES = 11  # shards of 5 and 6 classes
 HEAD_ARGS = {"arcface": {}, "adaface": {"t_alpha": 0.5}, "gbcosface": {}}
 SAMPLED_CLASSES = 40  # 20 per rank; sample rate 0.5 keeps int(0.5 * 20) = 10 or the positives if more
 SAMPLE_RATE = 0.5
+GATHER_BLOCKS = (1, 2, 5, 64)  # rows rank 0 receives per round: 1 and 2 -> 1 per rank, 5 -> 2 per rank, 64 -> 32
 
 
 def make_batches(sizes: list[int], steps: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -85,7 +94,7 @@ def run_sampling() -> dict:
         "weight": pfc.full_weight(),
         "loss": out["loss"].detach(),
         "kept": all_gather_variable(kept),
-        "step": int(pfc.step),
+        "step": pfc.step,
     }
 
 
@@ -104,17 +113,26 @@ def run_bad_label() -> list[str]:
 
 
 def run_checkpoint() -> dict:
-    """Seeded initial centres, full_weight / gather_classes / shard_classes on 2 ranks."""
+    """Seeded initial centres, full_weight / gather_classes / shard_classes on 2 ranks, and the block gather to rank 0
+    (``gather_shards_to_primary``) of 11 rows (shards of 5 and 6) in blocks smaller and larger than a shard."""
     # rank 1's classes [2052, 4101) start inside the first init block and end inside the second
     wide = PartialFC(DIM, INIT_BLOCK + 5, build_margin_head("arcface"), seed=7)
     pfc = PartialFC(DIM, CLASSES, build_margin_head("arcface"), seed=7)
     table = torch.arange(CLASSES * 3, dtype=torch.float32).view(CLASSES, 3)
     shard = pfc.shard_classes(table)
+    ids = torch.arange(100, 100 + CLASSES)[pfc.class_start : pfc.class_end]  # 1-D int64 rows
+    blocks = {block: gather_shards_to_primary(shard, CLASSES, block) for block in GATHER_BLOCKS}
+    blocks["ids"] = gather_shards_to_primary(ids, CLASSES, 2)
+    returned = [None, None]
+    dist.all_gather_object(returned, {name: value is not None for name, value in blocks.items()})
     return {
         "initial": wide.full_weight(),
         "shards": all_gather_variable(shard),
         "round_trip": pfc.gather_classes(shard * 2),
         "range": (pfc.class_start, pfc.class_end),
+        "blocks": blocks,
+        "returned": returned,
+        "batch_sizes": all_gather_ints(3 + 4 * get_rank()),
     }
 
 

@@ -215,3 +215,14 @@ def test_hypernet_hidden_width_sets_the_generator_shapes_and_is_inferred(make_mo
     assert ModelConfig.from_dict({k: v for k, v in make_config().to_dict().items() if k != "hypernet_hidden_dim"})
     with pytest.raises(ValueError, match="hypernet_hidden_dim"):
         make_config(hypernet_hidden_dim=0)
+
+
+def test_batch_inputs_concatenates_the_views_on_the_device_into_the_host_concatenation(make_model):
+    """The views are moved one by one and joined on the device; the result is the host's [all view 1; all view 2]."""
+    gen = torch.Generator().manual_seed(0)
+    views = [torch.randn(3, 3, 32, 32, generator=gen), torch.randn(3, 3, 32, 32, generator=gen)]
+    labels, labelled = torch.tensor([4, 0, 2]), torch.tensor([1, 0, 1], dtype=torch.uint8)
+    batch = (views, labels, torch.arange(3), labelled)
+    images, labels_out, mask = make_model().batch_inputs(batch, torch.device("cpu"))
+    assert torch.equal(images, torch.cat(views, dim=0)) and images.shape == (6, 3, 32, 32)
+    assert torch.equal(labels_out, labels) and torch.equal(mask, torch.tensor([True, False, True]))

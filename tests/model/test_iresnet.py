@@ -4,6 +4,8 @@ embedding scale, gradients, gradient checkpointing, input-size errors."""
 from __future__ import annotations
 
 import copy
+import math
+from pathlib import Path
 
 import pytest
 import timm
@@ -13,7 +15,9 @@ from torch import nn
 
 from model import iresnet
 from model.iresnet import IBasicBlock, IResNet
+from model.recognition import RecognitionConfig, build_recognizer
 from trainer.optim import create_optimizer
+from utils.checkpoint import CheckpointError
 
 LAYERS = {
     "iresnet18": (2, 2, 2, 2),
@@ -52,7 +56,7 @@ def test_registered_with_timm_and_no_name_clash():
     model = timm.create_model("iresnet18", img_size=48, dropout=0.2, embedding_size=128)
     assert isinstance(model, IResNet) and model.num_features == 128 and model.dropout.p == 0.2
     assert model.fc.in_features == 512 * 3 * 3
-    with pytest.raises(ValueError, match="pretrained=True would download.*load_state_dict"):
+    with pytest.raises(ValueError, match="pretrained=True would download.*load_arcface_torch_backbone"):
         timm.create_model("iresnet50", pretrained=True)
     with pytest.raises(TypeError, match="iresnet18: unexpected arguments drop_path_rate"):
         iresnet.iresnet18(drop_path_rate=0.1)
@@ -244,3 +248,173 @@ def test_wrong_input_size_is_a_clear_error():
     model = _small().eval()
     with pytest.raises(ValueError, match=r"img_size 48 expects \(B, 3, 48, 48\) images, got \(1, 3, 112, 112\)"):
         model(torch.randn(1, 3, 112, 112))
+
+
+def test_fc_and_feature_norm_run_in_float32_outside_autocast():
+    model = _small().eval()
+    seen = {}
+    model.dropout.register_forward_hook(lambda module, args, out: seen.update(head_in=out))
+    model.fc.register_forward_hook(lambda module, args, out: seen.update(fc_out=out))
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        embedding = model(x)
+    assert seen["head_in"].dtype == torch.bfloat16  # the stages, bn2 and dropout run under autocast
+    assert seen["fc_out"].dtype == torch.float32 and embedding.dtype == torch.float32
+    # arcface_torch: fc(x.float()) then the feature BatchNorm, both in float32 (bf16 values are exact in float32)
+    with torch.no_grad():
+        fc = F.linear(seen["head_in"].float(), model.fc.weight, model.fc.bias)
+        f = model.features
+        expected = F.batch_norm(fc, f.running_mean, f.running_var, f.weight, f.bias, False, 0.0, 1e-5)
+    torch.testing.assert_close(seen["fc_out"], fc, rtol=0, atol=0)
+    torch.testing.assert_close(embedding, expected, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- arcface_torch backbone.pth files
+# arcface_torch backbones/iresnet.py: stem conv1 (3x3, 3 -> 64) + bn1 + prelu; layer1..layer4 of IBasicBlocks
+# (bn1, conv1 3x3, bn2, prelu, conv2 3x3 with the stage's stride, bn3), widths 64/128/256/512, every stage's first
+# block with stride 2 and downsample = (conv1x1 stride 2, BatchNorm2d); then bn2 (512), dropout, fc
+# (512·7·7 -> num_features at 112 px; 512·s·s in general) and features (BatchNorm1d). iresnet18 has [2, 2, 2, 2].
+R18_BLOCKS = (2, 2, 2, 2)
+WIDTHS = (64, 128, 256, 512)
+FILE_SIDE = 2  # 32 px input: fc.weight is (512, 512·2·2)
+FILE_EMBEDDING = 512
+
+
+def _bn_entries(name: str, channels: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"weight": (channels,), "bias": (channels,), "running_mean": (channels,), "running_var": (channels,)}
+    return {f"{name}.{k}": v for k, v in shapes.items()} | {f"{name}.num_batches_tracked": ()}
+
+
+def _arcface_torch_shapes(blocks: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of an arcface_torch IResNet backbone.pth, typed from its module layout (not our state_dict)."""
+    shapes = {"conv1.weight": (64, 3, 3, 3), **_bn_entries("bn1", 64), "prelu.weight": (64,)}
+    cin = 64
+    for stage, (width, count) in enumerate(zip(WIDTHS, blocks), start=1):
+        for index in range(count):
+            p = f"layer{stage}.{index}."
+            shapes |= _bn_entries(p + "bn1", cin)
+            shapes[p + "conv1.weight"] = (width, cin, 3, 3)
+            shapes |= _bn_entries(p + "bn2", width)
+            shapes[p + "prelu.weight"] = (width,)
+            shapes[p + "conv2.weight"] = (width, width, 3, 3)
+            shapes |= _bn_entries(p + "bn3", width)
+            if index == 0:
+                shapes[p + "downsample.0.weight"] = (width, cin, 1, 1)
+                shapes |= _bn_entries(p + "downsample.1", width)
+            cin = width
+    shapes |= _bn_entries("bn2", 512)
+    shapes |= {"fc.weight": (FILE_EMBEDDING, 512 * FILE_SIDE**2), "fc.bias": (FILE_EMBEDDING,)}
+    return shapes | _bn_entries("features", FILE_EMBEDDING)
+
+
+def _random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded values of a trained-looking scale: convs and fc N(0, 1/fan_in), BN statistics and affine terms away
+    from their initial values, PReLU slopes in [0, 0.5]."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(1000, dtype=torch.long)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=gen) + 0.5
+        elif key.endswith("prelu.weight"):
+            state[key] = torch.rand(shape, generator=gen) * 0.5
+        elif len(shape) > 1:
+            fan_in = math.prod(shape[1:])
+            state[key] = torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+        elif key.endswith(".weight") and key.startswith("features"):
+            state[key] = torch.ones(shape)  # arcface_torch freezes this scale at 1
+        elif key.endswith(".weight"):
+            state[key] = 1.0 + 0.2 * torch.randn(shape, generator=gen)
+        else:  # biases and running means
+            state[key] = 0.1 * torch.randn(shape, generator=gen)
+    return state
+
+
+def _functional_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
+    """arcface_torch's eval-mode forward written out with torch.nn.functional on the file's raw tensors (float64)."""
+    sd = {k: v.double() for k, v in sd.items()}
+
+    def bn(name: str, t: torch.Tensor) -> torch.Tensor:
+        stats = (sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"], sd[f"{name}.bias"])
+        return F.batch_norm(t, *stats, training=False, eps=1e-5)
+
+    h = F.prelu(bn("bn1", F.conv2d(x.double(), sd["conv1.weight"], padding=1)), sd["prelu.weight"])
+    for stage, count in enumerate(blocks, start=1):
+        for index in range(count):
+            p = f"layer{stage}.{index}."
+            stride = 2 if index == 0 else 1
+            out = F.conv2d(bn(p + "bn1", h), sd[p + "conv1.weight"], padding=1)
+            out = F.prelu(bn(p + "bn2", out), sd[p + "prelu.weight"])
+            out = bn(p + "bn3", F.conv2d(out, sd[p + "conv2.weight"], stride=stride, padding=1))
+            if index == 0:
+                h = bn(p + "downsample.1", F.conv2d(h, sd[p + "downsample.0.weight"], stride=2)) + out
+            else:
+                h = h + out
+    flat = torch.flatten(bn("bn2", h), 1)  # dropout is the identity in eval mode
+    return bn("features", F.linear(flat, sd["fc.weight"], sd["fc.bias"]))
+
+
+@pytest.fixture(scope="module")
+def r18_file(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """An arcface_torch iresnet18 backbone.pth for 32 px input with seeded values, and its state dict."""
+    state = _random_state(_arcface_torch_shapes(R18_BLOCKS))
+    path = tmp_path_factory.mktemp("arcface_torch") / "backbone.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_arcface_torch_backbone_loads_as_it_is_and_embeds_as_arcface_torch(r18_file):
+    path, state = r18_file
+    model = iresnet.load_arcface_torch_backbone(path)
+    assert not model.training and tuple(len(stage) for stage in model.stages) == R18_BLOCKS
+    assert model.img_size == 32 and model.num_features == FILE_EMBEDDING
+    assert not model.features.weight.requires_grad  # still frozen after loading
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    expected = _functional_forward(state, x, R18_BLOCKS)
+    with torch.no_grad():
+        embedding = model(x)
+    assert expected.abs().max() > 1.0  # a non-trivial embedding, compared at float32 precision
+    torch.testing.assert_close(embedding.double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    # naming the architecture the file holds gives the same model
+    named = iresnet.load_arcface_torch_backbone(path, "iresnet18")
+    with torch.no_grad():
+        torch.testing.assert_close(named(x), embedding, rtol=0, atol=0)
+
+
+def test_arcface_torch_file_of_another_architecture_is_refused_by_name(r18_file, tmp_path):
+    path, state = r18_file
+    with pytest.raises(CheckpointError) as info:
+        iresnet.load_arcface_torch_backbone(path, "iresnet34")
+    message = str(info.value)
+    assert str(path) in message and "iresnet34 (3, 4, 6, 3) at 32 px" in message
+    assert "the file has blocks per stage (2, 2, 2, 2) (iresnet18)" in message
+    assert "missing keys: layer1.2.bn1.weight" in message and "unexpected keys" not in message
+    # into an existing model of the right architecture but another input size: fc.weight's shapes are named
+    model48 = iresnet.iresnet18(img_size=48)
+    with pytest.raises(CheckpointError, match=r"shapes: fc\.weight \(512, 2048\) \(model \(512, 4608\)\)"):
+        iresnet.load_arcface_torch_weights(model48, path)
+    # block counts of no known architecture (a stage short of iresnet18) cannot be inferred
+    short = {k: v for k, v in state.items() if not k.startswith("layer4.1.")}
+    torch.save(short, tmp_path / "short.pth")
+    with pytest.raises(CheckpointError, match=r"short\.pth: blocks per stage \(2, 2, 2, 1\) match no arcface_torch"):
+        iresnet.load_arcface_torch_backbone(tmp_path / "short.pth")
+    # a training checkpoint is not a bare state dict
+    torch.save({"epoch": 3, "state_dict_backbone": state}, tmp_path / "checkpoint_gpu_0.pt")
+    with pytest.raises(CheckpointError, match=r"not a bare state dict.*epoch, state_dict_backbone"):
+        iresnet.load_arcface_torch_backbone(tmp_path / "checkpoint_gpu_0.pt")
+
+
+def test_recognition_fine_tunes_from_an_arcface_torch_file(r18_file):
+    path, state = r18_file
+    cfg = RecognitionConfig(arch="iresnet18", img_size=32, embedding_size=FILE_EMBEDDING, num_classes=5)
+    model = build_recognizer(cfg, path)  # train.py --method recognition --pretrained-weights backbone.pth
+    loaded = model.backbone.state_dict()
+    assert loaded.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key
+    assert not model.backbone.features.weight.requires_grad
+    with pytest.raises(CheckpointError, match=r"does not fit iresnet34 \(3, 4, 6, 3\) at 32 px.*missing keys"):
+        build_recognizer(RecognitionConfig(**{**vars(cfg), "arch": "iresnet34"}), path)
+    with pytest.raises(CheckpointError, match=r"shapes: fc\.weight \(512, 2048\) \(model \(64, 2048\)\)"):
+        build_recognizer(RecognitionConfig(**{**vars(cfg), "embedding_size": 64}), path)

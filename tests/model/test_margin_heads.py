@@ -29,9 +29,9 @@ def test_arcface_logits_by_hand():
     # row 1: cos = 1 -> theta = 0; cos(0 + 0.5) = 0.8775826 -> x64 = 56.165284
     expected[1, 1] = 56.165284
     # row 2: target held by another rank (-1): no margin anywhere
-    # row 3: cos = -1 -> theta = pi, phi = pi + 0.5 > pi, k = 1: psi = -cos(pi + 0.5) - 2 = cos(0.5) - 2 = -1.1224174
-    #        -> x64 = -71.834716
-    expected[3, 1] = -71.834716
+    # row 3: cos = -1 -> theta = pi, phi = pi + 0.5 > pi: plain cos(pi + 0.5) = -cos(0.5) = -0.8775826 (arcface_torch)
+    #        -> x64 = -56.165284
+    expected[3, 1] = -56.165284
     assert logits.dtype == torch.float32
     assert torch.allclose(logits, expected, atol=1e-4)
 
@@ -57,8 +57,8 @@ def test_cosface_sphereface_combined_logits_by_hand():
 @pytest.mark.parametrize(
     "m1, m2, m3", [(1.0, 0.5, 0.0), (1.35, 0.0, 0.0), (1.7, 0.0, 0.0), (1.0, 0.3, 0.2), (2.5, 0.6, 0.1)]
 )
-def test_target_logit_is_continuous_and_monotone_in_theta(m1, m2, m3):
-    head = CombinedMargin(m1=m1, m2=m2, m3=m3)
+def test_monotone_option_is_continuous_and_monotone_in_theta(m1, m2, m3):
+    head = CombinedMargin(m1=m1, m2=m2, m3=m3, monotone_past_pi=True)
     cos = torch.cos(torch.linspace(0.0, math.pi, 20001, dtype=torch.float64)).float()
     psi = head.margin_cosine(cos).double()
     steps = psi[1:] - psi[:-1]
@@ -73,9 +73,40 @@ def test_target_logit_is_continuous_and_monotone_in_theta(m1, m2, m3):
 def test_arcface_monotone_extension_at_theta_3():
     # theta = 3 rad: phi = 3.5 > pi; plain cos(3.5) = -0.9364567 would exceed psi(pi - 0.5) = -1;
     # the extension gives -cos(3.5) - 2 = 0.9364567 - 2 = -1.0635433
-    head = build_margin_head("arcface")
+    head = build_margin_head("arcface", monotone_past_pi=1.0)  # as --head-args monotone_past_pi=1 passes it
     value = head.margin_cosine(torch.tensor([math.cos(3.0)]))
     assert value.item() == pytest.approx(-1.0635433, abs=1e-5)
+    assert build_margin_head("arcface").margin_cosine(torch.tensor([math.cos(3.0)])).item() == pytest.approx(
+        -0.9364567, abs=1e-5
+    )
+
+
+def test_past_pi_arcface_torch_default_and_monotone_option_by_hand():
+    # cos(theta + m) = cos(theta) cos(m) - sin(theta) sin(m), with sin(theta) = sqrt(1 - cos^2) (theta in [0, pi]).
+    # ArcFace, cos = -0.95: theta = acos(-0.95) = 2.8240322, phi = 3.3240322 > pi. sin = sqrt(0.0975) = 0.3122499,
+    #   cos(0.5) = 0.8775826, sin(0.5) = 0.4794255: cos(phi) = -0.8337034 - 0.1497006 = -0.9834040 -> x64 = -62.937857;
+    #   monotone (k = 1): -cos(phi) - 2 = -1.0165960 -> x64 = -65.062143.
+    # Combined (1, 0.3, 0.2), cos = -0.99: theta = 3.0000532, phi = 3.3000532 > pi. sin = sqrt(0.0199) = 0.1410674,
+    #   cos(0.3) = 0.9553365, sin(0.3) = 0.2955202: cos(phi) = -0.9457831 - 0.0416883 = -0.9874714;
+    #   minus 0.2: -1.1874714 -> x64 = -75.998168; monotone: 0.9874714 - 2 - 0.2 = -1.2125286 -> x64 = -77.601832.
+    # CosFace never passes pi (phi = theta): cos = -1 gives -1 - 0.4 = -1.4 -> x64 = -89.6 with or without the option.
+    cases = [("arcface", -0.95, -62.937857, -65.062143), ("combined", -0.99, -75.998168, -77.601832)]
+    cases.append(("cosface", -1.0, -89.6, -89.6))
+    labels = torch.tensor([0])
+    for name, cos, plain, monotone in cases:
+        cosine = _cos([[cos, 0.1]])
+        assert build_margin_head(name)(cosine, labels)[0, 0].item() == pytest.approx(plain, abs=1e-4)
+        assert build_margin_head(name, monotone_past_pi=1)(cosine, labels)[0, 0].item() == pytest.approx(
+            monotone, abs=1e-4
+        )
+
+
+def test_default_target_is_plain_cos_everywhere():
+    # arcface_torch: cos(m1 theta + m2) - m3 on all of [0, pi], rising again past phi = pi.
+    head = build_margin_head("arcface")
+    cos = torch.cos(torch.linspace(0.0, math.pi, 2001, dtype=torch.float64)).float()
+    theta = torch.acos(cos.double())
+    assert torch.allclose(head.margin_cosine(cos).double(), torch.cos(theta + 0.5), atol=1e-5)
 
 
 def test_combined_margin_gradient_is_straight_through():
@@ -285,7 +316,12 @@ def test_build_margin_head_presets_and_errors():
     assert (arc.s, arc.m1, arc.m2, arc.m3) == (64.0, 1.0, 0.5, 0.0)
     cos = build_margin_head("cosface", s=30)
     assert (cos.s, cos.m3) == (30.0, 0.4)
-    assert build_margin_head("sphereface").m1 == 1.35
+    sphere = build_margin_head("sphereface")
+    assert sphere.m1 == 1.35 and sphere.monotone_past_pi and not arc.monotone_past_pi and not cos.monotone_past_pi
+    assert not build_margin_head("combined").monotone_past_pi
+    assert not build_margin_head("sphereface", monotone_past_pi=0).monotone_past_pi
+    with pytest.raises(ValueError, match="monotone_past_pi must be 0/1"):
+        build_margin_head("arcface", monotone_past_pi=0.5)
     assert isinstance(build_margin_head("adaface", m=0.8), AdaFace)
     assert build_margin_head("gbcosface").kind == "positive_negative"
     with pytest.raises(ValueError, match="unknown margin head 'magface'.*arcface, cosface, sphereface"):

@@ -1,15 +1,18 @@
 """FaceRecognizer: the recognition method's model (embedding backbone + Partial FC), its checkpoints and DDP."""
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from cli_helpers import run_torchrun_worker
+from cli_helpers import load_worker, run_torchrun_worker
+from model.landmark import landmark_regularisation
 from model.recognition import FaceRecognizer, RecognitionConfig, recognizer_from_checkpoint
 from utils.checkpoint import CheckpointError
 
 WORKER = Path(__file__).with_name("_recognizer_dist_worker.py")
+worker = load_worker(WORKER)
 CONFIG = dict(arch="vit_tiny", img_size=32, patch_size=16, embedding_size=16, num_classes=5, head="arcface")
 
 
@@ -57,19 +60,96 @@ def test_optimizer_state_of_the_centres_round_trips():
         torch.testing.assert_close(state2["momentum_buffer"], state["momentum_buffer"], rtol=0, atol=0)
 
 
+def _grad_norm(params) -> float:
+    return math.sqrt(sum(float(p.grad.double().square().sum()) for p in params if p.grad is not None))
+
+
+def test_clipping_scales_the_backbone_to_the_max_norm_and_leaves_the_centres():
+    torch.manual_seed(0)
+    model = FaceRecognizer(RecognitionConfig(**CONFIG))
+    batch = _batch()
+    model(batch["images"], batch["labels"])["loss"].backward()
+    grads = {name: p.grad.clone() for name, p in model.backbone.named_parameters() if p.grad is not None}
+    centres = model.partial_fc.weight.grad.clone()
+    assert centres.abs().max() > 0
+    total = _grad_norm(model.backbone.parameters())
+    max_norm = total / 4
+    model.clip_gradients(max_norm)
+    # clip_grad_norm_ over the backbone alone: every gradient times max_norm / total (torch adds 1e-6 to total)
+    scale = max_norm / (total + 1e-6)
+    for name, p in model.backbone.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[name] * scale, rtol=1e-6, atol=0, msg=name)
+    assert _grad_norm(model.backbone.parameters()) == pytest.approx(max_norm, rel=1e-5)
+    assert torch.equal(model.partial_fc.weight.grad, centres)  # the centres are not clipped
+
+
+def test_clip_parameters_are_the_trainable_image_path():
+    model = FaceRecognizer(RecognitionConfig(**CONFIG, landmark_cnn=True, landmark_regularisation=True))
+    clipped = {id(p) for p in model.clip_parameters()}
+    image_path = {id(p) for m in (model.backbone, model.front_end) for p in m.parameters() if p.requires_grad}
+    assert clipped == image_path
+    assert id(model.partial_fc.weight) not in clipped
+    assert not clipped & {id(p) for p in model.reference_front_end.parameters()}  # LAFS's frozen copy
+
+
+@pytest.mark.parametrize("epoch, weight", [(0, 1000.0), (28, 0.0)])
+def test_lafs_loss_is_the_margin_loss_plus_the_weighted_regularisation(epoch, weight):
+    # LAFS's published schedule: 1000 for epochs 0-7, 100 for 8-13, 1 for 14-20, 0.11 for 21-27, 0 from 28 on
+    torch.manual_seed(0)
+    cfg = RecognitionConfig(**{**CONFIG, "head": "cosface"}, landmark_cnn=True, landmark_regularisation=True)
+    model = FaceRecognizer(cfg).eval()
+    model.freeze_reference_landmarks()
+    with torch.no_grad():  # the trained CNN moves away from its frozen copy, so the regularisation is not zero
+        for p in model.front_end.cnn.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = _batch()
+    embeddings, coords = model.embed(batch["images"])
+    margin = model.partial_fc(embeddings, batch["labels"])["loss"]
+    reg = landmark_regularisation(coords, model.reference_front_end.landmarks(batch["images"]), 32)
+    assert reg > 1e-4
+    model.begin_epoch(epoch)
+    out = model(batch["images"], batch["labels"])
+    assert torch.equal(out["landmark_reg"], reg.detach())
+    assert torch.equal(out["loss"], margin + weight * reg)
+
+
 @pytest.mark.distributed
-def test_two_processes_give_the_backbone_and_centre_gradients_of_one(tmp_path):
+def test_two_processes_give_the_gradients_and_the_clipped_step_of_one(tmp_path):
     batch = _batch()
     torch.manual_seed(0)
     model = FaceRecognizer(RecognitionConfig(**CONFIG)).eval()
+    before = torch.cat([p.detach().flatten() for p in model.backbone.parameters()])
     out = model(batch["images"], batch["labels"])
     out["loss"].backward()
-    torch.save({**batch, "config": CONFIG}, tmp_path / "batch.pt")
+    grads = {name: p.grad.clone() for name, p in model.backbone.named_parameters() if p.grad is not None}
+    centres = model.partial_fc.weight.grad.clone()
+    clip = _grad_norm(model.backbone.parameters()) / 4  # clipping really scales
+    model.clip_gradients(clip)
+    torch.optim.SGD(model.parameters(), lr=worker.LR).step()
+    after = torch.cat([p.detach().flatten() for p in model.backbone.parameters()])
+    torch.save({**batch, "config": CONFIG, "clip": clip}, tmp_path / "batch.pt")
     run_torchrun_worker(WORKER, [tmp_path / "batch.pt", tmp_path / "out.pt"], timeout=120)
     dist = torch.load(tmp_path / "out.pt", weights_only=True)
     torch.testing.assert_close(dist["loss"], out["loss"].detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dist["centres"], model.partial_fc.weight.grad, rtol=1e-4, atol=1e-6)
-    for name, p in model.backbone.named_parameters():
-        if p.grad is not None:  # DDP's mean over ranks x W = the gradient of the global mean loss (not 1/W of it)
-            scale = float(p.grad.abs().max())
-            torch.testing.assert_close(dist["backbone"][name], p.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    torch.testing.assert_close(dist["centres"], centres, rtol=1e-4, atol=1e-6)
+    for name, grad in grads.items():  # DDP's mean over ranks x W = the gradient of the global mean loss (not 1/W)
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(dist["backbone"][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    # after one clipped step the replicas are bit-identical, and the step is the one of one process
+    rank0, rank1 = dist["stepped"]
+    assert torch.equal(rank0, rank1)
+    step = after - before
+    torch.testing.assert_close(rank0 - before, step, rtol=1e-3, atol=1e-4 * float(step.abs().max()))
+    _assert_checkpoint_gathered_in_blocks(dist["checkpoint"])
+
+
+def _assert_checkpoint_gathered_in_blocks(checkpoint: dict) -> None:
+    """The worker's checkpoint_in_blocks: 5 classes on 2 ranks (2 + 3) gathered one class per rank and round."""
+    for full, shards in (("centres", "centre_shards"), ("momentum", "momentum_shards")):
+        # rank 0: the shards in rank order, exactly, on the CPU
+        assert checkpoint[full].shape == (5, 16) and checkpoint[full].device.type == "cpu"
+        assert torch.equal(checkpoint[full], checkpoint[shards]), full
+    rank0, rank1 = checkpoint["ranks"]
+    assert rank0 == {"holds_centres": True, "holds_momentum": True, "reloaded": True}
+    assert rank1 == {"holds_centres": False, "holds_momentum": False, "reloaded": True}  # rank 1 held no full tensor

@@ -1,9 +1,13 @@
-"""docs/cli.md is the generated command-line reference; it must match the scripts' parsers."""
+"""docs/cli.md is the generated command-line reference; it must match the scripts' parsers in both directions, and
+every option's --help states its default."""
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,8 @@ from trainer.cli_reference import (
     script_parser,
 )
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DOC = REPO_ROOT / "docs" / "cli.md"
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +119,85 @@ def test_check_and_write(tmp_path, capsys):
     assert cli_reference.REGENERATE_COMMAND in capsys.readouterr().err
     assert cli_reference.main(["--write", str(target)]) == 0
     assert cli_reference.main(["--check", str(target)]) == 0
+
+
+def _doc_sections() -> dict[str, str]:
+    """docs/cli.md's sections by heading (``train.py``, ``train.py --method facegcd``, ``SSK.py``, ...)."""
+    sections: dict[str, str] = {}
+    for chunk in DOC.read_text(encoding="utf-8").split("\n## `")[1:]:
+        heading, _, body = chunk.partition("`")
+        sections[heading] = body
+    return sections
+
+
+def _doc_flags(section: str) -> dict[str, bool]:
+    """Every flag spelling a section documents, mapped to whether it is a switch: the backticked spellings of the
+    tables' first column (those after "also" included) and of the line naming the hidden flags."""
+    flags: dict[str, bool] = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            first, value = line.split(" | ")[:2]
+            flags.update((flag, value == "switch") for flag in re.findall(r"`(-[^`]+)`", first))
+        elif line.startswith("Also accepted without effect"):
+            flags.update((flag, True) for flag in re.findall(r"`(-[^`]+)`", line) if flag != "--help")
+    return flags
+
+
+@pytest.fixture(scope="module")
+def documented_parsers() -> list[tuple[str, argparse.ArgumentParser, dict[str, bool]]]:
+    """(script file, the parser its module builds, the flags docs/cli.md documents for it): train.py once per method
+    (``train.get_args_parser(NAME)``; its shared section plus the method's), every other script with its own section
+    (``<module>.get_args_parser()``)."""
+    import train
+    from trainer.methods import method_names
+
+    sections = _doc_sections()
+    result = []
+    for name in method_names():
+        flags = _doc_flags(sections["train.py"]) | _doc_flags(sections[f"train.py --method {name}"])
+        result.append(("train.py", train.get_args_parser(name), flags))
+    for script in SCRIPTS:
+        if script.module != "train":
+            module = cli_reference._import_script(script.module)
+            result.append((script.file, module.get_args_parser(), _doc_flags(sections[script.file])))
+    return result
+
+
+def _rejected_by_the_script(script: str, flags: dict[str, bool]) -> list[str]:
+    """The flags a real run of ``script`` rejects as unrecognized (each given a value unless it is a switch); the
+    value names no file, so an accepted flag ends the run at once with another error."""
+    argv = [token for flag, switch in flags.items() for token in ([flag] if switch else [flag, "/nonexistent/x.yaml"])]
+    proc = subprocess.run(
+        [sys.executable, script, *argv], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    unrecognized = [line for line in proc.stderr.splitlines() if "unrecognized arguments:" in line]
+    return [flag for flag in flags if any(f" {flag} " in f"{line} " for line in unrecognized)]
+
+
+@pytest.mark.parametrize("script", [s.file for s in SCRIPTS])
+def test_every_option_of_docs_cli_md_is_accepted_and_every_option_of_the_parsers_is_documented(
+    documented_parsers, script
+):
+    for file, parser, documented in documented_parsers:
+        if file != script:
+            continue
+        accepted = set(parser._option_string_actions) - {"-h", "--help"}
+        assert accepted - set(documented) == set(), f"{file}: options of the parser missing from docs/cli.md"
+        # options the module's parser lacks (-c/--config, added where a script parses through utils.config):
+        # what the script itself does with them decides
+        added = {flag: switch for flag, switch in documented.items() if flag not in accepted}
+        if added:
+            assert _rejected_by_the_script(file, added) == [], f"{file} rejects options docs/cli.md lists"
+
+
+def test_every_option_with_a_value_states_its_default_in_help(documented_parsers):
+    missing = set()
+    for file, parser, _ in documented_parsers:
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.nargs == 0 or action.required or action.help == argparse.SUPPRESS:
+                continue
+            if "(default: " not in formatter._expand_help(action):
+                missing.add(f"{file} {'/'.join(action.option_strings)}")
+    assert sorted(missing) == [], "options whose --help shows no default"

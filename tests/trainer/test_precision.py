@@ -1,4 +1,5 @@
-"""Precision follows the hardware: bf16 autocast on the CPU only where bf16 is native, else fp32 and one warning."""
+"""Precision follows the hardware: bf16 autocast on the CPU only where bf16 is native, else fp32 and one warning; on
+CUDA bf16 where the GPU computes it natively, else fp16 with a gradient scaler."""
 
 import logging
 import re
@@ -9,9 +10,10 @@ import torch
 
 import trainer.precision as precision_mod
 from model.prefix_attention import PrefixAttention
-from trainer.precision import cpu_has_native_bf16, enable_cuda_tf32, resolve_precision
+from trainer.precision import cpu_has_native_bf16, cuda_has_native_bf16, enable_cuda_tf32, resolve_precision
 
 CPU = torch.device("cpu")
+CUDA = torch.device("cuda")  # only named: resolve_precision runs no CUDA code once the probe is replaced
 
 
 @pytest.mark.parametrize(
@@ -55,6 +57,35 @@ def test_float16_on_the_cpu_and_unknown_values_are_errors():
     with pytest.raises(ValueError, match="--amp-impl 'fast'"):
         resolve_precision(True, "fast", None, CPU)
     assert resolve_precision(False, "native", "float16", CPU).describe() == "fp32"
+
+
+@pytest.mark.parametrize(
+    "native, amp_dtype, dtype, scaler, reason",
+    [
+        (True, None, torch.bfloat16, False, "--amp on CUDA with native bfloat16"),
+        (False, None, torch.float16, True, "--amp on CUDA without native bfloat16"),
+        (True, "float16", torch.float16, True, "--amp on CUDA with --amp-dtype float16"),
+        (False, "bfloat16", torch.bfloat16, False, "--amp on CUDA with --amp-dtype bfloat16"),
+    ],
+)
+def test_on_cuda_amp_is_bf16_where_native_else_fp16_with_a_scaler(
+    monkeypatch, native, amp_dtype, dtype, scaler, reason
+):
+    probed = []
+    monkeypatch.setattr(precision_mod, "cuda_has_native_bf16", lambda device: probed.append(device) or native)
+    prec = resolve_precision(True, "native", amp_dtype, CUDA)
+    assert (prec.device_type, prec.dtype, prec.use_scaler, prec.reason) == ("cuda", dtype, scaler, reason)
+    assert probed == ([CUDA] if amp_dtype is None else [])  # an explicit --amp-dtype needs no probe
+
+
+def test_the_cuda_probe_is_false_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cuda_has_native_bf16(CUDA) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_cuda_probe_follows_the_compute_capability():
+    assert cuda_has_native_bf16(CUDA) is (torch.cuda.get_device_capability() >= (8, 0) or torch.version.hip is not None)
 
 
 @pytest.mark.parametrize("native, explicit", [(False, False), (True, True)])

@@ -1,15 +1,20 @@
 """Tests for utils/evaluation/ijb.py: feature switches, template pooling by hand, blocked pair scoring, meta errors."""
 
+import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import load_worker, run_torchrun_worker
 
 from utils.evaluation.ijb import (
     IJBDataError,
     IJBMode,
+    embed_ijb_faces,
+    evaluate_ijb,
     image_features,
     load_ijb_meta,
     meta_paths,
@@ -19,6 +24,17 @@ from utils.evaluation.ijb import (
 )
 
 R2 = 1 / math.sqrt(2)
+WORKER = Path(__file__).with_name("_ijb_dist_worker.py")
+worker = load_worker(WORKER)
+
+# The dozen pairs of tests/utils/test_roc.py (worked by hand there): sorted by score 0.95 G, 0.90 I, 0.85 G, 0.80 I,
+# 0.75 I, 0.70 I, 0.65 I, 0.60 G, 0.55 I, 0.50 G, 0.45 I, 0.40 I. At FAR 0.5 the exact ROC has its own point (TPR
+# 0.5); insightface's thinned ROC (sklearn drop_intermediate=True) keeps only the ends of the run from FPR .125 to
+# .625 and takes the last point at FPR .625, TPR .75. The other FARs agree.
+DOZEN_SCORES = [0.75, 0.95, 0.4, 0.6, 0.9, 0.55, 0.85, 0.45, 0.7, 0.5, 0.8, 0.65]
+DOZEN_LABELS = [0, 1, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0]
+INSIGHTFACE_TARS = {0.1: 0.5, 0.3: 0.5, 0.5: 0.75, 0.9: 1.0}
+EXACT_TARS = {0.1: 0.5, 0.3: 0.5, 0.5: 0.5, 0.9: 1.0}
 
 
 def test_mode_names():
@@ -147,3 +163,60 @@ def test_meta_refuses_unknown_benchmark_names(tmp_path):
     _write_meta(tmp_path)
     with pytest.raises(ValueError, match="not one of ijbb, ijbc"):
         load_ijb_meta(tmp_path, "lfw")
+
+
+@pytest.fixture(scope="module")
+def scored_ijb(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scored") / "IJBB"
+    worker.write_scored_ijb(root, DOZEN_SCORES, DOZEN_LABELS)
+    return root
+
+
+def test_embedding_with_loader_workers_keeps_face_order(scored_ijb):
+    meta = load_ijb_meta(scored_ijb, "ijbb")
+    embeddings, flips = embed_ijb_faces(meta, worker.pixel_vector_embed, batch_size=3, workers=2, progress=False)
+    # Face 0 is the probe, red 128 + 100; face k + 1 has red 128 + round(100 * score k): x = 100 * score exactly.
+    assert embeddings[:, 0].tolist() == [100.0] + [round(100 * s) for s in DOZEN_SCORES]
+    assert torch.equal(flips, embeddings)  # uniform crops: the flip is the same image
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        embed_ijb_faces(meta, worker.pixel_vector_embed, workers=-1, progress=False)
+
+
+def test_evaluate_ijb_takes_tar_at_far_as_insightface_by_default(scored_ijb, tmp_path):
+    runs = {}
+    for exact_roc in (False, True):
+        out = tmp_path / str(exact_roc)
+        runs[exact_roc] = evaluate_ijb(
+            scored_ijb,
+            "ijbb",
+            worker.pixel_vector_embed,
+            output_dir=out,
+            modes=("N1D1F1",),
+            batch_size=4,
+            workers=2,
+            fars=worker.FARS,
+            exact_roc=exact_roc,
+            progress=False,
+        )
+        written = json.loads((out / "ijbb_results.json").read_text())
+        assert written["exact_roc"] is exact_roc and runs[exact_roc].exact_roc is exact_roc
+        rule = "exact ROC" if exact_roc else "drop_intermediate=True"
+        assert rule in (out / "ijbb_tar_at_far.md").read_text().splitlines()[-1]
+    assert runs[False].tar_at_far["N1D1F1"] == INSIGHTFACE_TARS
+    assert runs[True].tar_at_far["N1D1F1"] == EXACT_TARS
+    default = evaluate_ijb(scored_ijb, "ijbb", worker.pixel_vector_embed, fars=worker.FARS, progress=False)
+    assert default.exact_roc is False and default.tar_at_far == runs[False].tar_at_far
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_two_processes_shard_the_embedding_and_report_the_same_tars(scored_ijb, tmp_path):
+    out = tmp_path / "ijb.pt"
+    run_torchrun_worker(WORKER, [scored_ijb, out], timeout=110)
+    saved = torch.load(out, weights_only=True)
+    single, single_flips = embed_ijb_faces(load_ijb_meta(scored_ijb, "ijbb"), worker.pixel_vector_embed, progress=False)
+    assert saved["world_size"] == 2
+    # rank 0 embedded faces 0, 2, 4, ... and rank 1 faces 1, 3, ...; the gather restores face order exactly
+    assert torch.equal(saved["embeddings"], single) and torch.equal(saved["flips"], single_flips)
+    assert saved["tars"] == {"insightface": INSIGHTFACE_TARS, "exact": EXACT_TARS}
+    assert saved["exact_roc"] == {"insightface": False, "exact": True}

@@ -79,6 +79,32 @@ def test_metric_logger_update_and_errors():
         _ = metric_logger.nope
 
 
+def test_tensor_values_are_read_only_when_the_meters_are_read():
+    metric_logger = MetricLogger()
+    metric_logger.update(loss=torch.tensor(1.0, device="meta"), lr=0.1)  # a meta tensor has no data to read
+    metric_logger.update(loss=2.0, lr=0.05)
+    assert metric_logger.loss.count == 2 and metric_logger.lr.value == 0.05
+    with pytest.raises(NotImplementedError):
+        str(metric_logger)
+
+
+def test_pending_tensors_of_any_dtype_fold_in_update_order():
+    metric_logger = MetricLogger()
+    metric_logger.add_meter("peak", SmoothedValue(window_size=2))
+    metric_logger.update(loss=1.0, peak=torch.tensor([0.1], dtype=torch.bfloat16))
+    metric_logger.update(loss=torch.tensor(3.0, dtype=torch.float64), peak=torch.tensor(2, dtype=torch.int64), n=2)
+    metric_logger.update(loss=torch.tensor(0.5), peak=0.25)
+    # bfloat16 0.1 is 205/2048 = 0.10009765625 (8 significant bits). peak: window [2, 0.25] (median: the lower
+    # middle value), total 0.10009765625 + 2 * 2 + 0.25 over 4 counts; loss: window [1, 3, 0.5], total 7.5 over 4
+    assert str(metric_logger) == "peak: 0.2500 (1.0875)  loss: 1.0000 (1.8750)"
+    assert metric_logger.peak.total == 0.10009765625 + 2 * 2.0 + 0.25 and metric_logger.peak.count == 4
+    assert metric_logger.peak.value == 0.25 and metric_logger.peak.max == 2.0 and metric_logger.loss.value == 0.5
+    metric_logger.update(loss=torch.tensor(4.5))  # a value after a read
+    assert metric_logger.loss.total == 12.0 and metric_logger.loss.median == 1.0  # window [1, 3, 0.5, 4.5]
+    with pytest.raises(TypeError, match="meter 'loss' needs a number, got str"):
+        metric_logger.update(loss="1.0")
+
+
 def test_log_every_yields_everything_and_logs(caplog):
     metric_logger = MetricLogger()
     seen = []
@@ -226,7 +252,6 @@ def test_wandb_disabled_is_noop(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_wandb_offline_without_api_key(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -27,7 +27,7 @@ TPR = [0, 0, 0.5, 0.5, 0.5, 1, 1]
 
 
 def test_roc_points_by_hand():
-    curve = roc_curve(SCORES, LABELS)
+    curve = roc_curve(SCORES, LABELS, drop_intermediate=False)
     np.testing.assert_array_equal(curve.fpr, FPR)
     np.testing.assert_array_equal(curve.tpr, TPR)
     np.testing.assert_array_equal(curve.thresholds, [np.inf, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
@@ -46,10 +46,47 @@ def test_tied_scores_enter_together():
 
 def test_drop_intermediate_by_hand():
     # FP = 1 1 2 3 3 4, TP = 0 1 1 1 2 2: steps (0,1) (1,0) (1,0) (0,1) (1,0); the point after the two equal steps
-    # (1,0),(1,0) (FP 2, TP 1) is the only one dropped.
-    curve = roc_curve(SCORES, LABELS, drop_intermediate=True)
+    # (1,0),(1,0) (FP 2, TP 1) is the only one dropped. Dropping is the default, as sklearn's.
+    curve = roc_curve(SCORES, LABELS)
     np.testing.assert_array_equal(curve.fpr, [0, 0.25, 0.25, 0.75, 0.75, 1])
     np.testing.assert_array_equal(curve.tpr, [0, 0, 0.5, 0.5, 1, 1])
+
+
+# A dozen pairs, sorted by score (G genuine, I impostor; 4 genuine, 8 impostor):
+#   0.95 G, 0.90 I, 0.85 G, 0.80 I, 0.75 I, 0.70 I, 0.65 I, 0.60 G, 0.55 I, 0.50 G, 0.45 I, 0.40 I
+# Accepting score >= s for each s from the top gives (FP, TP) = (0,1) (1,1) (1,2) (2,2) (3,2) (4,2) (5,2) (5,3) (6,3)
+# (6,4) (7,4) (8,4). Steps between them: (1,0) (0,1) (1,0) (1,0) (1,0) (1,0) (0,1) (1,0) (0,1) (1,0) (1,0).
+# sklearn's drop_intermediate keeps the first and last points and each point whose step in and step out differ:
+# (0,1) (1,1) (1,2) (5,2) (5,3) (6,3) (6,4) (8,4); it drops (2,2) (3,2) (4,2) inside the horizontal run from FP 1 to 5
+# at TP 2, and (7,4). With (0, 0) first, FPR = FP / 8 and TPR = TP / 4:
+#   exact:    FPR 0 0 .125 .125 .25 .375 .5 .625 .625 .75 .75 .875 1,  TPR 0 .25 .25 .5 .5 .5 .5 .5 .75 .75 1 1 1
+#   thinned:  FPR 0 0 .125 .125 .625 .625 .75 .75 1,                    TPR 0 .25 .25 .5 .5 .75 .75 1 1
+DOZEN_SCORES = [0.75, 0.95, 0.4, 0.6, 0.9, 0.55, 0.85, 0.45, 0.7, 0.5, 0.8, 0.65]
+DOZEN_LABELS = [0, 1, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0]
+
+
+def test_a_dozen_scores_by_hand_both_rules():
+    thinned = roc_curve(DOZEN_SCORES, DOZEN_LABELS)
+    np.testing.assert_array_equal(thinned.fpr, [0, 0, 0.125, 0.125, 0.625, 0.625, 0.75, 0.75, 1])
+    np.testing.assert_array_equal(thinned.tpr, [0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1, 1])
+    exact = roc_curve(DOZEN_SCORES, DOZEN_LABELS, drop_intermediate=False)
+    np.testing.assert_array_equal(exact.fpr, [0, 0, 0.125, 0.125, 0.25, 0.375, 0.5, 0.625, 0.625, 0.75, 0.75, 0.875, 1])
+    np.testing.assert_array_equal(exact.tpr, [0, 0.25, 0.25, 0.5, 0.5, 0.5, 0.5, 0.5, 0.75, 0.75, 1, 1, 1])
+    # FAR 0.5: the exact ROC has the point FPR 0.5 (TPR 0.5); on the thinned one FPR .625 (distance .125) beats .125
+    # (.375), and of its two points the last, TPR .75, wins. FAR 0.1: FPR .125 on both, last point TPR .5. FAR 0.3:
+    # exact .25 (distance .05) -> .5; thinned .125 (.175) beats .625 (.325) -> .5. FAR 0.9: exact .875 (.025) -> 1;
+    # thinned 1 (.1) beats .75 (.15) -> 1.
+    fars = (0.1, 0.3, 0.5, 0.9)
+    assert tar_at_far(DOZEN_SCORES, DOZEN_LABELS, fars) == {0.1: 0.5, 0.3: 0.5, 0.5: 0.75, 0.9: 1.0}
+    assert tar_at_far(DOZEN_SCORES, DOZEN_LABELS, fars, drop_intermediate=False) == {
+        0.1: 0.5,
+        0.3: 0.5,
+        0.5: 0.5,
+        0.9: 1.0,
+    }
+    fpr, tpr, _ = sklearn_roc_curve(DOZEN_LABELS, DOZEN_SCORES)  # sklearn's default agrees with the hand-thinned curve
+    np.testing.assert_array_equal(fpr, thinned.fpr)
+    np.testing.assert_array_equal(tpr, thinned.tpr)
 
 
 @pytest.mark.parametrize("drop", [False, True])
@@ -65,7 +102,7 @@ def test_roc_matches_sklearn_with_ties(drop):
 
 
 def test_tar_at_far_closest_point_and_ties():
-    curve = roc_curve(SCORES, LABELS)
+    curve = roc_curve(SCORES, LABELS, drop_intermediate=False)
     # 0.5 is on the curve: FPR 0.5 -> TPR 0.5.
     # 0.125 is equally close to FPR 0 (points 0, 1) and 0.25 (points 1, 2): the last such point, TPR 0.5, wins.
     # 0.625 is equally close to 0.5 (point 3) and 0.75 (points 4, 5): the last, TPR 1.
@@ -74,14 +111,14 @@ def test_tar_at_far_closest_point_and_ties():
     fars = (0.5, 0.125, 0.625, 0.75, 0.9, 0.01)
     assert tar_at_far(curve, fars=fars) == {0.5: 0.5, 0.125: 0.5, 0.625: 1.0, 0.75: 1.0, 0.9: 1.0, 0.01: 0.0}
     assert closest_point_index(curve, 0.125) == 2
-    assert tar_at_far(SCORES, LABELS, fars) == tar_at_far(curve, fars=fars)
+    assert tar_at_far(SCORES, LABELS, fars, drop_intermediate=False) == tar_at_far(curve, fars=fars)
 
 
 def test_tar_at_far_drop_intermediate_changes_the_closest_point():
     # Kept points FPR 0 .25 .25 .75 .75 1: for 0.5 the closest are .25 and .75 (distance .25): the last is TPR 1,
     # where the full curve has the exact point FPR 0.5, TPR 0.5.
-    assert tar_at_far(SCORES, LABELS, (0.5,)) == {0.5: 0.5}
-    assert tar_at_far(SCORES, LABELS, (0.5,), drop_intermediate=True) == {0.5: 1.0}
+    assert tar_at_far(SCORES, LABELS, (0.5,), drop_intermediate=False) == {0.5: 0.5}
+    assert tar_at_far(SCORES, LABELS, (0.5,)) == {0.5: 1.0}
 
 
 def test_tar_at_far_matches_insightface_procedure():
@@ -93,7 +130,7 @@ def test_tar_at_far_matches_insightface_procedure():
     fpr, tpr = np.flipud(fpr), np.flipud(tpr)
     fars = (1e-4, 1e-3, 1e-2, 1e-1)
     expected = {far: float(tpr[np.argmin(np.abs(fpr - far))]) for far in fars}
-    assert tar_at_far(scores, labels, fars, drop_intermediate=True) == expected
+    assert tar_at_far(scores, labels, fars) == expected  # the default is insightface's rule
 
 
 def test_bad_inputs():
@@ -127,7 +164,7 @@ def test_markdown_table():
 def test_plot_thins_long_curves_keeping_the_highest_tpr(tmp_path):
     rng = np.random.default_rng(2)
     labels = rng.random(200_000) < 0.01
-    curve = roc_curve(rng.normal(size=200_000) + 2.0 * labels, labels)
+    curve = roc_curve(rng.normal(size=200_000) + 2.0 * labels, labels, drop_intermediate=False)
     assert len(curve.fpr) > PLOT_POINTS
     fpr, tpr = _plot_points(curve, 1e-6)
     assert 0 < len(fpr) <= PLOT_POINTS and (fpr > 0).all() and (np.diff(fpr) >= 0).all()

@@ -15,6 +15,7 @@ from data_loader.datasets import GCDDataset, Split
 from data_loader.multicrop import MultiCropTransform
 from data_loader.recognition import RECOGNITION_SETS, identity_training_set, recognition_data_path
 from data_loader.sampler import ShuffleSampler
+from data_loader.transforms import preset_normalisation
 from model.dino import DINO_CHECKPOINT, DINO_LOCAL_CROP_SIZE, DINOConfig, DINOSchedules, build_dino
 from model.meta_arch import MetaArch
 from trainer.args import add_landmark_args
@@ -26,6 +27,7 @@ from utils.checkpoint import CheckpointError
 # DINO's main_dino.py defaults (its lr is per 256 images, scaled linearly with the global batch).
 DINO_RECIPE = {
     "arch": "vit_small",
+    "input_preset": "gcd",
     "opt": "adamw",
     "lr_base": 5e-4,
     "weight_decay": 0.04,
@@ -120,7 +122,7 @@ class DINOPretraining(Method):
     @classmethod
     def build(cls, args: argparse.Namespace, image_size: int) -> MethodSetup:
         if args.dataset in RECOGNITION_SETS:
-            data = identity_training_set(args.dataset, recognition_data_path(args), image_size)
+            data = identity_training_set(args.dataset, recognition_data_path(args), image_size, args.input_preset)
             source, count, gcd, settings = data.train.source, len(data.train), None, data.facts
         else:
             gcd = load_datasets(args, image_size)
@@ -143,6 +145,7 @@ class DINOPretraining(Method):
         )
         # LAFS crops its local views at the global size (the landmark CNN's input) and shrinks them to 6 x 6 landmarks
         local_size = args.local_crops_size or (image_size if lafs else DINO_LOCAL_CROP_SIZE)
+        mean, std = preset_normalisation(args.input_preset)
         transform = MultiCropTransform(
             image_size,
             local_size,
@@ -150,6 +153,8 @@ class DINOPretraining(Method):
             tuple(args.global_crops_scale),
             tuple(args.local_crops_scale),
             split_photometric=lafs,
+            mean=mean,
+            std=std,
         )
         labels = np.zeros(count, dtype=np.int64)  # self-supervised: no label is read
         train_set = GCDDataset(source, np.arange(count), labels, transform, Split.TRAIN)

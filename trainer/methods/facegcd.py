@@ -151,6 +151,7 @@ class FaceGCDMethod(Method):
     lr_scaling = "timm"
     recipe = {
         "arch": "vit_base",
+        "input_preset": "gcd",
         "opt": "sgd",
         "lr_base": 0.1,
         "momentum": 0.9,

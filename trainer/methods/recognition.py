@@ -48,12 +48,14 @@ class RecognitionMethod(Method):
     lr_scaling = "none"
     recipe = {
         "arch": "iresnet50",
+        "input_preset": "face",
         **IRESNET_RECIPE,
         "momentum": 0.9,
         "epochs": 20,
         "warmup_epochs": 0,
         "warmup_lr": 0.0,
         "min_lr": 0.0,
+        "clip_grad": 5.0,
         "batch_size": 128,
     }
 
@@ -62,8 +64,8 @@ class RecognitionMethod(Method):
         group = parser.add_argument_group(
             "Recognition (--method recognition)",
             "Recipe (arcface_torch): IResNets SGD lr 0.1, weight decay 5e-4, no warm-up; ViTs AdamW lr 1e-3, weight "
-            "decay 0.1, warm-up over a tenth of the epochs. --lr-base is the learning rate itself (not scaled with "
-            "the batch), as arcface_torch's lr is.",
+            "decay 0.1, warm-up over a tenth of the epochs; the backbone's gradient clipped to norm 5; the face input "
+            "preset. --lr-base is the learning rate itself (not scaled with the batch), as arcface_torch's lr is.",
         )
         group.add_argument(
             "--head", choices=tuple(MARGIN_HEADS), default="arcface", help="margin head (default: %(default)s)"
@@ -114,11 +116,11 @@ class RecognitionMethod(Method):
     @classmethod
     def build(cls, args: argparse.Namespace, image_size: int) -> MethodSetup:
         if args.dataset in RECOGNITION_SETS:
-            data = identity_training_set(args.dataset, recognition_data_path(args), image_size)
+            data = identity_training_set(args.dataset, recognition_data_path(args), image_size, args.input_preset)
             settings = data.facts
         else:
             datasets = load_datasets(args, image_size)
-            data = labelled_training_set(datasets, image_size)
+            data = labelled_training_set(datasets, image_size, args.input_preset)
             settings = {**data_config(args, datasets, image_size), **data.facts}
         config = RecognitionConfig(
             arch=args.arch,

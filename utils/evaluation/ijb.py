@@ -20,8 +20,13 @@ its horizontal flip. The image feature depends on three switches, named as in in
 
 A template feature averages the image features of each (template, media) into a media feature, sums the media
 features of the template and L2-normalises the sum. A pair's score is the cosine of its two template features,
-computed in blocks of a template-by-template GEMM (``pair_scores``). TAR@FAR comes from ``utils.evaluation.roc``.
-insightface's default mode is N1D1F1.
+computed in blocks of a template-by-template GEMM (``pair_scores``). TAR@FAR comes from ``utils.evaluation.roc``,
+by default as insightface's ``eval_ijbc.py`` takes it (sklearn's ROC with ``drop_intermediate=True``, the TPR of
+the point with the closest FPR); ``exact_roc=True`` keeps every ROC point. insightface's default mode is N1D1F1.
+
+With a process group, the embedding is collective: rank r of W aligns and embeds faces r, r + W, ... with its own
+loader workers and the rows are gathered back into face order (``utils.sharding``), so every rank holds what one
+process would compute; every rank then scores the pairs, and only the primary rank writes files.
 
 The pooling (``image_features``, ``template_features``) and scoring (``pair_scores``) are pure tensor functions,
 separate from the file reading (``load_ijb_meta``) and the embedding (``embed_ijb_faces``).
@@ -44,14 +49,16 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from utils.checkpoint import atomic_write_text
+from utils.distributed import get_world_size, is_primary
 from utils.evaluation.pair_sets import image_to_array, stack_images
 from utils.evaluation.roc import DEFAULT_FARS, RocCurve, far_label, format_tar_table, plot_roc, roc_curve, tar_at_far
 from utils.face_align import ALIGNED_SIZE, align_face
 from utils.images import DECODE_ERRORS
+from utils.sharding import gather_rows_by_index, strided_shard
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +69,12 @@ META_DIR = "meta"
 CROP_DIR = "loose_crop"
 DEFAULT_MODE = "N1D1F1"
 _MODE_PATTERN = re.compile(r"^N([01])D([01])F([01])$")
+# The line under the TAR table naming the ROC rule, keyed by ``exact_roc``.
+ROC_RULES = {
+    False: "TAR of the ROC point with the closest FPR; ROC thinned as sklearn's default drop_intermediate=True "
+    "(insightface eval_ijbc.py).",
+    True: "TAR of the ROC point with the closest FPR; exact ROC, every distinct score a point (exact_roc=True).",
+}
 # Below this fraction of (rows x columns) of a GEMM block actually asked for, the block is scored pair by pair.
 _MIN_GEMM_DENSITY = 1 / 64
 
@@ -321,33 +334,48 @@ class AlignedFaces(Dataset):
 def embed_ijb_faces(
     meta: IJBMeta, embed: EmbedFn, *, batch_size: int = 128, workers: int = 0, progress: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Align and embed every face and its horizontal flip.
+    """Align and embed every face and its horizontal flip, sharded over the ranks when a process group exists.
+
+    Rank r of W embeds faces r, r + W, ... (all of them without a process group); the rows of every rank are
+    gathered back into face order, so each rank returns what one process would. With a process group every rank
+    must call it (the gather is a collective, run on the device of ``embed``'s output).
 
     Args:
         meta: the benchmark's meta data.
         embed: (B, 3, 112, 112) uint8 RGB -> (B, D) float embeddings (unnormalised).
         batch_size: faces per ``embed`` call.
-        workers: DataLoader processes reading and aligning the crops.
-        progress: show a tqdm bar.
+        workers: DataLoader processes reading and aligning the crops, per rank.
+        progress: show a tqdm bar (primary rank only).
 
     Returns:
         ((n, D) image embeddings, (n, D) flip embeddings), float32 on CPU, in face order.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (DataLoader processes), got {workers}")
+    faces = AlignedFaces(meta)
+    if len(faces) < get_world_size():
+        raise ValueError(f"{meta.root}: {len(faces)} faces cannot be shared by {get_world_size()} ranks")
+    shard = strided_shard(len(faces))
     loader = DataLoader(
-        AlignedFaces(meta), batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=stack_images
+        Subset(faces, shard), batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=stack_images
     )
     plain, flipped = [], []
-    for batch in tqdm(loader, desc=f"{meta.name} faces", unit="batch", disable=not progress):
+    device = torch.device("cpu")
+    for batch in tqdm(loader, desc=f"{meta.name} faces", unit="batch", disable=not (progress and is_primary())):
         out, out_flip = embed(batch), embed(batch.flip(-1))
         if out.ndim != 2 or out.shape[0] != batch.shape[0] or out_flip.shape != out.shape:
             raise ValueError(
                 f"embed must return (B, D) embeddings for a batch of {batch.shape[0]} faces, got {tuple(out.shape)}"
             )
+        device = out.device
         plain.append(out.float().cpu())
         flipped.append(out_flip.float().cpu())
-    return torch.cat(plain), torch.cat(flipped)
+    _, (embeddings, flip_embeddings) = gather_rows_by_index(
+        torch.tensor(shard, dtype=torch.int64), [torch.cat(plain), torch.cat(flipped)], device
+    )
+    return embeddings, flip_embeddings
 
 
 # ------------------------------------------------------------------------------------------------- pooling, scoring
@@ -511,7 +539,11 @@ def pair_scores(
 
 @dataclass
 class IJBResult:
-    """Per-mode TAR@FAR and AUC of one IJB run, with its counts and timings (``to_dict`` is the JSON written)."""
+    """Per-mode TAR@FAR and AUC of one IJB run, with its counts and timings (``to_dict`` is the JSON written).
+
+    ``exact_roc`` records the ROC rule: False for insightface's (sklearn's ``drop_intermediate=True``), True for
+    the exact ROC with every point.
+    """
 
     name: str
     root: str
@@ -519,7 +551,7 @@ class IJBResult:
     num_templates: int
     num_pairs: int
     num_genuine: int
-    drop_intermediate: bool
+    exact_roc: bool
     tar_at_far: dict[str, dict[float, float]]
     auc: dict[str, float]
     seconds: dict[str, float]
@@ -579,12 +611,15 @@ def evaluate_ijb(
     batch_size: int = 128,
     workers: int = 0,
     fars: Sequence[float] = DEFAULT_FARS,
-    drop_intermediate: bool = False,
+    exact_roc: bool = False,
     device: torch.device | str | None = None,
     save_scores: bool = False,
     progress: bool = True,
 ) -> IJBResult:
     """IJB 1:1 verification of a model: embed the faces once, score each mode, write the results.
+
+    With a process group every rank must call it: the faces are embedded sharded over the ranks (``embed_ijb_faces``),
+    every rank scores all pairs and returns the same result, and the primary rank writes the files.
 
     Args:
         root: benchmark folder (``meta/``, ``loose_crop/``).
@@ -594,12 +629,13 @@ def evaluate_ijb(
             ``save_scores`` ``NAME_<mode>_scores.npy``); None writes nothing.
         modes: switch settings, e.g. ``("N1D1F1", "N0D0F1")``.
         batch_size: faces per ``embed`` call.
-        workers: DataLoader processes reading and aligning crops.
+        workers: DataLoader processes reading and aligning crops, per rank.
         fars: target FARs of the table.
-        drop_intermediate: ROC point thinning as sklearn's (True reproduces insightface's numbers exactly).
+        exact_roc: take TAR@FAR on the exact ROC (every distinct score a point) instead of insightface's
+            (sklearn's default ``drop_intermediate=True``); recorded in the result and the written table.
         device: where to pool and score (default: CUDA when available).
         save_scores: also write the pair scores of each mode.
-        progress: show tqdm bars.
+        progress: show tqdm bars (primary rank only).
 
     Returns:
         The ``IJBResult``.
@@ -623,7 +659,7 @@ def evaluate_ijb(
     curves: dict[str, RocCurve] = {}
     table: dict[str, dict[float, float]] = {}
     for mode_name, mode_scores in scores.items():
-        curves[mode_name] = roc_curve(mode_scores.to(device), labels.to(device), drop_intermediate=drop_intermediate)
+        curves[mode_name] = roc_curve(mode_scores.to(device), labels.to(device), drop_intermediate=not exact_roc)
         table[mode_name] = tar_at_far(curves[mode_name], fars=fars)
     seconds["roc"] = time.perf_counter() - start
     result = IJBResult(
@@ -633,14 +669,15 @@ def evaluate_ijb(
         num_templates=int(np.unique(meta.templates).size),
         num_pairs=len(meta.labels),
         num_genuine=int(meta.labels.sum()),
-        drop_intermediate=drop_intermediate,
+        exact_roc=exact_roc,
         tar_at_far=table,
         auc={mode_name: curve.auc() for mode_name, curve in curves.items()},
         seconds=seconds,
     )
     markdown = format_tar_table({f"{mode_name} ({name})": row for mode_name, row in table.items()})
+    markdown += f"\n{ROC_RULES[exact_roc]}\n"
     logger.info("%s 1:1 verification, TAR (%%) at FAR:\n%s", name, markdown)
-    if output_dir is not None:
+    if output_dir is not None and is_primary():
         out = Path(output_dir)
         atomic_write_text(out / f"{name}_results.json", json.dumps(result.to_dict(), indent=2) + "\n")
         atomic_write_text(out / f"{name}_tar_at_far.md", markdown)

@@ -1,17 +1,20 @@
 """ROC curves and TAR@FAR for face verification, a ROC figure and a markdown table.
 
-``roc_curve`` sorts the scores once and keeps one ROC point per distinct score, exactly as
-``sklearn.metrics.roc_curve`` does: the first point is (0, 0) with threshold +inf, then for every distinct score s,
-taken from the highest down, the point (FPR, TPR) of the rule "accept when score >= s"; tied scores enter together.
-``drop_intermediate=True`` drops the points that lie on a straight run of equal steps, as sklearn does by default.
+``roc_curve`` sorts the scores once and gives the points of ``sklearn.metrics.roc_curve``: the first point is (0, 0)
+with threshold +inf, then for every distinct score s, taken from the highest down, the point (FPR, TPR) of the rule
+"accept when score >= s"; tied scores enter together. With ``drop_intermediate=True`` (the default, as sklearn's)
+the points inside a straight run of equal steps are dropped: of the distinct-score points, the first, the last and
+every point where the step in (false positives, true positives) changes are kept. ``drop_intermediate=False`` keeps
+every point: the exact ROC.
 
-``tar_at_far`` follows insightface (``recognition/_evaluation_/ijb/ijb_11.py``): the TAR reported at a target FAR is
-the TPR of the ROC point whose FPR is closest to the target, with no interpolation. insightface reverses the curve
-(``np.flipud``, "select largest tpr at same fpr") before taking the first minimum (``np.argmin``), so among points
-at the same distance the one latest on the curve wins: the largest TPR, at the larger FPR when two FPRs are equally
-close. insightface calls sklearn with its default ``drop_intermediate=True``; pass the same here to reproduce its
-numbers exactly. Our default, ``False``, keeps every point (a horizontal run then offers all its FPRs, so the
-closest point is never moved to the end of a run).
+``tar_at_far`` follows insightface (``recognition/_evaluation_/ijb/ijb_11.py``, ``eval_ijbc.py``): the TAR reported
+at a target FAR is the TPR of the ROC point whose FPR is closest to the target, with no interpolation. insightface
+reverses the curve (``np.flipud``, "select largest tpr at same fpr") before taking the first minimum (``np.argmin``),
+so among points at the same distance the one latest on the curve wins: the largest TPR, at the larger FPR when two
+FPRs are equally close. insightface calls sklearn with its default ``drop_intermediate=True``, and so does our
+default, which reproduces its numbers exactly. On the exact ROC a target inside a horizontal run finds its own FPR
+there; on the thinned one only the run's ends remain, so the closest point can move to the next vertical step and
+report a higher TAR.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def _as_array(values: ScoreLike, name: str) -> np.ndarray:
     return array
 
 
-def roc_curve(scores: ScoreLike, labels: ScoreLike, *, drop_intermediate: bool = False) -> RocCurve:
+def roc_curve(scores: ScoreLike, labels: ScoreLike, *, drop_intermediate: bool = True) -> RocCurve:
     """ROC of similarity scores (higher = more alike) against genuine (1 / True) and impostor (0 / False) labels.
 
     One sort (numpy's vectorised sort, on the CPU); the points equal ``sklearn.metrics.roc_curve(labels, scores,
@@ -69,7 +72,8 @@ def roc_curve(scores: ScoreLike, labels: ScoreLike, *, drop_intermediate: bool =
     Args:
         scores: (n,) similarity scores, finite.
         labels: (n,) 0/1 or bool labels, 1 = genuine pair.
-        drop_intermediate: drop the points inside straight runs of equal steps (sklearn's default is True).
+        drop_intermediate: drop the points inside straight runs of equal steps, as sklearn's default; False keeps
+            every point (the exact ROC).
 
     Returns:
         The ``RocCurve``.
@@ -121,7 +125,7 @@ def tar_at_far(
     labels: ScoreLike | None = None,
     fars: Sequence[float] = DEFAULT_FARS,
     *,
-    drop_intermediate: bool = False,
+    drop_intermediate: bool = True,
 ) -> dict[float, float]:
     """TAR (TPR) at each target FAR: the TPR of the ROC point with the closest FPR (insightface's rule, see above).
 
@@ -129,7 +133,7 @@ def tar_at_far(
         scores: (n,) similarity scores, or a ``RocCurve`` already computed (then ``labels`` must be None).
         labels: (n,) genuine (1) / impostor (0) labels.
         fars: target false accept rates.
-        drop_intermediate: passed to ``roc_curve`` (True reproduces insightface's published numbers exactly).
+        drop_intermediate: passed to ``roc_curve`` (True, the default, is insightface's rule; False the exact ROC).
 
     Returns:
         {far: tar} in the order of ``fars``.
