@@ -43,7 +43,6 @@ from typing import Any, ClassVar, ContextManager, Protocol
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from model.dino_loss import DINOLoss
@@ -498,10 +497,6 @@ class DINOMethod(MetaArch):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Teacher backbone CLS features (B, D) of full images (through the front end as global views)."""
         return self.teacher.backbone(self._backbone_input(images, global_view=True))
-
-    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Evaluation features: L2-normalised teacher CLS features, float32 (call in eval mode)."""
-        return F.normalize(self.forward_features(images).float(), dim=-1)
 
     # ------------------------------------------------------------------ export
     def export(self, out_dir: Path, epoch: int, args: dict[str, Any]) -> None:

@@ -108,13 +108,13 @@ def _checkpoint_state(
     }
 
 
-def _resume(args, data_cfg, model, optimizer, scheduler, scaler, sampler, saver) -> int:
-    """Restore a ``last.pth.tar``-style checkpoint; returns the epoch to start from.
+def _resume(ckpt, args, data_cfg, model, optimizer, scheduler, scaler, sampler, saver) -> int:
+    """Restore the ``last.pth.tar``-style checkpoint ``ckpt`` (read from ``--resume``); returns the epoch to start
+    from.
 
     With ``--no-resume-opt`` only the model weights are restored and training starts at epoch 0. The checkpoint's
     data settings must equal the run's (same labelled subset).
     """
-    ckpt = load_checkpoint(args.resume, weights_only=not args.unsafe_load)
     check_same_data(ckpt.get("data_config"), data_cfg, f"--resume {args.resume}")
     model.load_checkpoint_state_dict(ckpt["state_dict"])
     start_epoch = 0
@@ -134,14 +134,13 @@ def _resume(args, data_cfg, model, optimizer, scheduler, scaler, sampler, saver)
 RESUME_SETTINGS = ("arch", "patch_size", "input_size", "input_preset", "dataset", "prop_train_labels", "split_seed")
 
 
-def check_resume_settings(args: argparse.Namespace, method: type[Method]) -> None:
+def check_resume_settings(ckpt: dict, args: argparse.Namespace, method: type[Method]) -> None:
     """``--resume`` continues the run its checkpoint belongs to: the architecture, the data settings and every flag of
     the method's own groups must equal the stored ones (paths excepted). Nothing is written before this check.
 
     Raises:
         CheckpointError: the method or a setting differs (each flag named with both values).
     """
-    ckpt = load_checkpoint(args.resume, weights_only=not args.unsafe_load, mmap=True)
     stored_method = checkpoint_method_name(ckpt)
     if stored_method != args.method:
         raise CheckpointError(f"--resume {args.resume} is a --method {stored_method} run; this run is {args.method}")
@@ -181,8 +180,9 @@ def train(args: argparse.Namespace, method: type[Method]) -> int:
 def _train(args: argparse.Namespace, method: type[Method], device: torch.device, out_dir: Path) -> int:
     """:func:`train` once the run folder is locked."""
     _check_fresh_output(args, out_dir)
-    if args.resume:
-        check_resume_settings(args, method)
+    resumed = load_checkpoint(args.resume, weights_only=not args.unsafe_load) if args.resume else None
+    if resumed is not None:
+        check_resume_settings(resumed, args, method)
     setup_logging(out_dir if is_primary() else None, rank=get_rank())
     log_ignored_flags(args)
     precision = resolve_precision(args.amp, args.amp_impl, args.amp_dtype, device)
@@ -241,8 +241,9 @@ def _train(args: argparse.Namespace, method: type[Method], device: torch.device,
 
     # resume
     start_epoch = 0
-    if args.resume:
-        start_epoch = _resume(args, data_cfg, model_without_ddp, optimizer, scheduler, scaler, sampler, saver)
+    if resumed is not None:
+        start_epoch = _resume(resumed, args, data_cfg, model_without_ddp, optimizer, scheduler, scaler, sampler, saver)
+        del resumed  # the run holds its own copies now
         logger.info("resumed from %s at epoch %d", args.resume, start_epoch)
     if is_primary():
         # An epoch whose last.pth.tar was never written is trained again: drop the rows it left.
