@@ -30,12 +30,11 @@ from trainer.args import (
     add_compat_args,
     add_data_args,
     add_runtime_args,
-    parse_recording_explicit,
     image_size_from_args,
     log_ignored_flags,
+    parse_recording_explicit,
 )
 from trainer.cli import DEFAULT_METHOD, add_checkpoint_model_args
-from data_loader.transforms import GCD_PRESET
 from trainer.data import (
     DataConfigError,
     apply_data_config,
@@ -48,11 +47,12 @@ from trainer.features import embed_dataset
 from trainer.methods import get_method, method_of_checkpoint
 from trainer.precision import resolve_precision
 from utils.checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
+from utils.cli_errors import exit_code
 from utils.config import hide_alias_spellings
 from utils.distributed import cleanup, get_rank, get_world_size, init_distributed, is_primary
-from utils.cli_errors import exit_code
 from utils.logging import setup_logging
 from utils.output_sets import OUTPUT_ID_KEY, move_aside, new_output_id, refuse_complete_output, withdraw_manifest
+from utils.presets import GCD_PRESET
 from utils.report import EXTRACTION_MANIFEST, SSK_SUBDIR
 from utils.run_lock import RunLock
 

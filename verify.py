@@ -5,6 +5,8 @@ Targets are insightface ``.bin`` pair sets (LFW, CFP-FP, AgeDB-30, CALFW, CPLFW:
 IJB-B/C folders (``meta/`` + ``loose_crop/``: TAR@FAR 1e-6 ... 1e-1, a table and a ROC curve per benchmark). The
 checkpoint may come from any registered method that embeds images (recognition; FaceGCD: its prefixed ViT's CLS
 features), or be an insightface arcface_torch ``backbone.pth`` (IResNet-18/34/50/100), scored on insightface's input.
+A FaceCoresetNet checkpoint (``--method coreset``) embeds with the recognizer its configuration records (path and
+SHA-256 checked) and pools IJB templates with its aggregator too, beside insightface's modes (docs/coreset.md).
 Results go to ``<checkpoint's folder>/verify/<checkpoint stem>/`` unless ``--output`` names a folder, so two checkpoints
 never overwrite each other's results.
 
@@ -23,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from data_loader.transforms import FACE_PRESET, GCD_PRESET
 from model.iresnet import load_arcface_torch_backbone
+from photos.compare import add_photo_args, compare_photos
 from trainer.engine import evaluate_verification
 from trainer.methods import method_of_checkpoint
 from trainer.precision import resolve_precision
@@ -34,6 +36,7 @@ from utils.config import hide_alias_spellings, parse_args_with_config
 from utils.distributed import init_distributed
 from utils.logging import setup_logging
 from utils.output_sets import refuse_complete_output, withdraw_manifest
+from utils.presets import FACE_PRESET, GCD_PRESET
 from utils.run_lock import RunLock
 
 logger = logging.getLogger("verify")
@@ -56,7 +59,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         required=True,
         help="trained checkpoint (last.pth.tar, model_best.pth.tar, checkpoint-N.pth.tar)",
     )
-    parser.add_argument("--targets", nargs="+", required=True, help=".bin pair sets and IJB folders")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=None,
+        help=".bin pair sets and IJB folders (default: none; required unless --photos)",
+    )
     parser.add_argument(
         "--output",
         default=None,
@@ -66,6 +74,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace the complete results of an earlier verification in the output folder (default: off)",
+    )
+    parser.add_argument(
+        "--recognizer",
+        default=None,
+        help="a FaceCoresetNet checkpoint's recognizer when its file moved: it must be the recorded file (same "
+        "SHA-256) (default: the path the checkpoint records)",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward (default: %(default)s)")
     parser.add_argument(
@@ -89,6 +103,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--unsafe-load", action="store_true", help="load the checkpoint with weights_only=False (default: off)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars (default: bars on)")
+    add_photo_args(parser)
     return hide_alias_spellings(parser)
 
 
@@ -109,11 +124,17 @@ def is_arcface_torch_backbone(ckpt: dict) -> bool:
     return "fc.weight" in ckpt and all(isinstance(value, torch.Tensor) for value in ckpt.values())
 
 
-def load_model(path: str, weights_only: bool) -> tuple[torch.nn.Module, int, str]:
+def load_model(path: str, weights_only: bool, recognizer: str | None = None) -> tuple[torch.nn.Module, int, str]:
     """The checkpoint's model, rebuilt by its registered method, its input size and its input preset (``gcd`` for
     files written before presets were stored). An arcface_torch ``backbone.pth`` is scored as insightface scores it:
-    the whole aligned crop, ``face`` preset."""
+    the whole aligned crop, ``face`` preset. ``recognizer`` replaces the recognizer path a checkpoint records (a
+    template aggregator's); the method still checks that it is the recorded file."""
     ckpt = load_checkpoint(path, weights_only=weights_only, mmap=True)
+    if recognizer is not None:
+        stored = (ckpt.get("model_config") or {}).get("recognizer")
+        if not isinstance(stored, dict):
+            raise ValueError(f"--recognizer: {path} records no recognizer (only template aggregator checkpoints do)")
+        stored["path"] = str(Path(recognizer).resolve())
     if is_arcface_torch_backbone(ckpt):
         model = ArcFaceTorchBackbone(path, weights_only)
         return model, model.net.img_size, FACE_PRESET
@@ -133,7 +154,16 @@ def output_dir(args: argparse.Namespace) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Score every target into the locked output folder; bad input ends with one error message and exit code 2."""
+    """Score every target into the locked output folder, or compare ``--photos``; bad input ends with one error
+    message and exit code 2."""
+    if args.photos:
+        if args.targets:
+            logger.error("give --targets or --photos, not both")
+            return 2
+        return exit_code(lambda: compare_photos(args), logger)
+    if not args.targets:
+        logger.error("give --targets (pair sets, IJB folders) or --photos A B")
+        return 2
     return exit_code(lambda: _verify(args), logger)
 
 
@@ -146,7 +176,7 @@ def _verify(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     out = output_dir(args)
     refuse_complete_output(out / RESULTS_FILE, args.overwrite, "verification results")
-    model, image_size, preset = load_model(args.checkpoint_weights, weights_only=not args.unsafe_load)
+    model, image_size, preset = load_model(args.checkpoint_weights, not args.unsafe_load, args.recognizer)
     with RunLock(out, "verification folder"):
         setup_logging(out)
         withdraw_manifest(out / RESULTS_FILE)

@@ -30,10 +30,11 @@ from torch.utils.data import Dataset
 
 from data_loader.recordio import RecordIOReader
 from data_loader.registry import BenchmarkSpec, DatasetError, KnownRule, Layout, get_spec
-from data_loader.transforms import GCD_PRESET, EvalTransform, TrainTransform, TwoViewTransform
+from data_loader.transforms import EvalTransform, TrainTransform, TwoViewTransform
 from data_loader.verification import VerifyGroup, find_corrupt, folder_group, recordio_group
 from utils.distributed import is_primary
 from utils.images import DECODE_ERRORS
+from utils.presets import GCD_PRESET
 
 logger = logging.getLogger(__name__)
 

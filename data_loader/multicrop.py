@@ -30,7 +30,7 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
-from data_loader.transforms import IMAGENET_MEAN, IMAGENET_STD
+from utils.presets import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 

@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_FIRST_IDENTITY = 1_000_000
 # Seed-sequence domain tags; SynthFaces itself uses 1 (prototypes), 2 (identities) and 3 (training images).
 _TAG_PAIR_IMAGES, _TAG_PAIR_SAMPLING, _TAG_IJB_MEDIA, _TAG_IJB_FRAME, _TAG_IJB_PAIRS = 101, 102, 111, 112, 113
+_TAG_IJB_MEDIA_NUISANCE = 114
 _JPEG_QUALITY = 95
 _FRAME_ROTATION_STD = 2.0  # degrees
 _FRAME_SCALE_LOG_STD = 0.03
@@ -250,9 +251,16 @@ def write_synthface_ijb(
     loose_size: int = 144,
     first_identity: int = DEFAULT_FIRST_IDENTITY,
     nuisance: float = 1.0,
+    long_clip_frames: int = 0,
+    media_nuisance: tuple[float, float] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Render held-out SynthFaces identities into an IJB benchmark folder (insightface layout).
+
+    Two options stress template pooling: ``long_clip_frames`` makes the first media of every template one long clip
+    (near-duplicate frames of one render) beside the others' ``images_per_media`` frames (1: single images), so a
+    pooling that weighs images equally is dominated by the clip; ``media_nuisance`` draws each media's nuisance
+    uniformly from a range, so quality varies within a template.
 
     Writes ``out_dir/meta/NAME_face_tid_mid.txt``, ``NAME_template_pair_label.txt``, ``NAME_name_5pts_score.txt``,
     ``out_dir/loose_crop/<k>.jpg`` and ``out_dir/synthface_ijb.json`` (parameters and counts), first into a
@@ -270,6 +278,9 @@ def write_synthface_ijb(
         loose_size: side of the loose crops in pixels.
         first_identity: id of the first identity (disjoint from the training ids).
         nuisance: SynthFaces nuisance strength (also scales the frame jitter).
+        long_clip_frames: frames of the first media of each template (0: ``images_per_media`` like the others).
+        media_nuisance: (low, high) range in [0, 3] of each media's nuisance, drawn per media (default: every media
+            at ``nuisance``).
         progress: show a tqdm bar.
 
     Returns:
@@ -282,6 +293,15 @@ def write_synthface_ijb(
     check_int("media_per_template", media_per_template, 1)
     check_int("images_per_media", images_per_media, 1)
     check_int("loose_size", loose_size, 32, 1024)
+    check_int("long_clip_frames", long_clip_frames, 0)
+    if media_nuisance is not None:
+        low, high = (float(v) for v in media_nuisance)
+        if not 0.0 <= low <= high <= 3.0:
+            raise ValueError(
+                f"SynthFaces protocols: media_nuisance (--media-nuisance) must be LOW HIGH with 0 <= LOW <= HIGH <= 3, "
+                f"got {list(media_nuisance)}"
+            )
+        media_nuisance = [low, high]
     if impostor_pairs is not None:
         check_int("impostor_pairs", impostor_pairs, 1)
     out = Path(out_dir)
@@ -303,6 +323,8 @@ def write_synthface_ijb(
                 loose_size=loose_size,
                 first_identity=first_identity,
                 nuisance=float(nuisance),
+                long_clip_frames=long_clip_frames,
+                media_nuisance=media_nuisance,
             ),
             progress,
         )
@@ -324,15 +346,26 @@ def write_synthface_ijb(
     return summary
 
 
+def _media_nuisance(params: dict[str, Any], identity: int, template: int, media: int) -> float:
+    """The nuisance of one media: ``nuisance``, or a uniform draw from ``media_nuisance`` seeded by the media."""
+    if params.get("media_nuisance") is None:
+        return params["nuisance"]
+    low, high = params["media_nuisance"]
+    rng = np.random.default_rng([params["seed"], _TAG_IJB_MEDIA_NUISANCE, identity, template, media])
+    return float(rng.uniform(low, high))
+
+
 def _write_ijb_into(root: Path, name: str, params: dict[str, Any], progress: bool) -> dict[str, Any]:
     crops = root / "loose_crop"
     crops.mkdir(parents=True)
     faces, marks, owner = [], [], []
     media_id = 0
     templates = params["identities"] * params["templates_per_identity"]
-    frames = params["images_per_media"]
-    total = templates * params["media_per_template"] * frames
-    with tqdm(total=total, desc=f"{name} faces", unit="img", disable=not progress) as bar:
+    long_clip = params.get("long_clip_frames", 0)
+    per_template = params["media_per_template"] * params["images_per_media"]
+    if long_clip:
+        per_template += long_clip - params["images_per_media"]
+    with tqdm(total=templates * per_template, desc=f"{name} faces", unit="img", disable=not progress) as bar:
         for person in range(params["identities"]):
             identity = params["first_identity"] + person
             for template in range(params["templates_per_identity"]):
@@ -340,8 +373,10 @@ def _write_ijb_into(root: Path, name: str, params: dict[str, Any], progress: boo
                 owner.append(person)
                 for media in range(params["media_per_template"]):
                     media_id += 1
+                    frames = long_clip if long_clip and media == 0 else params["images_per_media"]
+                    nuisance = _media_nuisance(params, identity, template, media)
                     clip = _media_frames(
-                        params["seed"], identity, template, media, frames, params["loose_size"], params["nuisance"]
+                        params["seed"], identity, template, media, frames, params["loose_size"], nuisance
                     )
                     for data, landmarks in clip:
                         image_name = f"{len(faces) + 1}.jpg"
@@ -408,6 +443,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--impostor-pairs", type=int, default=None, help="impostor pairs to sample (default: all cross-identity)"
     )
     ijb.add_argument("--loose-size", type=int, default=144, help="loose crop side in pixels (default: 144)")
+    ijb.add_argument(
+        "--long-clip-frames",
+        type=int,
+        default=0,
+        help="frames of the first media of each template, one long clip (default: 0, --images-per-media)",
+    )
+    ijb.add_argument(
+        "--media-nuisance",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="draw each media's nuisance uniformly from [LOW, HIGH] (default: --nuisance for all)",
+    )
     return parser
 
 
@@ -432,6 +481,8 @@ def main(args: argparse.Namespace) -> int:
             images_per_media=args.images_per_media,
             impostor_pairs=args.impostor_pairs,
             loose_size=args.loose_size,
+            long_clip_frames=args.long_clip_frames,
+            media_nuisance=args.media_nuisance,
             **common,
         )
     return 0

@@ -34,8 +34,9 @@ from data_loader.datasets import (
 )
 from data_loader.recordio import RecordIOReader
 from data_loader.registry import DatasetError
-from data_loader.transforms import GCD_PRESET, TrainTransform
+from data_loader.transforms import TrainTransform
 from utils.distributed import is_primary
+from utils.presets import GCD_PRESET
 
 logger = logging.getLogger(__name__)
 

@@ -21,24 +21,11 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from utils.presets import GCD_PRESET, preset_normalisation
+
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-FACE_MEAN = (0.5, 0.5, 0.5)
-FACE_STD = (0.5, 0.5, 0.5)
 CROP_PCT = 0.875
-GCD_PRESET, FACE_PRESET = "gcd", "face"
-INPUT_PRESETS = (GCD_PRESET, FACE_PRESET)
-
-
-def preset_normalisation(preset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of an input preset; an unknown name is a ``ValueError`` listing the presets."""
-    if preset == GCD_PRESET:
-        return IMAGENET_MEAN, IMAGENET_STD
-    if preset == FACE_PRESET:
-        return FACE_MEAN, FACE_STD
-    raise ValueError(f"--input-preset {preset!r}: expected one of {', '.join(INPUT_PRESETS)}")
 
 
 def resize_size(image_size: int) -> int:

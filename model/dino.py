@@ -43,6 +43,8 @@ from typing import Any, ClassVar, ContextManager, Protocol
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath
 from torch.nn.parallel import DistributedDataParallel
 
 from model.dino_loss import DINOLoss
@@ -239,6 +241,8 @@ class DINOConfig(MethodConfig):
         landmark_tiles: LAFS tile orientation, ``"natural"`` or ``"reference"``.
         landmark_jitter: LAFS landmark jitter std in pixels (5).
         local_landmarks: LAFS landmarks kept by a local view (36: a 6 x 6 mosaic).
+        drop_path_rate: stochastic depth of the student's last block, linearly spaced from 0 over the blocks (DINO
+            and LAFS: 0.1); the teacher has none.
     """
 
     method: ClassVar[str] = METHOD
@@ -260,6 +264,44 @@ class DINOConfig(MethodConfig):
     landmark_tiles: str = "natural"
     landmark_jitter: float = 5.0
     local_landmarks: int = 36
+    drop_path_rate: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+
+def set_stochastic_depth(backbone: PrefixViT, rate: float) -> None:
+    """DINO's stochastic depth: block i drops its residual branches with probability ``rate * i / (depth - 1)``.
+
+    The rates are DINO's ``torch.linspace(0, drop_path_rate, depth)``; a rate of 0 leaves the branch as an identity.
+    ``DropPath`` scales the kept samples by 1 / (1 - p) and is active in training mode only.
+
+    Args:
+        backbone: the ViT whose blocks (``drop_path1``, ``drop_path2``) are set, in place.
+        rate: the last block's drop probability.
+    """
+    rates = torch.linspace(0.0, rate, len(backbone.blocks)).tolist()
+    for block, p in zip(backbone.blocks, rates):
+        block.drop_path1 = DropPath(p) if p > 0 else nn.Identity()
+        block.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
+
+
+def mean_pairwise_cosine(features: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity over the N (N - 1) ordered pairs of distinct rows: (||sum_i u_i||^2 - N) / (N (N - 1))
+    with u_i the L2-normalised rows.
+
+    Args:
+        features: (N, D), N >= 2.
+
+    Returns:
+        A scalar tensor in [-1 / (N - 1), 1].
+    """
+    n = features.shape[0]
+    if n < 2:
+        raise ValueError(f"the mean pairwise cosine needs at least 2 rows, got {n}")
+    total = F.normalize(features.float(), dim=1).sum(dim=0)
+    return (total.dot(total) - n) / (n * (n - 1))
 
 
 class DINOMethod(MetaArch):
@@ -267,7 +309,8 @@ class DINOMethod(MetaArch):
 
     ``student`` and ``teacher`` are :class:`MultiCropWrapper` (backbone + ``DINOHead``); the teacher starts as a
     copy of the student, has no gradients, is never wrapped in DDP and moves only by :meth:`update_teacher`.
-    Evaluation features come from the teacher backbone.
+    Evaluation features come from the teacher backbone. As in DINO, the student's blocks use stochastic depth
+    (``cfg.drop_path_rate``) and the teacher's none.
 
     Variable resolution: views are grouped by size; a backbone built by ``create_backbone`` only takes
     ``img_size`` inputs, so local views (or front-end outputs) of another size need a backbone made with timm's
@@ -279,7 +322,7 @@ class DINOMethod(MetaArch):
         backbone: the student backbone (default ``create_backbone(cfg.arch, patch_size=..., img_size=...)``).
     """
 
-    summary_scalars = ("teacher_entropy",)
+    summary_scalars = ("teacher_entropy", "teacher_feature_cosine")
 
     def __init__(
         self, cfg: DINOConfig, *, front_end: nn.Module | None = None, backbone: PrefixViT | None = None
@@ -302,8 +345,10 @@ class DINOMethod(MetaArch):
             bottleneck_dim=cfg.bottleneck_dim,
             normalize_output=False,  # DINO's logits are cosines to the prototypes
         )
+        set_stochastic_depth(backbone, cfg.drop_path_rate)
         self.student = MultiCropWrapper(backbone, head)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        set_stochastic_depth(self.teacher.backbone, 0.0)
         self.front_end = front_end
         self.dino_loss = DINOLoss(
             cfg.out_dim,
@@ -410,7 +455,9 @@ class DINOMethod(MetaArch):
             local_views: ``n_local`` views (B, 3, s, s), same kinds.
 
         Returns:
-            ``loss``, ``teacher_entropy`` (mean entropy of the teacher softmax, nats) and ``teacher_temp``.
+            ``loss``, ``teacher_entropy`` (mean entropy of the teacher softmax, nats), ``teacher_feature_cosine``
+            (:func:`mean_pairwise_cosine` of the teacher's CLS features of the first global view: near 1 when the
+            features collapse onto one direction) and ``teacher_temp``.
         """
         if len(global_views) != self.cfg.n_global or len(local_views) != self.cfg.n_local:
             raise ValueError(
@@ -420,13 +467,17 @@ class DINOMethod(MetaArch):
         global_inputs = [self._backbone_input(v, global_view=True) for v in global_views]
         local_inputs = [self._backbone_input(v, global_view=False) for v in local_views]
         with torch.no_grad():
-            teacher_out = self.teacher(global_inputs)
+            # the global views share one size, so this is what MultiCropWrapper does, with the features kept
+            teacher_features = self.teacher.backbone(torch.cat(global_inputs))
+            teacher_out = self.teacher.head(teacher_features)
+            feature_cosine = mean_pairwise_cosine(teacher_features[: global_inputs[0].shape[0]])
         student = self._ddp_student[0] if self._ddp_student else self.student
         student_out = student(global_inputs + local_inputs)
         loss = self.dino_loss(student_out, teacher_out, self.epoch)
         return {
             "loss": loss,
             "teacher_entropy": self.dino_loss.teacher_entropy,
+            "teacher_feature_cosine": feature_cosine,
             "teacher_temp": self.dino_loss.teacher_temp(self.epoch),
         }
 

@@ -12,9 +12,10 @@ its ``weight`` parameter (not wrapped in DDP). Each step:
 3. cosines ``normalize(emb) @ normalize(weight[index]).T`` in float32 (autocast off) go to the margin head with the
    labels remapped to columns of the kept centres (-1 where the target lives on another rank);
 4. softmax heads: a distributed softmax cross-entropy (row maxima all-reduced with MAX, sums of exponentials and
-   target logits all-reduced with SUM), averaged over the global batch. ``positive_negative`` heads (GB-CosFace):
-   the target cosine and the logsumexp over the negative centres are assembled the same way and passed to
-   ``head.loss_from_parts(cos_p, cos_n, batch_is_global=True)``.
+   target logits all-reduced with SUM), averaged over the global batch; optional constant per-sample weights
+   (TransFace's EHSM), gathered like the labels, give sum_i w_i l_i / N (or / sum_i w_i). ``positive_negative``
+   heads (GB-CosFace): the target cosine and the logsumexp over the negative centres are assembled the same way and
+   passed to ``head.loss_from_parts(cos_p, cos_n, batch_is_global=True)``.
 
 The loss is replicated: every rank computes the same value. The SUM all-reduces feeding it therefore pass gradients
 through unchanged (each rank already holds d loss / d sum), while the embedding gather reduces gradients over ranks.
@@ -64,8 +65,8 @@ from utils.distributed import (
 logger = logging.getLogger(__name__)
 
 INIT_BLOCK = 4096  # classes per generator seed of the initial centres
+WEIGHT_NORMALISATIONS = ("batch", "weights")  # per-sample weighted loss divided by N or by the sum of the weights
 CHECKPOINT_BLOCK = 65_536  # classes rank 0 receives per round when gathering centres or their optimiser state
-_COUNTERS = ("seed", "step")  # Python integers, saved in the state dict as int64 tensors
 _MASK64 = (1 << 64) - 1
 
 
@@ -169,7 +170,54 @@ def _row_max(x: torch.Tensor) -> torch.Tensor:
     return x.amax(dim=1)
 
 
-class PartialFC(nn.Module):
+def shared_seed() -> int:
+    """A seed drawn from torch's global generator on rank 0 and broadcast, so every rank holds the same one."""
+    box = [int(torch.randint(0, 2**62, (1,)))]
+    if get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class CounterState(nn.Module):
+    """A module whose Python-integer attributes named in ``counters`` are saved in its state dict as int64 tensors
+    (so drawing from seeds derived from them reads nothing from the device, and checkpoints of buffers load)."""
+
+    counters: tuple[str, ...] = ()
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self.counters:
+            destination[prefix + name] = torch.tensor(getattr(self, name), dtype=torch.int64)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        counters = {}
+        for name in self.counters:
+            key = prefix + name
+            value = state_dict.pop(key, None)  # load_state_dict hands each module its own copy of the dict
+            if value is None:
+                if strict:
+                    missing_keys.append(key)
+            elif torch.is_tensor(value) and value.numel() == 1 and not value.is_floating_point():
+                counters[name] = int(value)
+            else:
+                error_msgs.append(f"{key}: expected a one-element integer tensor, got {value!r}")
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        for name, value in counters.items():
+            setattr(self, name, value)
+
+
+class PartialFC(CounterState):
     """Model-parallel margin-softmax classifier with optional sampling of negative class centres.
 
     Args:
@@ -180,6 +228,8 @@ class PartialFC(nn.Module):
         seed: seed of the initial centres and of the sampling; None draws one from torch's global generator on rank 0
             and broadcasts it.
     """
+
+    counters = ("seed", "step")
 
     def __init__(
         self,
@@ -206,12 +256,7 @@ class PartialFC(nn.Module):
         shard = contiguous_shard(num_classes, self.rank, self.world_size)
         self.class_start, self.class_end = shard.start, shard.stop
         self.num_local = shard.stop - shard.start
-        if seed is None:
-            box = [int(torch.randint(0, 2**62, (1,)))]
-            if self.world_size > 1:
-                dist.broadcast_object_list(box, src=0)
-            seed = box[0]
-        self.seed = int(seed)
+        self.seed = shared_seed() if seed is None else int(seed)
         self.step = 0
         self.weight = nn.Parameter(self._initial_rows(self.seed))
         self.head = head
@@ -232,38 +277,6 @@ class PartialFC(nn.Module):
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"classes=[{self.class_start}, {self.class_end}), sample_rate={self.sample_rate}"
         )
-
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name in _COUNTERS:
-            destination[prefix + name] = torch.tensor(getattr(self, name), dtype=torch.int64)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict,
-        prefix: str,
-        local_metadata: dict,
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        counters = {}
-        for name in _COUNTERS:
-            key = prefix + name
-            value = state_dict.pop(key, None)  # load_state_dict hands each module its own copy of the dict
-            if value is None:
-                if strict:
-                    missing_keys.append(key)
-            elif torch.is_tensor(value) and value.numel() == 1 and not value.is_floating_point():
-                counters[name] = int(value)
-            else:
-                error_msgs.append(f"{key}: expected a one-element integer tensor, got {value!r}")
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        for name, value in counters.items():
-            setattr(self, name, value)
 
     def train(self, mode: bool = True) -> PartialFC:
         """Set the mode; the next forward checks its labels (the training loop calls this every epoch)."""
@@ -378,7 +391,12 @@ class PartialFC(nn.Module):
         return _AllReduceReplicated.apply(tensor) if self.world_size > 1 else tensor
 
     def _softmax_loss(
-        self, logits: torch.Tensor, cosine: torch.Tensor, columns: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        cosine: torch.Tensor,
+        columns: torch.Tensor,
+        sample_weight: torch.Tensor | None = None,
+        normalise: str = "batch",
     ) -> dict[str, torch.Tensor]:
         rows = torch.nonzero(columns >= 0).squeeze(1)
         cols = columns[rows]
@@ -388,7 +406,12 @@ class PartialFC(nn.Module):
         target_logit = logits.new_zeros(logits.shape[0]).index_put((rows,), logits[rows, cols])
         target_cos = cosine.new_zeros(cosine.shape[0]).index_put((rows,), cosine.detach()[rows, cols])
         sums = self._all_reduce_replicated(torch.stack([sum_exp, target_logit, target_cos]))
-        loss = (torch.log(sums[0]) + maxima[0] - sums[1]).mean()
+        per_sample = torch.log(sums[0]) + maxima[0] - sums[1]
+        if sample_weight is None:
+            loss = per_sample.mean()
+        else:
+            denominator = sample_weight.sum() if normalise == "weights" else per_sample.shape[0]
+            loss = (sample_weight * per_sample).sum() / denominator
         return {"loss": loss, "accuracy": (sums[2].detach() >= maxima[1]).float().mean()}
 
     def _positive_negative_loss(self, cosine: torch.Tensor, columns: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -410,13 +433,25 @@ class PartialFC(nn.Module):
         loss = self.head.loss_from_parts(sums[1], cos_n, batch_is_global=True)
         return {"loss": loss, "accuracy": (sums[1].detach() >= maxima[1]).float().mean()}
 
-    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        local_embeddings: torch.Tensor,
+        local_labels: torch.Tensor,
+        sample_weight: torch.Tensor | None = None,
+        *,
+        weight_normalise: str = "batch",
+    ) -> dict[str, torch.Tensor]:
         """Margin-softmax loss of the global batch over this rank's (sampled) centres; collective over all ranks.
 
         Args:
             local_embeddings: (b, D) this rank's embeddings (not normalised; any float dtype).
             local_labels: (b,) class ids in [0, num_classes) (checked on the first forward after ``train()`` /
                 ``eval()``, see the module docstring).
+            sample_weight: optional (b,) per-sample weights of this rank's samples (softmax heads only; TransFace's
+                EHSM). They are constants (detached) and gathered like the labels; the loss becomes
+                sum_i w_i l_i / N over the global batch of N samples, or / sum_i w_i with ``weight_normalise``
+                "weights".
+            weight_normalise: "batch" (divide by N, the release's) or "weights" (divide by the sum of the weights).
 
         Returns:
             ``{"loss": scalar float32 (mean over the global batch, the same on every rank), "accuracy": top-1 of the
@@ -424,9 +459,13 @@ class PartialFC(nn.Module):
         """
         labels = local_labels.reshape(-1).long()
         counts = self._batch_sizes(local_embeddings, labels)
+        if sample_weight is not None:
+            sample_weight = self._check_sample_weight(sample_weight, labels.shape[0], weight_normalise)
         if self.world_size > 1:
             embeddings = _GatherWithGrad.apply(local_embeddings, counts)
             labels = _gather_rows(labels, counts)
+            if sample_weight is not None:
+                sample_weight = _gather_rows(sample_weight, counts)
         else:
             embeddings = local_embeddings
         if self._check_labels_next:
@@ -439,5 +478,19 @@ class PartialFC(nn.Module):
             weight = (self.weight if index is None else self.weight[index]).float()
             cosine = _CosineToCentres.apply(F.normalize(emb, dim=1), weight)
             if self.head.kind == "softmax":
-                return self._softmax_loss(self.head(cosine, columns, norms), cosine, columns)
+                logits = self.head(cosine, columns, norms)
+                return self._softmax_loss(logits, cosine, columns, sample_weight, weight_normalise)
             return self._positive_negative_loss(cosine, columns)
+
+    def _check_sample_weight(self, sample_weight: torch.Tensor, rows: int, normalise: str) -> torch.Tensor:
+        """The weights as a detached float32 (b,) vector; raises for a head or shape they do not apply to."""
+        if self.head.kind != "softmax":
+            raise ValueError(
+                f"per-sample loss weights (--ehsm) need a softmax margin head; {type(self.head).__name__} is "
+                f"{self.head.kind!r}"
+            )
+        if normalise not in WEIGHT_NORMALISATIONS:
+            raise ValueError(f"weight normalisation {normalise!r}: expected one of {', '.join(WEIGHT_NORMALISATIONS)}")
+        if sample_weight.shape != (rows,):
+            raise ValueError(f"sample_weight must be ({rows},) to match the labels, got {tuple(sample_weight.shape)}")
+        return sample_weight.detach().float()

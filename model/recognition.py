@@ -5,6 +5,10 @@ it is wrapped in DDP. The class centres are model parallel (``PartialFC``: each 
 classes, embeddings and labels are all-gathered), so they are never wrapped. Checkpoints hold the full centre matrix
 and the full optimiser state of it (gathered from all ranks), so a run resumes exactly and loads on any world size.
 Evaluation features are the L2-normalised embeddings.
+
+TransFace (``transface_vit_*`` backbones, docs/transface.md) adds two switches: DPAP perturbs the amplitude spectrum of
+each selected image's highest-gated patches before the training forward, ranked by a no-grad pass of the backbone that
+never calls Partial FC; EHSM weights each sample's cross-entropy inside Partial FC by 1 + exp(-gamma * mean token std).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from model.backbones import ViTEmbedder, create_embedding_backbone
+from model.centre_state import ShardedCentresState
+from model.dpap import DPAP
+from model.ehsm import ehsm_weights
 from model.iresnet import load_arcface_torch_weights
 from model.landmark import (
     LANDMARK_EXPORT,
@@ -31,10 +38,12 @@ from model.landmark import (
 )
 from model.margin_heads import build_margin_head
 from model.meta_arch import MetaArch, MethodConfig
-from model.partial_fc import PartialFC
+from model.partial_fc import WEIGHT_NORMALISATIONS, PartialFC
+from model.transface_vit import TransFaceViT, load_transface_weights
 from model.vit import load_pretrained_backbone
 from utils.checkpoint import CheckpointError
 from utils.distributed import get_world_size
+from utils.presets import FACE_PRESET, preset_normalisation
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +69,21 @@ class RecognitionConfig(MethodConfig):
         landmark_tiles: mosaic tile orientation, "natural" or "reference".
         landmark_regularisation: LAFS fine-tuning: add the MSE between the landmarks of the trained CNN and of a
             frozen copy of its initial weights, weighted by ``model.landmark.landmark_regularisation_weight(epoch)``.
+        input_preset: the input preset the images are normalised with (DPAP undoes and redoes its normalisation).
+        weight_decay_on: "matrices" (>= 2-D weights except position embeddings and tokens) or "all" parameters
+            (TransFace's release).
+        drop_path: TransFace ViTs: drop path rate (None: the variant's released rate).
+        mask_ratio: TransFace ViTs: training token masking ratio (None: the variant's released ratio).
+        release_masking: TransFace ViTs: mask 10 % of the tokens whenever the ratio is > 0, as the release does.
+        dpap: TransFace's dominant patch amplitude perturbation of the training images.
+        dpap_prob: probability that a sample is perturbed.
+        dpap_patches: dominant patches perturbed per selected sample.
+        dpap_train_mode_ranking: rank the patches with the backbone in training mode (masking, drop path, neck
+            BatchNorm statistics updated), as the release does, instead of evaluation mode.
+        ehsm: TransFace's entropy-guided hard sample mining: per-sample weights of the cross-entropy.
+        ehsm_gamma: gamma of the weights 1 + exp(-gamma * mean of the top-K token stds).
+        ehsm_topk: K (0: all tokens, as released).
+        ehsm_normalise: "batch" (divide the weighted loss by N, as released) or "weights" (by the sum of weights).
     """
 
     method: ClassVar[str] = METHOD
@@ -75,9 +99,25 @@ class RecognitionConfig(MethodConfig):
     landmark_cnn: bool = False
     landmark_tiles: str = "natural"
     landmark_regularisation: bool = False
+    input_preset: str = FACE_PRESET
+    weight_decay_on: str = "matrices"
+    drop_path: float | None = None
+    mask_ratio: float | None = None
+    release_masking: bool = False
+    dpap: bool = False
+    dpap_prob: float = 0.2
+    dpap_patches: int = 7
+    dpap_train_mode_ranking: bool = False
+    ehsm: bool = False
+    ehsm_gamma: float = 1.0
+    ehsm_topk: int = 0
+    ehsm_normalise: str = "batch"
 
 
-class FaceRecognizer(MetaArch):
+WEIGHT_DECAY_SCOPES = ("matrices", "all")
+
+
+class FaceRecognizer(ShardedCentresState, MetaArch):
     """Embedding backbone trained with a margin head over Partial FC class centres.
 
     Args:
@@ -95,7 +135,11 @@ class FaceRecognizer(MetaArch):
             patch_size=cfg.patch_size,
             embedding_size=cfg.embedding_size,
             dropout=cfg.dropout,
+            drop_path=cfg.drop_path,
+            mask_ratio=cfg.mask_ratio,
+            release_masking=cfg.release_masking,
         )
+        _check_transface_options(cfg, self.backbone)
         self.front_end: LandmarkFrontEnd | None = None
         if cfg.landmark_cnn:
             if not isinstance(self.backbone, ViTEmbedder):
@@ -108,13 +152,18 @@ class FaceRecognizer(MetaArch):
         self.partial_fc = PartialFC(
             cfg.embedding_size, cfg.num_classes, build_margin_head(cfg.head, **cfg.head_args), cfg.sample_rate
         )
+        if cfg.ehsm and self.partial_fc.head.kind != "softmax":
+            raise ValueError(f"--ehsm weights a softmax cross-entropy; --head {cfg.head} is not a softmax head")
+        self.dpap: DPAP | None = None
+        if cfg.dpap:
+            self.dpap = DPAP(cfg.dpap_prob, cfg.dpap_patches, *preset_normalisation(cfg.input_preset))
         self.epoch = 0
         if cfg.landmark_regularisation:
             self.reference_front_end = LandmarkFrontEnd(
                 cfg.img_size, cfg.patch_size, orientation=cfg.landmark_tiles, frozen=True
             )
         # DDP wraps the trainable image path (front end + backbone); kept in a list so it is not a submodule
-        self._encoder = [_Encoder(self.front_end, self.backbone)]
+        self._encoder = [_Encoder(self.front_end, self.backbone, with_tokens=cfg.ehsm)]
         self._ddp_encoder: list[DistributedDataParallel] = []
 
     # ------------------------------------------------------------------ training
@@ -137,7 +186,13 @@ class FaceRecognizer(MetaArch):
         return self._ddp_encoder[0].no_sync() if self._ddp_encoder else contextlib.nullcontext()
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, 3, S, S) -> ((B, embedding_size) embeddings, landmarks or None), through DDP when distributed.
+        """(B, 3, S, S) -> ((B, embedding_size) embeddings, landmarks or None), through DDP when distributed
+        (:meth:`embed_with_tokens` without the token stds)."""
+        return self.embed_with_tokens(images)[:2]
+
+    def embed_with_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(B, 3, S, S) -> ((B, embedding_size) embeddings, landmarks or None, token stds under EHSM or None), through
+        DDP when distributed.
 
         Partial FC gives each rank's embeddings the gradient of the loss averaged over the global batch, and DDP
         averages the backbone gradients over the W ranks once more; the embedding gradient is scaled by W so the
@@ -145,11 +200,11 @@ class FaceRecognizer(MetaArch):
         """
         if not self._ddp_encoder:
             return self._encoder[0](images)
-        embeddings, coords = self._ddp_encoder[0](images)
+        embeddings, coords, token_std = self._ddp_encoder[0](images)
         if embeddings.requires_grad:
             world = get_world_size()
             embeddings.register_hook(lambda grad: grad * world)
-        return embeddings, coords
+        return embeddings, coords, token_std
 
     def freeze_reference_landmarks(self) -> None:
         """LAFS: the frozen copy takes the landmark CNN's current weights (call once they are loaded)."""
@@ -163,17 +218,41 @@ class FaceRecognizer(MetaArch):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training step forward: (mosaic,) embeddings, margin logits over the (sampled) centres, the loss.
 
+        With DPAP the images are first perturbed, in place (:meth:`dominant_patch_gate` ranks their patches; the
+        loop does not reuse the batch); with EHSM each sample's cross-entropy is weighted by its EHSM weight
+        (``model.ehsm``).
+
         Returns:
-            The Partial FC outputs, with ``loss`` (plus ``landmark_reg`` under LAFS fine-tuning).
+            The Partial FC outputs, with ``loss`` (plus ``landmark_reg`` under LAFS fine-tuning, ``ehsm_weight``, the
+            batch's mean EHSM weight, under EHSM).
         """
-        embeddings, coords = self.embed(images)
-        out = self.partial_fc(embeddings, labels)
+        if self.dpap is not None:
+            images = self.dpap(images, self.dominant_patch_gate(images), inplace=True)
+        embeddings, coords, token_std = self.embed_with_tokens(images)
+        if token_std is None:
+            out = self.partial_fc(embeddings, labels)
+        else:
+            weights = ehsm_weights(token_std, self.cfg.ehsm_gamma, self.cfg.ehsm_topk)
+            out = self.partial_fc(embeddings, labels, weights, weight_normalise=self.cfg.ehsm_normalise)
+            out["ehsm_weight"] = weights.mean()
         if self.cfg.landmark_regularisation:
             reference = self.reference_front_end.landmarks(images)
             regulariser = landmark_regularisation(coords, reference, self.cfg.img_size)
             out["landmark_reg"] = regulariser.detach()
             out["loss"] = out["loss"] + landmark_regularisation_weight(self.epoch) * regulariser
         return out
+
+    @torch.no_grad()
+    def dominant_patch_gate(self, images: torch.Tensor) -> torch.Tensor:
+        """DPAP's ranking pass: the (B, T) token gate of the backbone without gradients, in evaluation mode (no
+        masking, no drop path, BatchNorm statistics untouched) unless ``dpap_train_mode_ranking``; Partial FC is not
+        called, so its sampling step and any head buffers advance once per training step."""
+        was_training = self.backbone.training
+        self.backbone.train(was_training and self.cfg.dpap_train_mode_ranking)
+        try:
+            return self.backbone.forward_with_tokens(images).gate
+        finally:
+            self.backbone.train(was_training)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings, not normalised (their norm is the quality weight of IJB's N1 pooling)."""
@@ -202,106 +281,53 @@ class FaceRecognizer(MetaArch):
         self.backbone.set_grad_checkpointing(enable)
 
     def get_params_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Decay on trainable >= 2-D weights (class centres included), none on 1-D ones and ViT tokens."""
+        """Decay on trainable >= 2-D weights (class centres included), none on 1-D ones and ViT tokens; on every
+        trainable parameter with ``weight_decay_on`` "all" (TransFace's release)."""
         skip = {f"backbone.{n}" for n in getattr(self.backbone, "no_weight_decay", set)()}
+        decay_all = self.cfg.weight_decay_on == "all"
         decay, no_decay = [], []
         for name, param in self.named_parameters():
             if param.requires_grad:
-                (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+                (no_decay if not decay_all and (param.ndim <= 1 or name in skip) else decay).append(param)
         groups = [
             {"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
         ]
         return [g for g in groups if g["params"]]
 
-    # ------------------------------------------------------------------ checkpoints
-    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights with the full (num_classes, D) centre matrix; a collective under several processes.
-
-        The centres are gathered to rank 0 on the CPU in class blocks (``PartialFC.gather_classes``); the state of
-        the other ranks lacks ``partial_fc.weight`` (only rank 0 saves).
-        """
-        state = self.state_dict()
-        full = self.partial_fc.full_weight()
-        if full is None:
-            del state["partial_fc.weight"]
-        else:
-            state["partial_fc.weight"] = full
-        return state
-
-    def load_checkpoint_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load :meth:`checkpoint_state_dict` output; this rank keeps its block of the centres."""
-        state = dict(state_dict)
-        full = state.pop("partial_fc.weight", None)
-        if full is None or tuple(full.shape) != (self.cfg.num_classes, self.cfg.embedding_size):
-            got = None if full is None else tuple(full.shape)
-            raise CheckpointError(
-                f"checkpoint centres have shape {got}; the model needs ({self.cfg.num_classes}, "
-                f"{self.cfg.embedding_size})"
-            )
-        result = self.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if k != "partial_fc.weight"]
-        if missing or result.unexpected_keys:
-            raise CheckpointError(
-                f"checkpoint does not fit the model: missing {missing}, unexpected {list(result.unexpected_keys)}"
-            )
-        self.partial_fc.load_full_weight(full)
-
-    def _centre_state_index(self, optimizer: torch.optim.Optimizer) -> int | None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        matches = [i for i, p in enumerate(params) if p is self.partial_fc.weight]
-        return matches[0] if matches else None
-
-    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Optimiser state with the centres' per-class tensors (e.g. momentum) gathered to all classes, on rank 0
-        (collective; as :meth:`checkpoint_state_dict`, the other ranks' state lacks those tensors)."""
-        state = optimizer.state_dict()
-        index = self._centre_state_index(optimizer)
-        if index is not None and index in state["state"]:
-            state["state"][index] = _gather_per_class(self.partial_fc, state["state"][index])
-        return state
-
-    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        """Load :meth:`optimizer_state_dict` output, keeping this rank's block of the per-class tensors."""
-        state = {**state, "state": dict(state["state"])}
-        index = self._centre_state_index(optimizer)
-        if index is not None and index in state["state"]:
-            state["state"][index] = {
-                k: self.partial_fc.shard_classes(v) if _per_class(v, self.cfg.num_classes) else v
-                for k, v in state["state"][index].items()
-            }
-        optimizer.load_state_dict(state)
-
 
 class _Encoder(nn.Module):
-    """The image path: (trainable landmark CNN -> mosaic ->) backbone; returns (embeddings, landmarks or None)."""
+    """The image path: (trainable landmark CNN -> mosaic ->) backbone; returns (embeddings, landmarks or None, token
+    stds or None). ``with_tokens``: a TransFace backbone also returns its gated tokens' stds (EHSM)."""
 
-    def __init__(self, front_end: LandmarkFrontEnd | None, backbone: nn.Module) -> None:
+    def __init__(self, front_end: LandmarkFrontEnd | None, backbone: nn.Module, *, with_tokens: bool = False) -> None:
         super().__init__()
         self.front_end = front_end
         self.backbone = backbone
+        self.with_tokens = with_tokens
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        if self.with_tokens:
+            outputs = self.backbone.forward_with_tokens(images)
+            return outputs.embedding, None, outputs.token_std
         if self.front_end is None:
-            return self.backbone(images), None
+            return self.backbone(images), None, None
         coords = self.front_end.landmarks(images)
         mosaic = landmark_mosaic(images, coords, self.front_end.patch, self.front_end.orientation)
-        return self.backbone(mosaic), coords
+        return self.backbone(mosaic), coords, None
 
 
-def _per_class(value: Any, rows: int) -> bool:
-    return torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == rows
-
-
-def _gather_per_class(partial_fc: PartialFC, param_state: dict[str, Any]) -> dict[str, Any]:
-    """A centre parameter's optimiser state with its per-class tensors gathered on rank 0 (dropped elsewhere)."""
-    out = {}
-    for key, value in param_state.items():
-        if not _per_class(value, partial_fc.num_local):
-            out[key] = value
-        elif (full := partial_fc.gather_classes(value)) is not None:
-            out[key] = full
-    return out
+def _check_transface_options(cfg: RecognitionConfig, backbone: nn.Module) -> None:
+    """One clear error for TransFace options that do not fit the configuration."""
+    if cfg.weight_decay_on not in WEIGHT_DECAY_SCOPES:
+        raise ValueError(f"--weight-decay-on {cfg.weight_decay_on!r}: expected one of {', '.join(WEIGHT_DECAY_SCOPES)}")
+    if not isinstance(backbone, TransFaceViT):
+        used = [flag for flag, on in (("--dpap", cfg.dpap), ("--ehsm", cfg.ehsm)) if on]
+        if used or cfg.release_masking or cfg.mask_ratio is not None or cfg.drop_path is not None:
+            flags = ", ".join(used) or "--transface-mask-ratio/-drop-path/-release-masking"
+            raise ValueError(f"{flags}: TransFace backbones only (transface_vit_t/s/b/l); --arch {cfg.arch} is not one")
+    if cfg.ehsm_normalise not in WEIGHT_NORMALISATIONS:
+        raise ValueError(f"--ehsm-normalise {cfg.ehsm_normalise!r}: expected one of {', '.join(WEIGHT_NORMALISATIONS)}")
 
 
 def build_recognizer(
@@ -316,7 +342,7 @@ def build_recognizer(
         cfg: the model configuration.
         pretrained_weights: DINO or timm weights for a ViT backbone; an arcface_torch ``backbone.pth`` (bare state
             dict, arcface_torch key names) for an IResNet, whose architecture, input size and embedding size must be
-            ``cfg``'s.
+            ``cfg``'s; a TransFace release ``model.pt`` (bare state dict, the release's key names) for a TransFace ViT.
         checkpoint_key: entry of a full DINO checkpoint holding the ViT weights (unused for IResNets).
         weights_only: safe loading; False only for trusted files holding other pickled objects.
 
@@ -325,7 +351,9 @@ def build_recognizer(
     """
     model = FaceRecognizer(cfg)
     if pretrained_weights:
-        if isinstance(model.backbone, ViTEmbedder):
+        if isinstance(model.backbone, TransFaceViT):
+            load_transface_weights(model.backbone, pretrained_weights, weights_only=weights_only)
+        elif isinstance(model.backbone, ViTEmbedder):
             load_pretrained_backbone(model.backbone.vit, pretrained_weights, checkpoint_key, weights_only=weights_only)
         else:
             load_arcface_torch_weights(model.backbone, pretrained_weights, weights_only=weights_only)

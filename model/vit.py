@@ -97,8 +97,9 @@ class PrefixViT(VisionTransformer):
         if prefixes is not None and prefixes.shape[0] != len(self.blocks):
             raise ValueError(f"prefixes cover {prefixes.shape[0]} layers, the backbone has {len(self.blocks)} blocks")
         use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
-        for i, blk in enumerate(self.blocks):
-            prefix = None if prefixes is None else prefixes[i]
+        # unbind, not prefixes[i]: one backward node for all layers instead of a full-size zero gradient per layer
+        layer_prefixes = [None] * len(self.blocks) if prefixes is None else prefixes.unbind(0)
+        for blk, prefix in zip(self.blocks, layer_prefixes):
             x = checkpoint(blk, x, prefix, use_reentrant=False) if use_checkpoint else blk(x, prefix)
         return self.norm(x)
 
@@ -308,13 +309,54 @@ def _resample_pos_embed(pos_embed: torch.Tensor, model: PrefixViT) -> torch.Tens
     )
 
 
+def _recognition_state_dict(obj: Any, model: PrefixViT, path: Union[str, Path]) -> Optional[dict[str, torch.Tensor]]:
+    """The ViT weights of a ``--method recognition`` checkpoint (its ``backbone.vit.*``), or None for other files.
+
+    The embedding neck, the class centres and a Part fViT landmark CNN are not part of the backbone. The checkpoint's
+    ``model_config`` must describe a registered ViT of this backbone's width, patch size and image size.
+
+    Raises:
+        CheckpointError: an IResNet checkpoint, or a ViT of another width, patch size or image size (``path`` named).
+    """
+    stored = obj.get("model_config") if isinstance(obj, dict) else None
+    if not isinstance(stored, dict) or stored.get("method") != "recognition":
+        return None
+    arch, patch, size = stored.get("arch"), stored.get("patch_size"), stored.get("img_size")
+    here = (
+        f"this backbone has width {model.embed_dim}, {model.patch_embed.patch_size[0]} px patches and "
+        f"{model.patch_embed.img_size[0]} px inputs"
+    )
+    if arch not in BACKBONE_ARCHS:
+        raise CheckpointError(
+            f"{path} is a recognition checkpoint of --arch {arch}: a pretrained start of FaceGCD's backbone and "
+            f"conditioner must be one of its ViTs, {', '.join(BACKBONE_ARCHS)} ({here})"
+        )
+    state_dict = obj.get("state_dict")
+    vit = {k[len("backbone.vit.") :]: v for k, v in (state_dict or {}).items() if k.startswith("backbone.vit.")}
+    width = vit["cls_token"].shape[-1] if "cls_token" in vit else None
+    if (width, patch, size) != (model.embed_dim, model.patch_embed.patch_size[0], model.patch_embed.img_size[0]):
+        raise CheckpointError(
+            f"{path} is a recognition checkpoint of --arch {arch} (width {width}) with --patch-size {patch} at "
+            f"{size} px; {here}: pass the same --arch, --patch-size and --input-size"
+        )
+    if stored.get("landmark_cnn"):
+        logger.warning(
+            "%s was trained on landmark mosaics (Part fViT): its ViT expects them, so use --landmark-cnn with its "
+            "landmark_cnn.pth",
+            path,
+        )
+    logger.info("using the ViT of recognition checkpoint %s (--arch %s, epoch %s)", path, arch, obj.get("epoch"))
+    return vit
+
+
 def load_pretrained_backbone(
     model: PrefixViT, path: Union[str, Path], checkpoint_key: str = "teacher", *, weights_only: bool = True
 ) -> dict[str, list[str]]:
     """Load pretrained ViT weights into the backbone (`--pretrained-weights`).
 
     Accepts a DINO training checkpoint (`checkpoint.pth`: `student`/`teacher` with `module.`/`backbone.` prefixes,
-    `head.*` ignored), a backbone-only state dict (`dino_vitbase8_pretrain.pth`, timm) or a FaceGCD checkpoint.
+    `head.*` ignored), a backbone-only state dict (`dino_vitbase8_pretrain.pth`, timm), a FaceGCD checkpoint or a
+    `--method recognition` checkpoint of a registered ViT (its `backbone.vit.*`; neck and class centres ignored).
 
     Args:
         model: Target backbone; its `prefix_generator` (if any) is left untouched.
@@ -326,8 +368,10 @@ def load_pretrained_backbone(
         {"loaded": keys loaded, "ignored": checkpoint keys the backbone lacks}.
     """
     obj = load_checkpoint(path, weights_only=weights_only)
+    state_dict = _recognition_state_dict(obj, model, path)
     try:
-        state_dict = select_state_dict(obj, checkpoint_key)
+        if state_dict is None:
+            state_dict = select_state_dict(obj, checkpoint_key)
         filtered = filter_backbone_state_dict(state_dict, model)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}{_architecture_hint(obj, model)}") from err

@@ -11,7 +11,7 @@ from PIL import Image
 from data_loader.datasets import GCDDataset, Split, build_gcd_datasets
 from data_loader.multicrop import MultiCropTransform
 from data_loader.synthface import generate_synthfaces
-from data_loader.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from data_loader.transforms import EvalTransform
 from model.dino import DINOConfig, DINOMethod
 from model.landmark import LAFSViewFrontEnd, LandmarkFrontEnd
 from model.recognition import FaceRecognizer, RecognitionConfig
@@ -26,6 +26,7 @@ from trainer.figures import (
 )
 from trainer.methods import MethodSetup
 from utils.landmark_plots import plot_mosaic
+from utils.presets import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_SIZE = 64  # network input; the generated images are 80 px, so the mapping rescales as well as crops
 PATCH = 8  # 64 landmarks

@@ -1,11 +1,12 @@
 """The layering of the repository's packages: which package may import which, and no import cycle between them.
 
-Every ``.py`` file under ``data_loader/``, ``model/``, ``trainer/`` and ``utils/`` is parsed with ``ast``; each import
-of another top-level name of the repository (a package, ``benchmarks``, ``tests`` or a top-level script such as
-``train.py``) is an edge ``importer -> imported``. Imports inside functions count, and so do ``importlib.import_module``
-and ``__import__`` calls with a literal name; relative imports stay inside their package. The intended layers:
-``utils`` at the bottom imports no other package; ``data_loader`` and ``model`` build on ``utils``; ``trainer`` on all
-three. A failure names each offending import by file, line and module.
+Every ``.py`` file under ``data_loader/``, ``model/``, ``photos/``, ``trainer/`` and ``utils/`` is parsed with
+``ast``; each import of another top-level name of the repository (a package, ``benchmarks``, ``tests`` or a top-level
+script such as ``train.py``) is an edge ``importer -> imported``. Imports inside functions count, and so do
+``importlib.import_module`` and ``__import__`` calls with a literal name; relative imports stay inside their package.
+The intended layers: ``utils`` at the bottom imports no other package; ``data_loader`` and ``model`` build on
+``utils``; ``trainer`` on all three; ``photos`` (raw photos to identities) on all four. A failure names each offending
+import by file, line and module.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("data_loader", "model", "trainer", "utils")
+PACKAGES = ("data_loader", "model", "photos", "trainer", "utils")
 ALLOWED_EDGES = frozenset(
     {
         ("data_loader", "utils"),
         ("model", "utils"),
+        ("photos", "data_loader"),
+        ("photos", "model"),
+        ("photos", "trainer"),
+        ("photos", "utils"),
         ("trainer", "data_loader"),
         ("trainer", "model"),
         ("trainer", "utils"),

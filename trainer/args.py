@@ -11,10 +11,10 @@ import copy
 import logging
 from collections.abc import Callable
 
-from data_loader.transforms import INPUT_PRESETS
 from model.landmark import LANDMARK_ORIENTATIONS, REFERENCE_LANDMARK_PATH
 from trainer.optim import SUPPORTED_OPTIMIZERS, SUPPORTED_SCHEDULERS
 from utils.config import parse_args_with_config
+from utils.presets import INPUT_PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +150,9 @@ def add_backbone_args(parser: argparse.ArgumentParser, archs: tuple[str, ...], d
         "--pretrained_weights",
         dest="pretrained_weights",
         default=None,
-        help="backbone weights, a local file (nothing is downloaded): DINO/timm weights for a ViT, an arcface_torch "
-        "backbone.pth for an IResNet (default: random initialisation)",
+        help="backbone weights, a local file (nothing is downloaded): DINO/timm weights or a --method recognition "
+        "ViT checkpoint (last.pth.tar) for a ViT, an arcface_torch backbone.pth for an IResNet, a TransFace model.pt "
+        "for a transface_vit (default: random initialisation)",
     )
     group.add_argument(
         "--checkpoint-key",
@@ -270,8 +271,9 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
         "--sched",
         default="cosine",
         choices=SUPPORTED_SCHEDULERS,
-        help="lr schedule after the warm-up: cosine to --min-lr, or step (x --decay-rate at each of "
-        "--decay-milestones) (default: %(default)s)",
+        help="lr schedule after the warm-up: cosine to --min-lr, step (x --decay-rate at each of "
+        "--decay-milestones), or poly ((1 - progress)^2 to --min-lr, set before every optimiser step; TransFace) "
+        "(default: %(default)s)",
     )
     group.add_argument(
         "--decay-milestones",

@@ -11,7 +11,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from data_loader.transforms import GCD_PRESET
 from trainer.args import (
     add_backbone_args,
     add_compat_args,
@@ -26,6 +25,7 @@ from trainer.methods import Method, get_method, method_names
 from trainer.methods.base import UNNAMED_CHECKPOINT_METHOD, VIT_ARCHS
 from trainer.optim import LR_SCALING_RULES
 from utils.config import apply_config_defaults, hide_alias_spellings, load_yaml_config
+from utils.presets import GCD_PRESET
 
 DEFAULT_METHOD = UNNAMED_CHECKPOINT_METHOD  # the paper's method: the reference's commands name none
 

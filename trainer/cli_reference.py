@@ -43,6 +43,7 @@ SCRIPTS = (
     Script("extract_features.py", "extract_features", "step 2, feature extraction from a trained checkpoint"),
     Script("SSK.py", "SSK", "step 3, semi-supervised k-means and scoring"),
     Script("verify.py", "verify", "face verification of a checkpoint on pair sets and IJB-style benchmarks"),
+    Script("discover.py", "discover", "open-world discovery of the people in a folder of raw photos"),
 )
 
 _DEFAULT_GROUP_TITLES = {"positional arguments": "Positional arguments", "options": "General"}

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 
 from data_loader import build_gcd_datasets, get_spec
 from data_loader.datasets import GCDDatasets
-from data_loader.transforms import GCD_PRESET
 from utils.distributed import barrier, get_rank, is_primary
+from utils.presets import GCD_PRESET
 
 logger = logging.getLogger(__name__)
 

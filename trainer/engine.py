@@ -14,20 +14,25 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from data_loader.transforms import GCD_PRESET, preset_normalisation, resize_size
+from data_loader.transforms import resize_size
 from trainer.features import embed_dataset
+from trainer.optim import WarmupScheduler
 from trainer.precision import Precision
 from utils.distributed import all_gather_variable, get_world_size, is_primary
+from utils.evaluation.clustering import evaluate_clustering
+from utils.evaluation.ijb import AGGREGATOR_POOLING, DEFAULT_MODE, AggregateFn, evaluate_ijb, ijb_name
+from utils.evaluation.pair_sets import evaluate_pair_set
 from utils.kmeans import kmeans
 from utils.logging import MetricLogger, SmoothedValue
-from utils.evaluation.clustering import evaluate_clustering
-from utils.evaluation.ijb import DEFAULT_MODE, evaluate_ijb, ijb_name
-from utils.evaluation.pair_sets import evaluate_pair_set
+from utils.presets import GCD_PRESET, preset_normalisation
 
 logger = logging.getLogger(__name__)
 
 
 IJB_HEADLINE = "tar@1e-4"  # the IJB figure (TAR at FAR 1e-4, N1D1F1) verification selects checkpoints on
+# The IJB modes scored for a model with a template aggregator, beside its ``mean`` and ``aggregator`` pooling:
+# insightface's default, and its pooling of the aggregator's own image features (no flip, no detector score).
+AGGREGATOR_IJB_MODES = (DEFAULT_MODE, "N1D0F0", "N0D0F0")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,6 +53,7 @@ def train_one_epoch(
     log_interval: int = 50,
     save_images_dir: Path | None = None,
     progress: bool = True,
+    scheduler: WarmupScheduler | None = None,
 ) -> dict[str, float]:
     """Train one pass over ``loader`` for any method (``model.meta_arch.MetaArch``).
 
@@ -75,6 +81,8 @@ def train_one_epoch(
         log_interval: steps between log lines, NaN checks and saved input grids.
         save_images_dir: folder for ``train-batch-<step>.jpg`` grids, or None.
         progress: show a progress bar on the primary rank.
+        scheduler: the learning-rate schedule; one with ``per_iteration`` set is evaluated before every optimiser
+            step at ``epoch + step / len(loader)`` (the loop sets the whole epochs of every schedule).
 
     Returns:
         Epoch averages of ``loss``, ``lr`` and the method's other scalars, except its ``counted_scalars``, which are
@@ -102,8 +110,9 @@ def train_one_epoch(
         if step >= num_steps:
             raise RuntimeError(f"the training loader yielded more batches than its len() of {num_steps}")
         inputs = method.batch_inputs(batch, device)
-        if save_images_dir is not None and step % log_interval == 0 and is_primary():
-            _save_input_grid(_first_images(inputs[0]), save_images_dir / f"train-batch-{step}.jpg")
+        images = _first_images(inputs[0]) if save_images_dir is not None else None
+        if images is not None and step % log_interval == 0 and is_primary():
+            _save_input_grid(images, save_images_dir / f"train-batch-{step}.jpg")
 
         group_start = step - step % grad_accum_steps
         group_size = min(grad_accum_steps, num_steps - group_start)
@@ -121,6 +130,8 @@ def train_one_epoch(
             scaler.scale(loss / group_size).backward()
         if final_micro_step:
             progress_epochs = epoch + step / num_steps
+            if scheduler is not None and scheduler.per_iteration:
+                scheduler.step_at(progress_epochs)
             if clip_grad is not None:
                 scaler.unscale_(optimizer)
                 method.clip_gradients(clip_grad)
@@ -166,11 +177,15 @@ def _stop_on_non_finite_loss(first_non_finite: torch.Tensor, num_steps: int, epo
         )
 
 
-def _first_images(inputs: torch.Tensor | list | tuple) -> torch.Tensor:
-    """The image batch of a method's first input: itself, or the first view of a list of (pairs of) views."""
+def _first_images(inputs: torch.Tensor | list | tuple) -> torch.Tensor | None:
+    """The image batch of a method's first input: itself, or the first view of a list of (pairs of) views; batches of
+    image sets (B, N, 3, S, S) are flattened to their images; None when the input holds no images (cached
+    embeddings)."""
     while not isinstance(inputs, torch.Tensor):
         inputs = inputs[0]
-    return inputs
+    if inputs.ndim > 4:
+        inputs = inputs.flatten(0, -4)
+    return inputs if inputs.ndim == 4 else None
 
 
 def _save_input_grid(images: torch.Tensor, path: Path) -> None:
@@ -289,6 +304,19 @@ def uint8_embedder(
     return embed
 
 
+def template_aggregator(model: nn.Module, device: torch.device) -> AggregateFn | None:
+    """The model's learned template pooling as IJB scoring calls it (its ``aggregate_templates`` method, run on
+    ``device``), or None for models without one."""
+    pool = getattr(model, "aggregate_templates", None)
+    if pool is None:
+        return None
+
+    def aggregate(units: torch.Tensor, norms: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return pool(units.to(device), norms.to(device), mask.to(device)).float().to(units.device)
+
+    return aggregate
+
+
 def evaluate_verification(
     model: nn.Module,
     targets: list[str],
@@ -324,13 +352,17 @@ def evaluate_verification(
 
     Returns:
         ``{target name: scores}``: pair sets ``accuracy`` (mean 10-fold), its std, the threshold, VAL and FAR; IJB
-        the ``auc`` and the TAR at every reported FAR (``tar@1e-4`` ...) of the default N1D1F1 mode.
+        the ``auc`` and the TAR at every reported FAR (``tar@1e-4`` ...) of the default N1D1F1 mode, or for a model
+        with a template aggregator (:func:`template_aggregator`) of its ``aggregator`` pooling (N1D1F1, N1D0F0,
+        N0D0F0 and ``mean`` pooling are in the IJB table beside it).
         :func:`headline_score` picks the leading figure of either (IJB: TAR at FAR 1e-4, the one IJB papers lead
         with).
     """
     was_training = model.training
     model.eval()
     embed = uint8_embedder(model, image_size, device, precision, input_preset)
+    aggregate = template_aggregator(model, device)
+    headline_mode = DEFAULT_MODE if aggregate is None else AGGREGATOR_POOLING
     results: dict[str, dict[str, float]] = {}
     for target in targets:
         path = Path(target)
@@ -349,9 +381,11 @@ def evaluate_verification(
                 workers=num_workers,
                 exact_roc=exact_roc,
                 progress=progress,
+                modes=(DEFAULT_MODE,) if aggregate is None else AGGREGATOR_IJB_MODES,
+                aggregate=aggregate,
             )
-            tars = ijb.to_dict()["tar_at_far"][DEFAULT_MODE]
-            results[name] = {"auc": float(ijb.auc[DEFAULT_MODE])}
+            tars = ijb.to_dict()["tar_at_far"][headline_mode]
+            results[name] = {"auc": float(ijb.auc[headline_mode])}
             results[name].update({f"tar@{far}": float(tar) for far, tar in tars.items()})
     model.train(was_training)
     return results

@@ -22,9 +22,10 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from data_loader.synthface import LANDMARK_COLUMNS, LANDMARK_NAMES
-from data_loader.transforms import FACE_PRESET, GCD_PRESET, EvalTransform, preset_normalisation, resize_size
+from data_loader.transforms import EvalTransform, resize_size
 from model.landmark import LandmarkFrontEnd, landmark_mosaic
 from utils.landmark_plots import plot_landmarks, plot_mosaic
+from utils.presets import FACE_PRESET, GCD_PRESET, preset_normalisation
 
 logger = logging.getLogger(__name__)
 

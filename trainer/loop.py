@@ -286,6 +286,7 @@ def _train(args: argparse.Namespace, method: type[Method], device: torch.device,
                 log_interval=args.log_interval,
                 save_images_dir=out_dir if args.save_images else None,
                 progress=not args.no_progress,
+                scheduler=scheduler,
             )
         except NonFiniteLossError as err:
             logger.error("%s", err)

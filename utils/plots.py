@@ -1,4 +1,4 @@
-"""Diagnostic figures: t-SNE of features, and training curves from ``summary.csv`` (loss, teacher entropy, accuracy).
+"""Diagnostic figures: t-SNE of features, and training curves from ``summary.csv`` (loss, DINO diagnostics, accuracy).
 
 Figures are drawn with matplotlib's object-oriented API (``Figure`` renders with Agg), so no global backend is set.
 """
@@ -19,8 +19,13 @@ logger = logging.getLogger(__name__)
 TSNE_MAX_POINTS = 2000
 REQUIRED_CURVE_COLUMNS = ("epoch", "train_loss")
 TEACHER_ENTROPY_COLUMN = "train_teacher_entropy"
+# DINO / LAFS collapse diagnostics, one panel each when summary.csv has values: (column, y label, title, colour)
+DIAGNOSTIC_PANELS = (
+    (TEACHER_ENTROPY_COLUMN, "entropy (nats)", "teacher softmax entropy", "tab:purple"),
+    ("train_teacher_feature_cosine", "mean pairwise cosine", "teacher features' mean cosine", "tab:brown"),
+)
 ACCURACY_CURVES = (("eval_all_acc", "All"), ("eval_old_acc", "Old"), ("eval_new_acc", "New"))
-OPTIONAL_CURVE_COLUMNS = (TEACHER_ENTROPY_COLUMN, *(key for key, _ in ACCURACY_CURVES))
+OPTIONAL_CURVE_COLUMNS = (*(panel[0] for panel in DIAGNOSTIC_PANELS), *(key for key, _ in ACCURACY_CURVES))
 
 
 def plot_tsne(
@@ -111,15 +116,16 @@ def _plot_finite(ax, x: np.ndarray, y: np.ndarray, **kwargs) -> None:
 
 
 def plot_training_curves(summary_csv_path: str | Path, out_png: str | Path) -> Path:
-    """Training loss, DINO's teacher entropy and validation All / Old / New accuracy over epochs.
+    """Training loss, DINO's collapse diagnostics and validation All / Old / New accuracy over epochs.
 
-    The loss panel is always drawn. A teacher-entropy panel follows when ``summary.csv`` has a
-    ``train_teacher_entropy`` column with values (DINO / LAFS runs), and an accuracy panel when some eval accuracy
-    has a value; a run that never validated (no eval columns, or only empty cells) says so in the figure title.
+    The loss panel is always drawn. A panel per diagnostic of ``DIAGNOSTIC_PANELS`` follows when ``summary.csv`` has
+    its column with values (DINO / LAFS runs: the teacher's softmax entropy and its features' mean pairwise cosine),
+    and an accuracy panel when some eval accuracy has a value; a run that never validated (no eval columns, or only
+    empty cells) says so in the figure title.
 
     Args:
         summary_csv_path: ``summary.csv`` with at least the columns epoch and train_loss; eval_all_acc,
-            eval_old_acc, eval_new_acc and train_teacher_entropy are drawn when present (others are ignored).
+            eval_old_acc, eval_new_acc and the diagnostic columns are drawn when present (others are ignored).
         out_png: output image path.
 
     Returns:
@@ -128,21 +134,21 @@ def plot_training_curves(summary_csv_path: str | Path, out_png: str | Path) -> P
     summary_csv_path = Path(summary_csv_path)
     cols = _read_curves(summary_csv_path)
     epochs = cols["epoch"]
-    has_entropy = TEACHER_ENTROPY_COLUMN in cols and bool(np.isfinite(cols[TEACHER_ENTROPY_COLUMN]).any())
+    diagnostics = [panel for panel in DIAGNOSTIC_PANELS if panel[0] in cols and np.isfinite(cols[panel[0]]).any()]
     accuracies = [(key, name) for key, name in ACCURACY_CURVES if key in cols and np.isfinite(cols[key]).any()]
 
-    panels = 1 + int(has_entropy) + int(bool(accuracies))
+    panels = 1 + len(diagnostics) + int(bool(accuracies))
     fig = Figure(figsize=(5.5 * panels, 4), layout="constrained")
     axes = list(fig.subplots(1, panels, squeeze=False).ravel())
     ax_loss = axes.pop(0)
     _plot_finite(ax_loss, epochs, cols["train_loss"], color="tab:red")
     ax_loss.set_ylabel("train loss")
     ax_loss.set_title("training loss")
-    if has_entropy:
-        ax_entropy = axes.pop(0)
-        _plot_finite(ax_entropy, epochs, cols[TEACHER_ENTROPY_COLUMN], color="tab:purple")
-        ax_entropy.set_ylabel("entropy (nats)")
-        ax_entropy.set_title("teacher softmax entropy")
+    for column, ylabel, title, colour in diagnostics:
+        ax = axes.pop(0)
+        _plot_finite(ax, epochs, cols[column], color=colour)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
     if accuracies:
         ax_acc = axes.pop(0)
         for key, name in accuracies:

@@ -1,6 +1,7 @@
 """Schedule formulas shared by the loop's per-epoch lr schedulers and DINO's per-iteration schedules.
 
-``trainer/optim.py`` evaluates them at one epoch (:func:`linear_warmup`, :func:`cosine_decay`, :func:`step_decay`);
+``trainer/optim.py`` evaluates them at one epoch (:func:`linear_warmup`, :func:`cosine_decay`, :func:`step_decay`,
+:func:`poly_decay`);
 DINO (``model/dino.py``) builds whole per-iteration arrays with :func:`cosine_schedule`. :func:`set_lr` writes a
 learning rate into an optimiser's groups for both.
 
@@ -55,6 +56,23 @@ def cosine_decay(t: T, base: float, final: float, length: float) -> T:
     phase = math.pi * t / length
     cos = np.cos(phase) if isinstance(phase, np.ndarray) else math.cos(phase)
     return final + 0.5 * (base - final) * (1.0 + cos)
+
+
+def poly_decay(t: float, base: float, final: float, length: float, power: float = 2.0) -> float:
+    """Polynomial decay from ``base`` at ``t = 0`` to ``final`` at ``t = length`` (``final`` beyond):
+    ``final + (base − final) · (1 − t / length)^power``.
+
+    Args:
+        t: position on the decay (non-negative).
+        base: value at ``t = 0``.
+        final: value from ``t = length`` on.
+        length: decay length (positive).
+        power: exponent (TransFace's and arcface_torch's PolyScheduler use 2).
+
+    Returns:
+        The value.
+    """
+    return final + (base - final) * max(0.0, 1.0 - t / length) ** power
 
 
 def step_decay(t: float, base: float, milestones: Sequence[int], rate: float, floor: float = 0.0) -> float:

@@ -6,13 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_torchrun_worker
 from PIL import Image
 
-from cli_helpers import run_torchrun_worker
 from data_loader import build_gcd_datasets, synthface
 from data_loader.recordio import write_recordio
 from data_loader.registry import DATASET_REGISTRY, BenchmarkSpec, KnownRule, Layout
-from data_loader.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, TwoViewTransform
+from data_loader.transforms import EvalTransform, TrainTransform, TwoViewTransform
+from utils.presets import IMAGENET_MEAN, IMAGENET_STD
 
 S = 16  # image size used in these tests (resize to int(16 / 0.875) = 18, crop 16)
 DIST_WORKER = Path(__file__).with_name("_datasets_dist_worker.py")

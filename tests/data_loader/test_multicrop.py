@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from data_loader.multicrop import CropPair, MultiCropTransform
-from data_loader.transforms import IMAGENET_MEAN, IMAGENET_STD
+from utils.presets import IMAGENET_MEAN, IMAGENET_STD
 
 
 def random_image(seed: int = 0, size: tuple[int, int] = (48, 40)) -> Image.Image:

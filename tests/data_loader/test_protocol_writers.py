@@ -161,3 +161,38 @@ def test_cli(tmp_path):
     args = ["ijb", "--out", str(tmp_path / "IJBB"), "--identities", "2", "--media-per-template", "1"]
     assert main(parser.parse_args(args + ["--images-per-media", "1", "--no-progress"])) == 0
     assert len(load_ijb_meta(tmp_path / "IJBB", "ijbb").image_names) == 4
+
+
+def test_ijb_long_clip_beside_single_images(tmp_path):
+    sizes = dict(identities=2, templates_per_identity=2, media_per_template=3, images_per_media=1)
+    summary = write_synthface_ijb(tmp_path / "clip", "ijbb", long_clip_frames=5, progress=False, **sizes)
+    meta = load_ijb_meta(tmp_path / "clip", "ijbb")
+    # 4 templates of 5 + 1 + 1 faces; the 5 frames of a clip share one media id
+    assert summary["counts"]["faces"] == len(meta.image_names) == 28
+    first = meta.templates == 1
+    _, per_media = np.unique(meta.medias[first], return_counts=True)
+    assert sorted(per_media.tolist()) == [1, 1, 5]
+    assert summary["parameters"]["long_clip_frames"] == 5
+
+
+def test_ijb_media_nuisance_sets_the_jitter_of_each_media(tmp_path):
+    sizes = dict(identities=2, templates_per_identity=2, media_per_template=2, images_per_media=3)
+    # a nuisance range of [1, 1] is the default nuisance of 1: the same files
+    write_synthface_ijb(tmp_path / "one", "ijbb", media_nuisance=(1.0, 1.0), progress=False, **sizes)
+    write_synthface_ijb(tmp_path / "default", "ijbb", progress=False, **sizes)
+    for name in ("1.jpg", "7.jpg"):
+        assert (tmp_path / "one" / "loose_crop" / name).read_bytes() == (
+            tmp_path / "default" / "loose_crop" / name
+        ).read_bytes()
+    # the frame jitter scales with the media's nuisance: at 0 the frames of a media keep the same landmarks
+    write_synthface_ijb(tmp_path / "still", "ijbb", media_nuisance=(0.0, 0.0), progress=False, **sizes)
+    still, moving = load_ijb_meta(tmp_path / "still", "ijbb"), load_ijb_meta(tmp_path / "one", "ijbb")
+    np.testing.assert_allclose(still.landmarks[1], still.landmarks[0], atol=1e-3)
+    assert np.abs(moving.landmarks[1] - moving.landmarks[0]).max() > 0.1
+    # a wide range gives each media its own nuisance: media differ in how much their frames move
+    write_synthface_ijb(tmp_path / "mixed", "ijbb", media_nuisance=(0.0, 3.0), progress=False, **sizes)
+    mixed = load_ijb_meta(tmp_path / "mixed", "ijbb")
+    spread = [np.abs(mixed.landmarks[i + 1] - mixed.landmarks[i]).max() for i in range(0, 12, 3)]
+    assert max(spread) > 3 * min(spread)
+    with pytest.raises(ValueError, match="--media-nuisance"):
+        write_synthface_ijb(tmp_path / "bad", "ijbb", media_nuisance=(2.0, 1.0), progress=False, **sizes)

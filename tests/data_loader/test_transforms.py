@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data_loader.transforms import EvalTransform, TrainTransform, preset_normalisation
+from data_loader.transforms import EvalTransform, TrainTransform
 from trainer.engine import uint8_embedder
 from trainer.precision import Precision
+from utils.presets import preset_normalisation
 
 # a 2 x 2 RGB image; every channel holds the same values
 PIXELS = np.array([[0, 255], [51, 204]], dtype=np.uint8)

@@ -76,6 +76,32 @@ def run_head(name: str, sizes: list[int]) -> dict:
     return {"sizes": sizes, "data": data, "steps": steps}
 
 
+def sample_weights(n: int) -> torch.Tensor:
+    """EHSM-like per-sample weights in [1, 2) for a global batch of n."""
+    return 1.0 + torch.rand(n, generator=torch.Generator().manual_seed(4))
+
+
+def run_weighted(sizes: list[int]) -> dict:
+    """One ArcFace step with per-sample loss weights (TransFace's EHSM), for each normalisation: the loss and the
+    gathered gradients."""
+    data = make_batches(sizes, steps=1)
+    weights = sample_weights(sum(sizes))
+    rows = local_rows(sizes, get_rank())
+    out = {"sizes": sizes, "data": data, "sample_weights": weights}
+    for normalise in ("batch", "weights"):
+        pfc = PartialFC(DIM, CLASSES, build_margin_head("arcface"), seed=1)
+        pfc.load_full_weight(data["weight"])
+        emb = data["embeddings"][0, rows].clone().requires_grad_(True)
+        loss = pfc(emb, data["labels"][0, rows], weights[rows], weight_normalise=normalise)["loss"]
+        loss.backward()
+        out[normalise] = {
+            "loss": loss.detach(),
+            "embedding_grad": torch.cat(all_gather_variable(emb.grad)),
+            "weight_grad": pfc.gather_classes(pfc.weight.grad),
+        }
+    return out
+
+
 def run_sampling() -> dict:
     """One ArcFace step with sample rate 0.5: the classes whose centre got a gradient, and the loss."""
     gen = torch.Generator().manual_seed(3)
@@ -157,6 +183,7 @@ def main(out_path: str) -> int:
     results = {
         "heads": {name: run_head(name, [6, 6]) for name in HEAD_ARGS},
         "variable": run_head("arcface", [7, 3]),
+        "weighted": run_weighted([7, 3]),
         "sampling": run_sampling(),
         "bad_label": run_bad_label(),
         "checkpoint": run_checkpoint(),

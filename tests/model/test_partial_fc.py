@@ -28,6 +28,18 @@ def full_classifier_step(head, embeddings, labels, weight):
     return loss.detach(), emb.grad, w.grad
 
 
+def weighted_classifier_step(data: dict, weights: torch.Tensor, normalise: str) -> tuple[torch.Tensor, ...]:
+    """Loss and gradients of sum_i w_i CE_i / N (or / sum_i w_i) through a plain full ArcFace classifier."""
+    emb = data["embeddings"][0].clone().requires_grad_(True)
+    w = data["weight"].clone().requires_grad_(True)
+    labels = data["labels"][0]
+    cosine = F.normalize(emb, dim=1) @ F.normalize(w, dim=1).T
+    per_sample = F.cross_entropy(build_margin_head("arcface")(cosine, labels), labels, reduction="none")
+    loss = (weights * per_sample).sum() / (weights.sum() if normalise == "weights" else len(labels))
+    loss.backward()
+    return loss.detach(), emb.grad, w.grad
+
+
 def assert_matches_full_classifier(run: dict, name: str) -> None:
     head = build_margin_head(name, **worker.HEAD_ARGS.get(name, {}))
     data = run["data"]
@@ -240,6 +252,14 @@ def test_two_processes(tmp_path):
     for name, run in saved["heads"].items():
         assert_matches_full_classifier(run, name)
     assert_matches_full_classifier(saved["variable"], "arcface")  # local batches of 7 and 3
+    # per-sample weights (TransFace's EHSM), gathered like the labels: the weighted loss of one process
+    weighted = saved["weighted"]
+    for normalise in ("batch", "weights"):
+        want = weighted_classifier_step(weighted["data"], weighted["sample_weights"], normalise)
+        got = weighted[normalise]
+        assert got["loss"].item() == pytest.approx(want[0].item(), rel=1e-5), normalise
+        for got_grad, want_grad in zip((got["embedding_grad"], got["weight_grad"]), want[1:]):
+            assert torch.allclose(got_grad, want_grad, rtol=1e-4, atol=2e-6 * want_grad.abs().max().item()), normalise
 
     # (b) r = 0.5 on 2 x 20 classes: rank 0 keeps exactly its 12 positives, rank 1 its 3 positives + 7 negatives
     sampling = saved["sampling"]

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from model.facegcd import FaceGCD, ModelConfig, build_facegcd
 from model.meta_arch import MetaArch
 from trainer.engine import NonFiniteLossError, train_one_epoch
+from trainer.optim import CosineWarmupScheduler, PolyWarmupScheduler
 from trainer.precision import Precision
 
 IMG = 32
@@ -171,7 +172,9 @@ def _known_setup(batches: list[list[float]], device: torch.device = torch.device
     return model, optimizer, loader, steps
 
 
-def _known_epoch(model, optimizer, loader, log_interval: int, device: torch.device = torch.device("cpu")):
+def _known_epoch(
+    model, optimizer, loader, log_interval: int = 50, device: torch.device = torch.device("cpu"), scheduler=None
+):
     """Epoch 3 of a ``_known_setup``; returns its statistics."""
     return train_one_epoch(
         model,
@@ -183,6 +186,7 @@ def _known_epoch(model, optimizer, loader, log_interval: int, device: torch.devi
         device=device,
         log_interval=log_interval,
         progress=False,
+        scheduler=scheduler,
     )
 
 
@@ -265,3 +269,21 @@ def test_the_headline_of_a_pair_set_is_its_accuracy_and_of_an_ijb_set_its_tar_at
 
     assert headline_score({"accuracy": 0.87, "accuracy_std": 0.03, "val": 0.14}) == 0.87
     assert headline_score({"auc": 0.98, "tar@1e-4": 0.05, "tar@1e-3": 0.35}) == 0.05
+
+
+def test_a_per_iteration_schedule_sets_the_lr_before_every_optimiser_step_and_a_per_epoch_one_does_not():
+    model, optimizer, loader, _ = _known_setup(_KNOWN_BATCHES)
+    seen: list[float] = []
+    optimizer.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
+    poly = PolyWarmupScheduler(optimizer, base_lr=1.0, epochs=5, warmup_epochs=1, warmup_lr=0.0, min_lr=0.0)
+    poly.step(3)
+    _known_epoch(model, optimizer, loader, scheduler=poly)
+    # by hand: t = 3 + k / 5 for the 5 steps; lr = (1 - (t - 1) / (5 - 1))^2 = 0.5^2, 0.45^2, 0.4^2, 0.35^2, 0.3^2
+    assert seen == pytest.approx([0.25, 0.2025, 0.16, 0.1225, 0.09], abs=1e-12)
+    assert poly.last_epoch == 3
+
+    seen.clear()
+    cosine = CosineWarmupScheduler(optimizer, base_lr=1.0, epochs=5, warmup_epochs=0, warmup_lr=0.0, min_lr=0.0)
+    lr = cosine.step(3)
+    _known_epoch(model, optimizer, loader, scheduler=cosine)
+    assert seen == [lr] * 5

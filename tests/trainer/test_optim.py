@@ -12,6 +12,7 @@ from torch import nn
 
 from trainer.optim import (
     CosineWarmupScheduler,
+    PolyWarmupScheduler,
     StepWarmupScheduler,
     create_optimizer,
     create_scheduler,
@@ -209,5 +210,21 @@ def test_create_scheduler_by_name(caplog):
     with caplog.at_level(logging.WARNING, logger="trainer.optim"):
         create_scheduler("cosine", optimizer, milestones=(5,), **common)
     assert "do not apply to the cosine schedule" in caplog.text
-    with pytest.raises(ValueError, match=r"'poly'.*supported: cosine, step"):
-        create_scheduler("poly", optimizer, **common)
+    poly = create_scheduler("poly", optimizer, **common)
+    assert isinstance(poly, PolyWarmupScheduler) and poly.lr_at(12) == pytest.approx(0.025)  # 0.1 · (1 − 12/24)²
+    with pytest.raises(ValueError, match=r"'linear'.*supported: cosine, step, poly"):
+        create_scheduler("linear", optimizer, **common)
+
+
+def test_poly_schedule_is_transface_release_recipe():
+    # TransFace MS1MV2: lr 1e-3, 35 epochs, 3 warm-up from 0, then 1e-3 · (1 − (t − 3) / 32)², t in epochs
+    optimizer = create_optimizer(_model().parameters(), lr=1e-3)
+    poly = PolyWarmupScheduler(optimizer, base_lr=1e-3, epochs=35, warmup_epochs=3, warmup_lr=0.0)
+    assert optimizer.param_groups[0]["lr"] == 0.0  # the constructor applies epoch 0
+    expected = {1.5: 5e-4, 3: 1e-3, 19: 2.5e-4, 27: 6.25e-5, 34: 9.765625e-7, 35: 0.0, 40: 0.0}
+    for epoch, lr in expected.items():
+        assert poly.lr_at(epoch) == pytest.approx(lr, abs=1e-15), epoch
+    floor = PolyWarmupScheduler(optimizer, base_lr=1e-3, epochs=35, warmup_epochs=3, warmup_lr=0.0, min_lr=1e-5)
+    assert floor.lr_at(19) == pytest.approx(1e-5 + 0.99e-3 * 0.25)
+    poly.step(19)
+    assert poly.get_last_lr() == pytest.approx([2.5e-4])

@@ -61,6 +61,13 @@ def test_training_curves_panels_follow_the_columns_with_values(tmp_path):
     three = _curve_width(tmp_path, "dino_validated", dino_validated)
     assert one < two_gcd < three and one < two_dino < three
     assert abs(two_gcd - two_dino) < 0.2 * two_gcd
+    # the teacher features' mean cosine adds its own panel beside the entropy
+    with_cosine = dino_validated.replace(
+        "train_teacher_entropy\n", "train_teacher_entropy,train_teacher_feature_cosine\n"
+    )
+    with_cosine = with_cosine.replace(",10.8\n", ",10.8,0.42\n").replace(",7.5\n", ",7.5,0.89\n")
+    four = _curve_width(tmp_path, "dino_cosine", with_cosine)
+    assert four - three > 0.6 * (three - two_gcd)
 
 
 def test_tsne_png_subsamples(tmp_path):

@@ -1,8 +1,8 @@
 """The training methods, found by name: the registry (``trainer.methods.base``) and the built-in methods.
 
-Importing this package registers FaceGCD, recognition, DINO and LAFS. A new method is one module that defines a
-``Method`` subclass decorated with ``@register_method``, imported below (or by the user's own code before the scripts
-run); see docs/architecture.md.
+Importing this package registers FaceGCD, recognition, DINO, LAFS and FaceCoresetNet. A new method is one module that
+defines a ``Method`` subclass decorated with ``@register_method``, imported below (or by the user's own code before the
+scripts run); see docs/architecture.md.
 """
 
 from trainer.methods.base import (
@@ -15,7 +15,7 @@ from trainer.methods.base import (
     register_method,
     unregister_method,
 )
-from trainer.methods import facegcd, recognition, dino  # noqa: E402,F401  (registration of the built-in methods)
+from trainer.methods import facegcd, recognition, dino, coreset  # noqa: E402,F401  (registers the built-ins)
 
 __all__ = [
     "Method",

@@ -15,7 +15,6 @@ from data_loader.datasets import GCDDataset, Split
 from data_loader.multicrop import MultiCropTransform
 from data_loader.recognition import RECOGNITION_SETS, identity_training_set, recognition_data_path
 from data_loader.sampler import ShuffleSampler
-from data_loader.transforms import preset_normalisation
 from model.dino import DINO_CHECKPOINT, DINO_LOCAL_CROP_SIZE, DINOConfig, DINOSchedules, build_dino
 from model.meta_arch import MetaArch
 from trainer.args import add_landmark_args
@@ -23,6 +22,7 @@ from trainer.data import data_config, load_datasets
 from trainer.methods.base import Method, MethodSetup, register_method
 from trainer.validation import clustering_validation
 from utils.checkpoint import CheckpointError
+from utils.presets import preset_normalisation
 
 # DINO's main_dino.py defaults (its lr is per 256 images, scaled linearly with the global batch).
 DINO_RECIPE = {
@@ -44,6 +44,8 @@ DINO_RECIPE = {
     "warmup_teacher_temp_epochs": 0,
     "freeze_last_layer": 1,
     "head_out_dim": 65536,
+    "drop_path_rate": 0.1,
+    "local_crops_scale": (0.05, 0.4),
 }
 
 
@@ -72,8 +74,16 @@ def add_dino_args(parser: argparse.ArgumentParser, title: str) -> None:
         "--local-crops-scale",
         type=float,
         nargs=2,
-        default=(0.05, 0.4),
-        help="local crop area range (default: 0.05 0.4)",
+        help="local crop area range (default: %(default)s; DINO's 0.05 0.4, LAFS's release cuts local crops with "
+        "the global range 0.4 1)",
+    )
+    group.add_argument(
+        "--drop-path-rate",
+        "--drop_path_rate",
+        dest="drop_path_rate",
+        type=float,
+        help="stochastic depth of the student's last block, linear from 0 over the blocks; the teacher has none "
+        "(default: %(default)s, DINO's and LAFS's)",
     )
     group.add_argument(
         "--momentum-teacher", type=float, default=0.996, help="teacher EMA start, cosine to 1 (default: %(default)s)"
@@ -138,24 +148,13 @@ class DINOPretraining(Method):
             warmup_teacher_temp=args.warmup_teacher_temp,
             teacher_temp=args.teacher_temp,
             warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,
+            drop_path_rate=args.drop_path_rate,
             **(cls.landmark_config(args) if lafs else {}),
         )
         model = build_dino(
             config, landmark_weights=args.landmark_weights if lafs else None, weights_only=not args.unsafe_load
         )
-        # LAFS crops its local views at the global size (the landmark CNN's input) and shrinks them to 6 x 6 landmarks
-        local_size = args.local_crops_size or (image_size if lafs else DINO_LOCAL_CROP_SIZE)
-        mean, std = preset_normalisation(args.input_preset)
-        transform = MultiCropTransform(
-            image_size,
-            local_size,
-            args.local_crops_number,
-            tuple(args.global_crops_scale),
-            tuple(args.local_crops_scale),
-            split_photometric=lafs,
-            mean=mean,
-            std=std,
-        )
+        transform = cls.multicrop_transform(args, image_size)
         labels = np.zeros(count, dtype=np.int64)  # self-supervised: no label is read
         train_set = GCDDataset(source, np.arange(count), labels, transform, Split.TRAIN)
 
@@ -185,6 +184,32 @@ class DINOPretraining(Method):
         )
 
     @classmethod
+    def multicrop_transform(cls, args: argparse.Namespace, image_size: int) -> MultiCropTransform:
+        """The views of every training image: crop sizes and scales from the flags, the input preset's normalisation
+        (DINO's ImageNet statistics under ``gcd``; LAFS's release, mean and std 0.5, under ``face``, its default).
+
+        Args:
+            args: parsed flags (``--local-crops-*``, ``--global-crops-scale``, ``--input-preset``).
+            image_size: the global view side.
+
+        Returns:
+            The transform; LAFS's views are (augmented, clean) pairs.
+        """
+        # LAFS crops its local views at the global size (the landmark CNN's input) and shrinks them to 6 x 6 landmarks
+        local_size = args.local_crops_size or (image_size if cls.uses_landmarks else DINO_LOCAL_CROP_SIZE)
+        mean, std = preset_normalisation(args.input_preset)
+        return MultiCropTransform(
+            image_size,
+            local_size,
+            args.local_crops_number,
+            tuple(args.global_crops_scale),
+            tuple(args.local_crops_scale),
+            split_photometric=cls.uses_landmarks,
+            mean=mean,
+            std=std,
+        )
+
+    @classmethod
     def load_for_embedding(
         cls, ckpt: dict[str, Any], path: str | Path, *, weights_only: bool, flags: argparse.Namespace | None = None
     ) -> MetaArch:
@@ -207,9 +232,12 @@ class LAFSPretraining(DINOPretraining):
     )
     uses_landmarks = True
     # LAFS's published recipe (docs/pretraining.md): 100,000 prototypes, teacher temperature 0.07 -> 0.04 over 30
-    # epochs, 41 epochs, 82 images per GPU; the rest is DINO's.
+    # epochs, 41 epochs, 82 images per GPU; its release cuts the local crops with the global crops' area range and
+    # normalises with mean and std 0.5 (the face preset); the rest is DINO's (lr scaled linearly, stochastic depth).
     recipe = {
         **DINO_RECIPE,
+        "input_preset": "face",
+        "local_crops_scale": (0.4, 1.0),
         "head_out_dim": 100000,
         "warmup_teacher_temp": 0.07,
         "warmup_teacher_temp_epochs": 30,

@@ -1,6 +1,7 @@
 """Margin-softmax recognition (``--method recognition``): an embedding backbone trained with a margin head over
 Partial FC class centres (docs/recognition.md), on a GFD benchmark's labelled identities (the ArcFace baseline) or on a
-whole identity-labelled set. Part fViT is this method with ``--landmark-cnn``. Its recipe is arcface_torch's."""
+whole identity-labelled set. Part fViT is this method with ``--landmark-cnn``; TransFace is this method with a
+``transface_vit_*`` backbone and ``--dpap`` / ``--ehsm`` (docs/transface.md). Its recipe is arcface_torch's."""
 
 from __future__ import annotations
 
@@ -19,7 +20,15 @@ from data_loader.sampler import ShuffleSampler
 from model.backbones import IRESNET_ARCHS
 from model.landmark import load_landmark_weights
 from model.margin_heads import MARGIN_HEADS
-from model.recognition import FaceRecognizer, RecognitionConfig, build_recognizer, recognizer_from_checkpoint
+from model.partial_fc import WEIGHT_NORMALISATIONS
+from model.recognition import (
+    WEIGHT_DECAY_SCOPES,
+    FaceRecognizer,
+    RecognitionConfig,
+    build_recognizer,
+    recognizer_from_checkpoint,
+)
+from model.transface_vit import PATCH, TRANSFACE_ARCHS
 from trainer.args import add_landmark_args, parse_head_arg
 from trainer.data import data_config, load_datasets
 from trainer.methods.base import VIT_ARCHS, Method, MethodSetup, register_method
@@ -42,9 +51,9 @@ class RecognitionMethod(Method):
     summary = (
         "margin-softmax identity classification (ArcFace, CosFace, AdaFace, GB-CosFace over Partial FC): the "
         "ArcFace baseline on a benchmark's labelled identities, or a whole recognition_folders/recognition_recordio "
-        "set; Part fViT with --landmark-cnn"
+        "set; Part fViT with --landmark-cnn; TransFace with --arch transface_vit_t/s/b/l --dpap --ehsm"
     )
-    archs = VIT_ARCHS + IRESNET_ARCHS
+    archs = VIT_ARCHS + IRESNET_ARCHS + TRANSFACE_ARCHS
     lr_scaling = "none"
     recipe = {
         "arch": "iresnet50",
@@ -97,6 +106,14 @@ class RecognitionMethod(Method):
             "of the initial --landmark-weights by an MSE weighted 1000/100/1/0.11/0 over epochs 0-7/8-13/14-20/21-27/"
             "28+ (default: off)",
         )
+        group.add_argument(
+            "--weight-decay-on",
+            choices=WEIGHT_DECAY_SCOPES,
+            default=None,
+            help="parameters with weight decay: matrices (>= 2-D weights, not position embeddings or tokens) or all "
+            "(default: all for TransFace backbones, as released; matrices otherwise)",
+        )
+        _add_transface_args(parser)
         add_landmark_args(
             parser,
             switch=True,
@@ -106,6 +123,15 @@ class RecognitionMethod(Method):
 
     @classmethod
     def resolve_args(cls, args: argparse.Namespace, explicit: set[str]) -> None:
+        transface = args.arch in TRANSFACE_ARCHS
+        if args.weight_decay_on is None:
+            args.weight_decay_on = "all" if transface else "matrices"
+        if transface:
+            if "patch_size" in explicit and args.patch_size != PATCH:
+                raise ValueError(f"--patch-size {args.patch_size}: TransFace backbones use {PATCH} x {PATCH} patches")
+            args.patch_size = PATCH
+            if "sched" not in explicit:
+                args.sched = "poly"  # the release's polynomial (power 2) decay after the warm-up
         if args.arch not in IRESNET_ARCHS:
             for dest, value in VIT_RECIPE.items():
                 if dest not in explicit:
@@ -135,6 +161,19 @@ class RecognitionMethod(Method):
             landmark_cnn=args.landmark_cnn,
             landmark_tiles=args.landmark_tiles,
             landmark_regularisation=args.landmark_regularisation,
+            input_preset=args.input_preset,
+            weight_decay_on=args.weight_decay_on,
+            drop_path=args.transface_drop_path,
+            mask_ratio=args.transface_mask_ratio,
+            release_masking=args.transface_release_masking,
+            dpap=args.dpap,
+            dpap_prob=args.dpap_prob,
+            dpap_patches=args.dpap_patches,
+            dpap_train_mode_ranking=args.dpap_train_mode_ranking,
+            ehsm=args.ehsm,
+            ehsm_gamma=args.ehsm_gamma,
+            ehsm_topk=args.ehsm_topk,
+            ehsm_normalise=args.ehsm_normalise,
         )
         model = build_recognizer(
             config, args.pretrained_weights, args.checkpoint_key, weights_only=not args.unsafe_load
@@ -162,6 +201,72 @@ class RecognitionMethod(Method):
         cls, ckpt: dict[str, Any], path: str | Path, *, weights_only: bool, flags: argparse.Namespace | None = None
     ) -> FaceRecognizer:
         return recognizer_from_checkpoint(ckpt, path)
+
+
+def _add_transface_args(parser: argparse.ArgumentParser) -> None:
+    """TransFace's backbone options and its two training switches, DPAP and EHSM (docs/transface.md)."""
+    group = parser.add_argument_group(
+        "TransFace (--arch transface_vit_t/s/b/l)",
+        "TransFace's patch-9 ViTs with a token gate; DPAP perturbs the amplitude spectrum of each selected image's "
+        "highest-gated patches, EHSM weights each sample's cross-entropy by 1 + exp(-gamma * mean token std). "
+        "Recipe: AdamW lr 1e-3, weight decay 0.1 on all parameters, warm-up over a tenth of the epochs then the poly "
+        "schedule (--sched poly), ArcFace s=64 m=0.5, the face preset.",
+    )
+    group.add_argument(
+        "--transface-drop-path",
+        type=float,
+        default=None,
+        help="drop path rate of the blocks (default: the variant's released rate, 0.05)",
+    )
+    group.add_argument(
+        "--transface-mask-ratio",
+        type=float,
+        default=None,
+        help="fraction of the tokens masked in training (default: the variant's released ratio: 0 for t and s, "
+        "0.05 for b and l)",
+    )
+    group.add_argument(
+        "--transface-release-masking",
+        action="store_true",
+        help="mask 10%% of the tokens whenever the mask ratio is > 0, as the release does (default: off, the ratio "
+        "is honoured)",
+    )
+    group.add_argument("--dpap", action="store_true", help="dominant patch amplitude perturbation (default: off)")
+    group.add_argument(
+        "--dpap-prob", type=float, default=0.2, help="DPAP: probability a sample is perturbed (default: %(default)s)"
+    )
+    group.add_argument(
+        "--dpap-patches",
+        type=int,
+        default=7,
+        help="DPAP: highest-gated patches perturbed per selected sample (default: %(default)s)",
+    )
+    group.add_argument(
+        "--dpap-train-mode-ranking",
+        action="store_true",
+        help="DPAP: rank the patches with the backbone in training mode (masking, drop path, BatchNorm statistics "
+        "updated), as the release does (default: off, evaluation mode)",
+    )
+    group.add_argument(
+        "--ehsm", action="store_true", help="entropy-guided hard sample mining loss weights (default: off)"
+    )
+    group.add_argument(
+        "--ehsm-gamma", type=float, default=1.0, help="EHSM: gamma of 1 + exp(-gamma * E) (default: %(default)s)"
+    )
+    group.add_argument(
+        "--ehsm-topk",
+        type=int,
+        default=0,
+        help="EHSM: E averages each sample's K largest token stds; 0 for all tokens, as released (default: "
+        "%(default)s)",
+    )
+    group.add_argument(
+        "--ehsm-normalise",
+        choices=WEIGHT_NORMALISATIONS,
+        default="batch",
+        help="EHSM: divide the weighted loss by the batch size (batch, as released) or by the sum of the weights "
+        "(default: %(default)s)",
+    )
 
 
 def _initial_landmarks(model: FaceRecognizer, args: argparse.Namespace) -> None:

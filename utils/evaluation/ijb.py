@@ -28,8 +28,15 @@ With a process group, the embedding is collective: rank r of W aligns and embeds
 loader workers and the rows are gathered back into face order (``utils.sharding``), so every rank holds what one
 process would compute; every rank then scores the pairs, and only the primary rank writes files.
 
-The pooling (``image_features``, ``template_features``) and scoring (``pair_scores``) are pure tensor functions,
-separate from the file reading (``load_ijb_meta``) and the embedding (``embed_ijb_faces``).
+With a learned template aggregator (FaceCoresetNet, docs/coreset.md) two more poolings are scored in the same table,
+both from the plain image embeddings only (no flip, no media ids, no detector scores, as the FaceCoresetNet release
+evaluates): ``mean``, the mean of the L2-normalised image embeddings of the template; ``aggregator``, the aggregator's
+output for all the template's images (unit embeddings and norms), batched by size (``aggregated_template_features``).
+N1D0F0 is the insightface pooling of exactly the same image features.
+
+The pooling (``image_features``, ``template_features``, ``mean_template_features``, ``aggregated_template_features``)
+and scoring (``pair_scores``) are pure tensor functions, separate from the file reading (``load_ijb_meta``) and the
+embedding (``embed_ijb_faces``).
 """
 
 from __future__ import annotations
@@ -63,11 +70,16 @@ from utils.sharding import gather_rows_by_index, strided_shard
 logger = logging.getLogger(__name__)
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
+# A template aggregator: (unit embeddings (B, N, D), norms (B, N), mask (B, N) True = real image) -> (B, D) features.
+AggregateFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 IJB_NAMES = ("ijbb", "ijbc")
 META_DIR = "meta"
 CROP_DIR = "loose_crop"
 DEFAULT_MODE = "N1D1F1"
+# Poolings scored beside the N/D/F modes when an aggregator is given (``score_poolings``).
+MEAN_POOLING = "mean"
+AGGREGATOR_POOLING = "aggregator"
 _MODE_PATTERN = re.compile(r"^N([01])D([01])F([01])$")
 # The line under the TAR table naming the ROC rule, keyed by ``exact_roc``.
 ROC_RULES = {
@@ -447,6 +459,109 @@ def template_features(
     return template_ids, torch.nn.functional.normalize(pooled, dim=1).float()
 
 
+def pad_templates(
+    embeddings: torch.Tensor, template_of_row: torch.Tensor, num_templates: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather the rows of each template into a padded batch (the input of a template aggregator).
+
+    Args:
+        embeddings: (M, D) unnormalised embeddings.
+        template_of_row: (M,) int64 template index in [0, num_templates) of each row.
+        num_templates: T.
+
+    Returns:
+        ((T, N_max, D) unit embeddings, (T, N_max) norms, (T, N_max) bool mask, True for real rows), each template's
+        rows in their input order.
+
+    Raises:
+        ValueError: a template index without rows (an empty template).
+    """
+    counts = torch.bincount(template_of_row, minlength=num_templates)
+    if bool((counts == 0).any()):
+        raise ValueError(f"template {int(torch.nonzero(counts == 0)[0])} has no image (an empty template)")
+    order = torch.argsort(template_of_row, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    owner = template_of_row[order]
+    slot = torch.arange(len(order), device=embeddings.device) - starts[owner]
+    norms_all = embeddings.norm(dim=-1)
+    units = embeddings.new_zeros(num_templates, int(counts.max()), embeddings.shape[1])
+    norms = embeddings.new_zeros(num_templates, int(counts.max()))
+    mask = torch.zeros(num_templates, int(counts.max()), dtype=torch.bool, device=embeddings.device)
+    units[owner, slot] = embeddings[order] / norms_all[order, None].clamp_min(1e-12)
+    norms[owner, slot] = norms_all[order]
+    mask[owner, slot] = True
+    return units, norms, mask
+
+
+def mean_template_features(
+    embeddings: torch.Tensor, templates: torch.Tensor | np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain mean pooling: the mean of the L2-normalised image embeddings of each template (media ids ignored),
+    L2-normalised.
+
+    Returns:
+        (sorted unique template ids (T,) int64, (T, D) unit-norm features, float32).
+    """
+    units = torch.nn.functional.normalize(embeddings.double(), dim=1)
+    media = torch.zeros(len(units), dtype=torch.int64, device=units.device)
+    return template_features(units, templates, media)
+
+
+def aggregated_template_features(
+    embeddings: torch.Tensor,
+    templates: torch.Tensor | np.ndarray,
+    aggregate: AggregateFn,
+    *,
+    max_batch_rows: int = 1 << 16,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Template features from a learned aggregator, templates of similar size batched together.
+
+    Templates are sorted by size and cut into batches whose padded size (templates x largest template) stays within
+    ``max_batch_rows`` (a template larger than that forms a batch alone); each batch is padded (``pad_templates``) and
+    pooled by one ``aggregate`` call, so padding never exceeds the size spread inside a batch.
+
+    Args:
+        embeddings: (n, D) unnormalised image embeddings (their norms are the aggregator's quality input).
+        templates: (n,) template id of each image (media ids are not used).
+        aggregate: (units (B, N, D), norms (B, N), mask (B, N)) -> (B, D) template features.
+        max_batch_rows: padded rows per call.
+        progress: show a tqdm bar over batches.
+
+    Returns:
+        (sorted unique template ids (T,) int64, (T, D) unit-norm features, float32), on the embeddings' device.
+    """
+    device = embeddings.device
+    templates = torch.as_tensor(templates, dtype=torch.int64, device=device)
+    if embeddings.ndim != 2 or templates.shape != (embeddings.shape[0],):
+        raise ValueError(
+            f"expected (n, D) embeddings and n template ids, got {tuple(embeddings.shape)} and {tuple(templates.shape)}"
+        )
+    template_ids, template_of_row = torch.unique(templates, return_inverse=True)
+    counts = torch.bincount(template_of_row, minlength=len(template_ids))
+    by_size = torch.argsort(counts, stable=True)
+    rank = torch.empty_like(by_size)
+    rank[by_size] = torch.arange(len(by_size), device=device)
+    row_order = torch.argsort(rank[template_of_row], stable=True)
+    row_bounds = torch.cumsum(counts[by_size], 0).tolist()
+    sizes = counts[by_size].tolist()
+    batches, start = [], 0
+    while start < len(sizes):
+        stop = start + 1
+        while stop < len(sizes) and (stop + 1 - start) * sizes[stop] <= max_batch_rows:
+            stop += 1
+        batches.append((start, stop))
+        start = stop
+    feats = embeddings.new_zeros(len(template_ids), embeddings.shape[1], dtype=torch.float32)
+    for lo, hi in tqdm(batches, desc="aggregating templates", unit="batch", disable=not progress):
+        first_row = row_bounds[lo - 1] if lo else 0
+        rows = row_order[first_row : row_bounds[hi - 1]]
+        units, norms, mask = pad_templates(embeddings[rows].float(), rank[template_of_row[rows]] - lo, hi - lo)
+        pooled = aggregate(units, norms, mask)
+        feats[by_size[lo:hi]] = torch.nn.functional.normalize(pooled.float(), dim=1).to(device)
+    return template_ids, feats
+
+
 def template_rows(template_ids: torch.Tensor, pairs: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Row of each pair's templates in ``template_ids`` (sorted unique ids), (P, 2) int64; unknown ids raise."""
     pairs = torch.as_tensor(pairs, dtype=torch.int64, device=template_ids.device)
@@ -601,6 +716,39 @@ def score_modes(
     return out
 
 
+def score_poolings(
+    meta: IJBMeta,
+    embeddings: torch.Tensor,
+    aggregate: AggregateFn,
+    *,
+    device: torch.device | None = None,
+    max_block_bytes: int = 256 << 20,
+) -> dict[str, torch.Tensor]:
+    """Pair scores of plain mean pooling (``mean``) and of a learned aggregator (``aggregator``), both from the plain
+    image embeddings alone: no flip, no media ids, no detector scores (the FaceCoresetNet release's protocol).
+
+    Args:
+        meta: the benchmark's meta data.
+        embeddings: (n, D) unnormalised face embeddings in face order.
+        aggregate: the template aggregator (``AggregateFn``).
+        device: where to pool and score (default: the embeddings' device).
+        max_block_bytes: memory cap of one scoring block.
+
+    Returns:
+        {``mean``, ``aggregator``: (P,) float32 scores on CPU, in pair-file order}.
+    """
+    embeddings = embeddings.to(device or embeddings.device)
+    pooled = {
+        MEAN_POOLING: mean_template_features(embeddings, meta.templates),
+        AGGREGATOR_POOLING: aggregated_template_features(embeddings, meta.templates, aggregate),
+    }
+    out = {}
+    for name, (template_ids, template_feats) in pooled.items():
+        rows = template_rows(template_ids, meta.pairs)
+        out[name] = pair_scores(template_feats, rows[:, 0], rows[:, 1], max_block_bytes=max_block_bytes).cpu()
+    return out
+
+
 def evaluate_ijb(
     root: str | os.PathLike,
     name: str,
@@ -615,6 +763,7 @@ def evaluate_ijb(
     device: torch.device | str | None = None,
     save_scores: bool = False,
     progress: bool = True,
+    aggregate: AggregateFn | None = None,
 ) -> IJBResult:
     """IJB 1:1 verification of a model: embed the faces once, score each mode, write the results.
 
@@ -636,6 +785,8 @@ def evaluate_ijb(
         device: where to pool and score (default: CUDA when available).
         save_scores: also write the pair scores of each mode.
         progress: show tqdm bars (primary rank only).
+        aggregate: a template aggregator; when given, ``mean`` and ``aggregator`` pooling (``score_poolings``) are
+            scored beside the modes.
 
     Returns:
         The ``IJBResult``.
@@ -653,6 +804,8 @@ def evaluate_ijb(
     seconds["embed"] = time.perf_counter() - start
     start = time.perf_counter()
     scores = score_modes(meta, embeddings, flips, parsed, device=device)
+    if aggregate is not None:
+        scores.update(score_poolings(meta, embeddings, aggregate, device=device))
     seconds["score"] = time.perf_counter() - start
     start = time.perf_counter()
     labels = torch.from_numpy(meta.labels)
