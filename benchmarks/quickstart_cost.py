@@ -41,7 +41,7 @@ from data_loader.synthface import ensure_synthfaces
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "benchmarks" / "quickstart_worker.py"
-OLD_COMMIT = "fd58e3c"  # the quickstart before issue 22
+OLD_COMMIT = "fd58e3c"  # the quickstart before the step was profiled and sped up
 # The quickstart's model (shell/quickstart.sh), the same in both recipes.
 MODEL = dict(
     arch="vit_tiny",
@@ -52,7 +52,7 @@ MODEL = dict(
     head_out_dim=2048,
     grad_from_block=0,
 )
-# The quickstart's recipe before issue 22 and now (shell/quickstart.sh): unchanged, since the shorter recipes tried
+# The quickstart's recipe before the speed-up and now (shell/quickstart.sh): unchanged, since the shorter recipes tried
 # lost the trained row's margin over raw pixels (docs/performance.md); a new recipe with another batch is timed in a
 # run of its own.
 OLD_RECIPE = dict(epochs=28, lr=2e-4, batch=64)

@@ -89,10 +89,10 @@ class CombinedMargin(nn.Module):
     0 (cosine set to 0, no gradient). Target logits are never filtered.
 
     Presets (``build_margin_head``): ArcFace (1.0, 0.5, 0.0); CosFace (1.0, 0.0, 0.4) -- arcface_torch's default
-    m3 = 0.4, which issue #9 adopts over the 0.35 of the design method.md (the CosFace paper's value); SphereFace
-    (1.35, 0.0, 0.0) and the combination CM1 (1.0, 0.3, 0.2), both from the ArcFace paper's Table 2; s = 64. CM1 is
-    cos(theta + 0.3) - 0.2, as in the paper and insightface's MXNet ``train.py``; arcface_torch's
-    ``CombinedMarginLoss`` applies only m3 whenever m3 > 0 (m2 is dropped) and refuses m1 != 1.
+    m3 = 0.4, adopted over the 0.35 of the CosFace paper; SphereFace (1.35, 0.0, 0.0) and the combination CM1 (1.0,
+    0.3, 0.2), both from the ArcFace paper's Table 2; s = 64. CM1 is cos(theta + 0.3) - 0.2, as in the paper and
+    insightface's MXNet ``train.py``; arcface_torch's ``CombinedMarginLoss`` applies only m3 whenever m3 > 0 (m2 is
+    dropped) and refuses m1 != 1.
 
     Args:
         s: logit scale.

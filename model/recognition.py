@@ -84,6 +84,8 @@ class RecognitionConfig(MethodConfig):
         ehsm_gamma: gamma of the weights 1 + exp(-gamma * mean of the top-K token stds).
         ehsm_topk: K (0: all tokens, as released).
         ehsm_normalise: "batch" (divide the weighted loss by N, as released) or "weights" (by the sum of weights).
+        grad_from_block: registered ViTs: first trained block; the patch embedding, tokens, earlier blocks and the final
+            norm stay frozen (FaceGCD's ``--grad-from-block``); 0 trains the whole backbone (arcface_torch).
     """
 
     method: ClassVar[str] = METHOD
@@ -112,6 +114,7 @@ class RecognitionConfig(MethodConfig):
     ehsm_gamma: float = 1.0
     ehsm_topk: int = 0
     ehsm_normalise: str = "batch"
+    grad_from_block: int = 0
 
 
 WEIGHT_DECAY_SCOPES = ("matrices", "all")
@@ -140,6 +143,8 @@ class FaceRecognizer(ShardedCentresState, MetaArch):
             release_masking=cfg.release_masking,
         )
         _check_transface_options(cfg, self.backbone)
+        if cfg.grad_from_block:
+            _freeze_vit_below(self.backbone, cfg.grad_from_block, cfg.arch)
         self.front_end: LandmarkFrontEnd | None = None
         if cfg.landmark_cnn:
             if not isinstance(self.backbone, ViTEmbedder):
@@ -315,6 +320,19 @@ class _Encoder(nn.Module):
         coords = self.front_end.landmarks(images)
         mosaic = landmark_mosaic(images, coords, self.front_end.patch, self.front_end.orientation)
         return self.backbone(mosaic), coords, None
+
+
+def _freeze_vit_below(backbone: nn.Module, first: int, arch: str) -> None:
+    """Freeze a registered ViT's patch embedding, tokens, blocks before ``first`` and final norm; the later blocks and
+    the embedding neck stay trainable."""
+    if not isinstance(backbone, ViTEmbedder):
+        raise ValueError(f"--grad-from-block {first}: registered ViTs only; --arch {arch} is not one")
+    depth = len(backbone.vit.blocks)
+    if not 0 < first < depth:
+        raise ValueError(f"--grad-from-block {first}: expected 0 (all blocks) to {depth - 1} for --arch {arch}")
+    backbone.vit.requires_grad_(False)
+    for block in backbone.vit.blocks[first:]:
+        block.requires_grad_(True)
 
 
 def _check_transface_options(cfg: RecognitionConfig, backbone: nn.Module) -> None:

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The paper's claim from a pretrained start, at CPU size on SynthFaces (issue 21; docs/method.md "The claim from a
+# The paper's claim from a pretrained start, at CPU size on SynthFaces (docs/method.md "The claim from a
 # pretrained start"): FaceGCD against GCD and the ArcFace baseline, all from one supervised start, over seeds.
 #   1. A SynthFaces recognition set whose identities are disjoint from the benchmark's (another generation seed).
 #   2. The start: ArcFace (the face preset) on that set, ViT-T/16 at 48 px like the quickstart.
 #   3. From that one start, the same trainable blocks (the last one) and the same number of optimiser steps:
 #      FaceGCD (prefixes; last block + HyperNetwork + head), GCD (--prefix_length 0; last block + head) and the
-#      ArcFace baseline fine-tuned on D_L (recognition has no block freezing: every block trains, at the same lr).
+#      ArcFace baseline fine-tuned on D_L (last block + its embedding neck; the class centres are new).
 #   4. Floors: the frozen start itself (its embedding, and its ViT's CLS token) and raw pixels.
 #   5. SS-k-means on every feature set; mean and spread (sample std over seeds) of v2 All/Old/New on D_U and test.
 # Resumable: a finished arm (its ssk_results.json) is skipped, an interrupted training continues from last.pth.tar.
-# Every scale knob is a variable; the defaults are the issue's full scale (about an hour of CPU):
+# Every scale knob is a variable; the defaults are the full scale (about an hour of CPU):
 #   SEEDS="0 1 2" PRE_IDS=500 PRE_PER_ID=20 START_EPOCHS=20 EPOCHS=28 LABELLED_EPOCHS=$((4 * EPOCHS))
 # A reduced run: SEEDS="0" PRE_IDS=200 PRE_PER_ID=16 START_EPOCHS=10 EPOCHS=8 bash shell/claim_table.sh
 set -euo pipefail
@@ -88,7 +88,7 @@ for seed in $SEEDS; do
   arm "facegcd_s$seed" "${GCD[@]}" --prefix_length 4 --epochs "$EPOCHS" --seed "$seed"
   arm "gcd_s$seed" "${GCD[@]}" --prefix_length 0 --epochs "$EPOCHS" --seed "$seed"
   arm "arcface_s$seed" --method recognition --head arcface --embedding-size 192 --pretrained-weights "$START" \
-    --epochs "$LABELLED_EPOCHS" --seed "$seed"
+    --grad-from-block 11 --epochs "$LABELLED_EPOCHS" --seed "$seed"
 done
 
 declare -A TITLE=([facegcd]="FaceGCD (prefixes)" [gcd]="GCD (--prefix_length 0)" [arcface]="ArcFace fine-tuned on D_L")

@@ -1,4 +1,4 @@
-"""DINO and LAFS as released (issue 21): stochastic depth in the student only, LAFS's crops and normalisation, the
+"""DINO and LAFS as released: stochastic depth in the student only, LAFS's crops and normalisation, the
 recipes' linear learning-rate scaling, and the collapse diagnostics in the logged scalars."""
 
 from __future__ import annotations

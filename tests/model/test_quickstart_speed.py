@@ -1,4 +1,4 @@
-"""The quickstart's faster training step computes what the straightforward one did (issue 22).
+"""The quickstart's faster training step computes what the straightforward one did.
 
 Each faster path is compared with a plain reference computation written out here: the prefixed backbone against a
 per-layer loop that indexes the prefixes, and ``create_optimizer``'s AdamW (the fused kernel) against the AdamW update

@@ -153,3 +153,34 @@ def _assert_checkpoint_gathered_in_blocks(checkpoint: dict) -> None:
     rank0, rank1 = checkpoint["ranks"]
     assert rank0 == {"holds_centres": True, "holds_momentum": True, "reloaded": True}
     assert rank1 == {"holds_centres": False, "holds_momentum": False, "reloaded": True}  # rank 1 held no full tensor
+
+
+def test_grad_from_block_trains_only_the_later_blocks_and_the_neck():
+    torch.manual_seed(0)
+    model = FaceRecognizer(RecognitionConfig(**CONFIG, grad_from_block=11))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    batch = _batch()
+    model(batch["images"], batch["labels"])["loss"].backward()
+    optimizer.step()
+    after = model.state_dict()
+    changed = {
+        k for k in before if k.endswith(("weight", "bias", "token", "embed")) and not torch.equal(before[k], after[k])
+    }
+    # vit_tiny has 12 blocks: block 11, the neck and the class centres train; everything before block 11, the patch
+    # embedding, the CLS token, the position embedding and the final norm stay as they were
+    assert changed and all(k.startswith(("backbone.vit.blocks.11.", "backbone.neck.", "partial_fc.")) for k in changed)
+    assert any(k.startswith("backbone.vit.blocks.11.") for k in changed) and "partial_fc.weight" in changed
+    assert {k for k in changed if k.startswith("backbone.neck.")} == {
+        "backbone.neck.0.weight",
+        "backbone.neck.1.weight",
+        "backbone.neck.1.bias",
+    }
+
+
+@pytest.mark.parametrize(
+    "arch, first, message", [("iresnet18", 3, "registered ViTs only"), ("vit_tiny", 12, "0 .all blocks. to 11")]
+)
+def test_grad_from_block_outside_a_vit_is_refused(arch, first, message):
+    with pytest.raises(ValueError, match=f"--grad-from-block {first}: .*{message}"):
+        FaceRecognizer(RecognitionConfig(**{**CONFIG, "arch": arch}, grad_from_block=first))

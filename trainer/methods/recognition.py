@@ -100,6 +100,15 @@ class RecognitionMethod(Method):
             "--dropout", type=float, default=0.0, help="IResNet dropout before the feature layer (default: %(default)s)"
         )
         group.add_argument(
+            "--grad-from-block",
+            "--grad_from_block",
+            dest="grad_from_block",
+            type=int,
+            default=0,
+            help="registered ViTs: first trained block; the patch embedding, tokens, earlier blocks and final norm "
+            "stay frozen, as FaceGCD's --grad-from-block; 0 trains the whole backbone (default: %(default)s)",
+        )
+        group.add_argument(
             "--landmark-regularisation",
             action="store_true",
             help="with --landmark-cnn (Part fViT): LAFS fine-tuning, the learned landmarks are pulled towards those "
@@ -161,6 +170,7 @@ class RecognitionMethod(Method):
             landmark_cnn=args.landmark_cnn,
             landmark_tiles=args.landmark_tiles,
             landmark_regularisation=args.landmark_regularisation,
+            grad_from_block=args.grad_from_block,
             input_preset=args.input_preset,
             weight_decay_on=args.weight_decay_on,
             drop_path=args.transface_drop_path,
