@@ -36,21 +36,12 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import add_common_args, save_results, setup
+from benchmarks.quickstart_cost import MODEL
 from data_loader import build_gcd_datasets
 from data_loader.synthface import ensure_synthfaces
 from model import ModelConfig, build_facegcd
 from trainer.optim import create_optimizer
 
-# The quickstart's model and step (shell/quickstart.sh).
-QUICKSTART = dict(
-    arch="vit_tiny",
-    patch_size=16,
-    img_size=48,
-    prefix_length=4,
-    hypernet_hidden_dim=256,
-    head_out_dim=2048,
-    grad_from_block=0,
-)
 BATCH = 64  # the quickstart's batch
 LR, WEIGHT_DECAY, CLIP = 2e-4, 0.05, 1.0
 # Environment that makes ATen, oneDNN and MKL take their AVX2 code paths on a CPU with AVX-512.
@@ -125,9 +116,9 @@ def build_step(args: argparse.Namespace, *, label: bool = True):
     Returns:
         (model, step, steps per epoch).
     """
-    datasets = build_gcd_datasets("synthfaces_quick", args.data, image_size=QUICKSTART["img_size"])
+    datasets = build_gcd_datasets("synthfaces_quick", args.data, image_size=MODEL["img_size"])
     torch.manual_seed(0)
-    model = build_facegcd(ModelConfig(**QUICKSTART)).train()
+    model = build_facegcd(ModelConfig(**MODEL)).train()
     optimizer = create_optimizer(model.get_params_groups(WEIGHT_DECAY), opt="adamw", lr=LR, weight_decay=WEIGHT_DECAY)
     loader = DataLoader(
         datasets.train, batch_size=args.batch, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0)

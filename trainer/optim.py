@@ -152,8 +152,9 @@ class WarmupScheduler(abc.ABC):
     """Per-epoch learning rate with a linear warm-up; subclasses give the decay after it.
 
     ``lr(t) = warmup_lr + t · (base_lr − warmup_lr) / warmup_epochs`` for ``t < warmup_epochs``, else
-    :meth:`decayed_lr`. A group's ``lr_scale`` key, if present, multiplies its learning rate. Subclass constructors
-    finish with ``self.step(0)``, so the optimiser holds ``lr(0)`` once the schedule exists. A schedule with
+    :meth:`decayed_lr`. A group's ``lr_scale`` key, if present, multiplies its learning rate. The constructor
+    finishes with ``self.step(0)`` (a subclass sets what :meth:`decayed_lr` reads before calling it), so the optimiser
+    holds ``lr(0)`` once the schedule exists. A schedule with
     :attr:`per_iteration` set is also evaluated before every optimiser step, at ``t = epoch + step / steps``
     (:meth:`step_at`).
 
@@ -189,6 +190,7 @@ class WarmupScheduler(abc.ABC):
         self.warmup_lr = float(warmup_lr)
         self.min_lr = float(min_lr)
         self.last_epoch = 0
+        self.step(0)
 
     @abc.abstractmethod
     def decayed_lr(self, epoch: float) -> float:
@@ -295,21 +297,6 @@ class CosineWarmupScheduler(WarmupScheduler):
         min_lr: floor of the cosine.
     """
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        *,
-        base_lr: float,
-        epochs: int,
-        warmup_epochs: int = 5,
-        warmup_lr: float = 1e-5,
-        min_lr: float = 0.0,
-    ) -> None:
-        super().__init__(
-            optimizer, base_lr=base_lr, epochs=epochs, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr
-        )
-        self.step(0)
-
     def decayed_lr(self, epoch: float) -> float:
         """Cosine value at ``epoch``; ``min_lr`` from ``epochs`` on.
 
@@ -359,26 +346,25 @@ class StepWarmupScheduler(WarmupScheduler):
         warmup_lr: float = 1e-5,
         min_lr: float = 0.0,
     ) -> None:
-        super().__init__(
-            optimizer, base_lr=base_lr, epochs=epochs, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr
-        )
         values = list(milestones)
         if any(isinstance(m, bool) or int(m) != m for m in values):
             raise ValueError(f"--decay-milestones must be whole epochs, got {values}")
         values = [int(m) for m in values]
         if any(b <= a for a, b in zip(values, values[1:])):
             raise ValueError(f"--decay-milestones must be strictly increasing, got {values}")
-        outside = [m for m in values if not self.warmup_epochs <= m < self.epochs]
+        outside = [m for m in values if not warmup_epochs <= m < epochs]
         if outside:
             raise ValueError(
-                f"--decay-milestones must lie in [--warmup-epochs={self.warmup_epochs}, --epochs={self.epochs}), "
+                f"--decay-milestones must lie in [--warmup-epochs={warmup_epochs}, --epochs={epochs}), "
                 f"got {outside} in {values}"
             )
         if not 0 < decay_rate <= 1:
             raise ValueError(f"--decay-rate must be in (0, 1], got {decay_rate}")
         self.milestones = values
         self.decay_rate = float(decay_rate)
-        self.step(0)
+        super().__init__(
+            optimizer, base_lr=base_lr, epochs=epochs, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr
+        )
 
     def decayed_lr(self, epoch: float) -> float:
         """``base_lr`` times ``decay_rate`` per milestone reached, at least ``min_lr``.
@@ -415,21 +401,6 @@ class PolyWarmupScheduler(WarmupScheduler):
     """
 
     per_iteration: ClassVar[bool] = True
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        *,
-        base_lr: float,
-        epochs: int,
-        warmup_epochs: int = 5,
-        warmup_lr: float = 1e-5,
-        min_lr: float = 0.0,
-    ) -> None:
-        super().__init__(
-            optimizer, base_lr=base_lr, epochs=epochs, warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr
-        )
-        self.step(0)
 
     def decayed_lr(self, epoch: float) -> float:
         """``min_lr + (base_lr − min_lr) · (1 − (epoch − warmup_epochs) / (epochs − warmup_epochs))²``."""
