@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.common import add_common_args, save_results, setup
 from benchmarks.quickstart_cost import NEW_RECIPE
-from benchmarks.quickstart_profile import BATCH, build_step
+from benchmarks.quickstart_profile import add_step_args, build_step
 from data_loader.synthface import ensure_synthfaces
 
 
@@ -30,7 +30,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     """Command-line arguments of the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="data/synthfaces_quick", help="synthfaces_quick root (generated if missing)")
-    parser.add_argument("--batch", type=int, default=BATCH, help=f"images per step, two views each (default: {BATCH})")
+    add_step_args(parser)
     parser.add_argument("--steps", type=int, default=4, help="timed steady-state steps of each mode (default: 4)")
     parser.add_argument("--compile-steps", type=int, default=2, help="first compiled steps timed (default: 2)")
     add_common_args(parser, device=False, output=False)

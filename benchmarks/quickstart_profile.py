@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import add_common_args, save_results, setup
-from benchmarks.quickstart_cost import MODEL
+from benchmarks.quickstart_cost import NEW_RECIPE, recipe_model
 from data_loader import build_gcd_datasets
 from data_loader.synthface import ensure_synthfaces
 from model import ModelConfig, build_facegcd
@@ -65,11 +65,22 @@ PARTS = (
 )
 
 
+def add_step_args(parser: argparse.ArgumentParser) -> None:
+    """The step's flags (`build_step`): ``--batch`` and ``--depth``."""
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"images per step, two views each (default: {BATCH})")
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=recipe_model(NEW_RECIPE)["depth"],
+        help="ViT blocks (default: the quickstart's, %(default)s; docs/performance.md's breakdown used 12)",
+    )
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line arguments of the profile."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="data/synthfaces_quick", help="synthfaces_quick root (generated if missing)")
-    parser.add_argument("--batch", type=int, default=BATCH, help=f"images per step, two views each (default: {BATCH})")
+    add_step_args(parser)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (default: 3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
     parser.add_argument(
@@ -110,15 +121,16 @@ def build_step(args: argparse.Namespace, *, label: bool = True):
     """The quickstart model, a function running one training step and the steps of an epoch.
 
     Args:
-        args: the parsed flags (``data``, ``batch``).
+        args: the parsed flags (``data``, ``batch``, ``depth``).
         label: open a profiler range around each part of the step (see `PARTS`).
 
     Returns:
         (model, step, steps per epoch).
     """
-    datasets = build_gcd_datasets("synthfaces_quick", args.data, image_size=MODEL["img_size"])
+    config = dict(recipe_model(NEW_RECIPE), depth=args.depth)
+    datasets = build_gcd_datasets("synthfaces_quick", args.data, image_size=config["img_size"])
     torch.manual_seed(0)
-    model = build_facegcd(ModelConfig(**MODEL)).train()
+    model = build_facegcd(ModelConfig(**config)).train()
     optimizer = create_optimizer(model.get_params_groups(WEIGHT_DECAY), opt="adamw", lr=LR, weight_decay=WEIGHT_DECAY)
     loader = DataLoader(
         datasets.train, batch_size=args.batch, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0)

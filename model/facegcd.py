@@ -19,8 +19,8 @@ import torch.nn as nn
 from model.conditioner import FrozenConditioner
 from model.head import DINOHead
 from model.landmark import LANDMARK_ORIENTATIONS, LandmarkFrontEnd, load_landmark_weights
-from model.meta_arch import MetaArch, MethodConfig
 from model.losses import gcd_loss
+from model.meta_arch import MetaArch, MethodConfig
 from model.prefix_generator import EVAL_PROMPTS, INITIALIZERS, PrefixGenerator
 from model.vit import BACKBONE_ARCHS, PrefixViT, create_backbone, load_pretrained_backbone
 from utils.checkpoint import CheckpointError, load_checkpoint
@@ -50,6 +50,7 @@ class ModelConfig(MethodConfig):
         arch: Backbone name (`vit_tiny`, `vit_small`, `vit_base`).
         patch_size: ViT patch size (paper: 8).
         img_size: Square input size (112).
+        depth: Number of ViT blocks (12, every registered arch's; fewer gives a shallower ViT of the arch's width).
         prefix_length: Prefix length P; 0 = plain GCD baseline (no generator, no conditioning pass).
         layer_embed: HyperNets with a concatenated layer embedding (`--layer-embed`).
         initializer: Training base prompt, "uniform" (U(-1, 1)) or "zero".
@@ -72,6 +73,7 @@ class ModelConfig(MethodConfig):
     arch: str = "vit_base"
     patch_size: int = 8
     img_size: int = 112
+    depth: int = 12
     prefix_length: int = 10
     layer_embed: bool = False
     initializer: str = "uniform"
@@ -95,6 +97,11 @@ class ModelConfig(MethodConfig):
             (
                 self.patch_size > 0 and self.img_size > 0 and self.img_size % self.patch_size == 0,
                 f"img_size {self.img_size} / patch_size {self.patch_size} (img_size must be a multiple of patch_size)",
+            ),
+            (self.depth >= 1, f"depth {self.depth} (expected >= 1)"),
+            (
+                self.grad_from_block < self.depth,
+                f"grad_from_block {self.grad_from_block} (expected below depth {self.depth}: no block would train)",
             ),
             (self.prefix_length >= 0, f"prefix_length {self.prefix_length} (expected >= 0)"),
             (self.initializer in INITIALIZERS, f"initializer {self.initializer!r} (expected one of {INITIALIZERS})"),
@@ -422,7 +429,7 @@ def build_facegcd(
     Returns:
         The model (on CPU).
     """
-    backbone = create_backbone(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.img_size)
+    backbone = create_backbone(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.img_size, depth=cfg.depth)
     if pretrained_weights is None:
         logger.warning("no --pretrained-weights given: the backbone is randomly initialised")
     else:
@@ -447,7 +454,7 @@ def build_facegcd(
 def infer_model_config(state_dict: dict[str, torch.Tensor], defaults: ModelConfig) -> ModelConfig:
     """Infer architecture fields of a FaceGCD/reference checkpoint from its parameter shapes.
 
-    Width -> arch, patch size (patch-embedding kernel), image size (position embedding), layer-embed (a
+    Width -> arch, patch size (patch-embedding kernel), image size (position embedding), depth (blocks), layer-embed (a
     `layer_embedding` key), head width, and P = 0 when there is no prefix generator. Other fields (P otherwise,
     initializer, seed, ...) come from `defaults`. A field that disagrees with `defaults` is logged as a warning;
     the checkpoint wins.
@@ -478,14 +485,12 @@ def _infer_fields(state_dict: dict[str, torch.Tensor], defaults: ModelConfig) ->
     width, _, patch, _ = sd["backbone.patch_embed.proj.weight"].shape
     if width not in _WIDTH_TO_ARCH:
         raise ValueError(f"unsupported ViT width {width}; known widths {sorted(_WIDTH_TO_ARCH)}")
-    depth = len({k.split(".")[2] for k in sd if k.startswith("backbone.blocks.")})
-    if depth != 12:
-        raise ValueError(f"checkpoint ViT has depth {depth}; the registered archs have depth 12")
     grid = round((sd["backbone.pos_embed"].shape[1] - 1) ** 0.5)
     inferred: dict[str, Any] = {
         "arch": _WIDTH_TO_ARCH[width],
         "patch_size": patch,
         "img_size": grid * patch,
+        "depth": len({k.split(".")[2] for k in sd if k.startswith("backbone.blocks.")}),
         "layer_embed": any("layer_embedding" in k for k in sd),
     }
     hypernet = "backbone.prefix_generator.key_down_prefix_hypernet.weight_generator.0.weight"

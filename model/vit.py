@@ -173,7 +173,12 @@ def list_backbones() -> list[str]:
 
 
 def create_backbone(
-    arch: str, *, patch_size: int = 8, img_size: int = 112, dynamic_img_size: bool = False
+    arch: str,
+    *,
+    patch_size: int = 8,
+    img_size: int = 112,
+    dynamic_img_size: bool = False,
+    depth: Optional[int] = None,
 ) -> PrefixViT:
     """Create a randomly initialised prefix-aware ViT by registered name.
 
@@ -183,6 +188,7 @@ def create_backbone(
         img_size: Square input size in pixels.
         dynamic_img_size: accept other input sizes too, resampling the position embedding per size (timm's option;
             DINO's local crops).
+        depth: number of blocks; None keeps the arch's (12). The arch then names the width and the heads only.
 
     Returns:
         The backbone.
@@ -191,7 +197,10 @@ def create_backbone(
         raise ValueError(f"unknown backbone arch {arch!r}; expected one of {', '.join(BACKBONE_ARCHS)}")
     if patch_size <= 0 or img_size <= 0 or img_size % patch_size:
         raise ValueError(f"img_size {img_size} must be a positive multiple of patch_size {patch_size}")
-    return model_entrypoint(arch)(patch_size=patch_size, img_size=img_size, dynamic_img_size=dynamic_img_size)
+    if depth is not None and depth < 1:
+        raise ValueError(f"depth {depth} must be at least 1")
+    kwargs = {} if depth is None else {"depth": depth}
+    return model_entrypoint(arch)(patch_size=patch_size, img_size=img_size, dynamic_img_size=dynamic_img_size, **kwargs)
 
 
 def _strip_prefixes(key: str) -> str:
@@ -252,6 +261,12 @@ def filter_backbone_state_dict(state_dict: dict[str, torch.Tensor], model: Prefi
     missing = sorted(k for k in target if k not in source)
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} backbone keys: {', '.join(missing)}")
+    deeper = sorted({int(k.split(".")[1]) for k in unexpected if k.startswith("blocks.")})
+    if deeper:
+        raise CheckpointError(
+            f"checkpoint has {deeper[-1] + 1} blocks, the backbone {len(model.blocks)}: its blocks "
+            f"{deeper[0]}-{deeper[-1]} would be dropped"
+        )
     if unexpected:
         logger.info("ignoring %d checkpoint keys the backbone lacks: %s", len(unexpected), ", ".join(unexpected))
 
@@ -284,9 +299,11 @@ def _architecture_hint(obj: Any, model: PrefixViT) -> str:
     args = obj.get("args") if isinstance(obj, dict) else None
     args = vars(args) if isinstance(args, argparse.Namespace) else args
     if not isinstance(args, dict) or "arch" not in args:
-        return f"\n({here}; is the checkpoint from another --arch or --patch-size?)"
-    stored = f"--arch {args['arch']}" + (f" --patch-size {args['patch_size']}" if "patch_size" in args else "")
-    return f"\n(the checkpoint was trained with {stored}; {here}: pass the same --arch and --patch-size)"
+        return f"\n({here}; is the checkpoint from another --arch, --patch-size or --depth?)"
+    stored = f"--arch {args['arch']}" + "".join(
+        f" --{name.replace('_', '-')} {args[name]}" for name in ("patch_size", "depth") if name in args
+    )
+    return f"\n(the checkpoint was trained with {stored}; {here}: pass the same flags)"
 
 
 def _resample_pos_embed(pos_embed: torch.Tensor, model: PrefixViT) -> torch.Tensor:

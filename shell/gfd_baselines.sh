@@ -24,7 +24,7 @@ stamp "== ArcFace on D_L (the FaceGCD paper's baseline)"
   --lr 1e-3 --epochs 112 --experiment arcface $(resume arcface)
 stamp "== GCD: the same contrastive training without prefixes"
 "$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${SCHEDULE[@]}" "${GCD[@]}" --prefix_length 0 --experiment gcd $(resume gcd)
-stamp "== FaceGCD: prefixes from the HyperNetwork (the quickstart's recipe)"
+stamp "== FaceGCD: prefixes from the HyperNetwork (the quickstart's former recipe: all 12 blocks)"
 "$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${SCHEDULE[@]}" "${GCD[@]}" --prefix_length 4 --experiment facegcd $(resume facegcd)
 
 for run in arcface gcd facegcd; do

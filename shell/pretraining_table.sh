@@ -6,8 +6,8 @@
 #   4. LAFS: DINO on the landmark mosaics of the frozen CNN (-> lafs/checkpoint.pth), then FaceGCD + front end from it.
 # FaceGCD from a pretrained start has the paper's shape: the backbone frozen except its last block; HyperNetwork,
 # prefixes and head trained. From scratch everything trains, on the same budget.
-# Every FaceGCD run uses the quickstart's recipe (ViT-T/16 at 48 px, 28 epochs of batch 64 on D_L + D_U), is
-# extracted and clustered by SS-k-means with the same settings; raw pixels are the floor.
+# Every FaceGCD run uses the quickstart's former recipe (ViT-T/16 at 48 px, all 12 blocks, 28 epochs of batch 64 on
+# D_L + D_U), is extracted and clustered by SS-k-means with the same settings; raw pixels are the floor.
 set -euo pipefail
 OUT=output/pretraining
 RES=results/pretraining
@@ -41,7 +41,7 @@ stamp "== 1. Part fViT on D_L: CosFace, the landmark CNN learned end to end"
   --landmark-weights "$OUT/none.pth" --embedding-size 192 --opt adamw --lr 1e-3 --weight-decay 0.05 --warmup-epochs 3 \
   --epochs 60 --batch-size 64 --clip-grad 1.0 --experiment part_fvit $(resume part_fvit)
 
-stamp "== 2. FaceGCD from scratch (the quickstart's recipe), without and with the landmark front end"
+stamp "== 2. FaceGCD from scratch (the quickstart's former recipe), without and with the landmark front end"
 "$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${EVAL[@]}" "${FACEGCD[@]}" --grad-from-block 0 --experiment scratch \
   $(resume scratch)
 "$PY" train.py "${COMMON[@]}" "${VIT[@]}" "${EVAL[@]}" "${FACEGCD[@]}" "${LANDMARKS[@]}" --grad-from-block 0 \

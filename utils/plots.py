@@ -162,3 +162,32 @@ def plot_training_curves(summary_csv_path: str | Path, out_png: str | Path) -> P
     fig.savefig(out_png, dpi=120, bbox_inches="tight")
     logger.info("wrote %s", out_png)
     return out_png
+
+
+def plot_collapse_curves(runs: dict[str, tuple[Path, float]], out_png: str | Path) -> Path:
+    """DINO/LAFS collapse signs of several runs side by side: teacher entropy / log K and the features' mean cosine.
+
+    Args:
+        runs: label -> (the run's ``summary.csv``, log of its prototype count K).
+        out_png: the figure's path.
+
+    Returns:
+        ``out_png``.
+    """
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    entropy_ax, cosine_ax = fig.subplots(1, 2)
+    for label, (summary_csv, log_k) in runs.items():
+        curves = _read_curves(Path(summary_csv))
+        for ax, column, scale in (
+            (entropy_ax, TEACHER_ENTROPY_COLUMN, log_k),
+            (cosine_ax, DIAGNOSTIC_PANELS[1][0], 1.0),
+        ):
+            if column not in curves:
+                raise ValueError(f"{summary_csv} has no {column} column: not a DINO/LAFS run")
+            _plot_finite(ax, curves["epoch"], curves[column] / scale, label=label)
+    entropy_ax.set(ylabel="entropy / log K", title="teacher softmax entropy (1: uniform, 0: one prototype)")
+    entropy_ax.set_ylim(0, 1.05)
+    cosine_ax.set(ylabel="mean pairwise cosine", title="teacher CLS features' mean cosine (1: one direction)")
+    cosine_ax.legend(fontsize=7)
+    fig.savefig(out_png, dpi=110)
+    return Path(out_png)

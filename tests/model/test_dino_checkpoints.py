@@ -13,10 +13,10 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import TINY_MODEL_ARGS
 
 import extract_features
 import SSK
-from cli_helpers import TINY_MODEL_ARGS
 from model import CheckpointError, build_facegcd, load_pretrained_backbone
 from model.facegcd import load_facegcd_checkpoint
 from utils.checkpoint import load_checkpoint
@@ -370,7 +370,7 @@ def test_a_pretraining_checkpoint_of_another_architecture_is_refused_with_both_n
 
     # a file without args still says what the backbone expects
     torch.save({"teacher": small.dino_checkpoint(3)["teacher"]}, tmp_path / "bare.pth")
-    with pytest.raises(CheckpointError, match=r"(?s)bare\.pth: .*width 192.*another --arch or --patch-size"):
+    with pytest.raises(CheckpointError, match=r"(?s)bare\.pth: .*width 192.*another --arch, --patch-size or --depth"):
         load_pretrained_backbone(tiny, tmp_path / "bare.pth")
 
 

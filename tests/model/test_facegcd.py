@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from model import FaceGCD, ModelConfig, build_facegcd, infer_model_config, load_pretrained_backbone
+from model import CheckpointError, FaceGCD, ModelConfig, build_facegcd, infer_model_config, load_pretrained_backbone
 
 
 @pytest.fixture
@@ -226,3 +226,31 @@ def test_batch_inputs_concatenates_the_views_on_the_device_into_the_host_concate
     images, labels_out, mask = make_model().batch_inputs(batch, torch.device("cpu"))
     assert torch.equal(images, torch.cat(views, dim=0)) and images.shape == (6, 3, 32, 32)
     assert torch.equal(labels_out, labels) and torch.equal(mask, torch.tensor([True, False, True]))
+
+
+def test_depth_builds_a_shallower_vit_of_the_arch_width(make_config, tmp_path):
+    cfg = make_config(depth=3, grad_from_block=0)
+    model = build_facegcd(cfg)
+    assert len(model.backbone.blocks) == 3 and model.backbone.embed_dim == 192
+    images = torch.randn(4, 3, 32, 32)
+    tokens = model.backbone.embed_tokens(images)
+    # one prefix pair per block: (depth, key/value, batch, heads, P, head dim)
+    assert model.prefixes(tokens).shape == (3, 2, 4, 3, 4, 64)
+    state = model.state_dict()
+    assert infer_model_config(state, make_config(grad_from_block=0)).depth == 3
+    assert ModelConfig.from_dict(cfg.to_dict()).depth == 3
+    # files written before the field existed are 12 blocks deep
+    assert ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "depth"}).depth == 12
+    with pytest.raises(ValueError, match="grad_from_block 11 .expected below depth 3"):
+        make_config(depth=3, grad_from_block=11)
+    with pytest.raises(ValueError, match="depth 0"):
+        make_config(depth=0, grad_from_block=0)
+
+
+def test_deeper_checkpoint_is_refused_not_truncated(make_config, tiny_backbone_template, tmp_path):
+    torch.save({"teacher": tiny_backbone_template.state_dict()}, tmp_path / "dino.pth")
+    with pytest.raises(CheckpointError, match="checkpoint has 12 blocks, the backbone 3: its blocks 3-11") as err:
+        build_facegcd(make_config(depth=3, grad_from_block=0), pretrained_weights=tmp_path / "dino.pth")
+    assert "depth 3 and 16 px patches; is the checkpoint from another --arch, --patch-size or --depth?" in str(
+        err.value
+    )

@@ -49,6 +49,13 @@ def add_facegcd_model_args(parser: argparse.ArgumentParser) -> None:
         help="evaluation base prompt: fixed buffer or reference resampling (default: %(default)s)",
     )
     group.add_argument(
+        "--depth",
+        type=int,
+        default=12,
+        help="ViT blocks; fewer than the arch's 12 gives a shallower ViT of its width, trained from scratch or from "
+        "a checkpoint of that depth (default: %(default)s)",
+    )
+    group.add_argument(
         "--grad-from-block",
         "--grad_from_block",
         dest="grad_from_block",
@@ -126,6 +133,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         arch=args.arch,
         patch_size=args.patch_size,
         img_size=image_size_from_args(args),
+        depth=args.depth,
         prefix_length=args.prefix_length,
         layer_embed=args.layer_embed,
         initializer=args.initializer,
