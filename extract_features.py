@@ -62,6 +62,7 @@ logger = logging.getLogger("extract_features")
 ARCH_FLAGS = (
     "arch",
     "patch_size",
+    "depth",
     "prefix_length",
     "layer_embed",
     "initializer",

@@ -75,8 +75,11 @@ def test_reference_extraction_command_on_a_model_without_the_front_end_says_so(t
     assert proc.returncode == 2
     assert "was trained without the landmark front end (--landmark-cnn); drop --landmark-cnn" in proc.stderr
     # without the flag the command runs, and the checkpoint's config wins over the other model flags
-    proc = run_script("extract_features.py", [a for a in args if a != "--landmark_cnn"] + ["--workers", "0"])
+    proc = run_script(
+        "extract_features.py", [a for a in args if a != "--landmark_cnn"] + ["--workers", "0", "--depth", "16"]
+    )
     assert "--prefix-length 10 disagrees with the checkpoint's 2" in proc.stderr
+    assert "--depth 16 disagrees with the checkpoint's 12" in proc.stderr
     train = _load(tmp_path / "gcd_synth_pretrain_prefix10" / "features_train.pt")
     assert train["meta"]["model_config"]["prefix_length"] == 2 and train["meta"]["model_config"]["layer_embed"]
 
