@@ -35,7 +35,7 @@ from benchmarks.prefix_effect import nearest_neighbour_accuracy
 from data_loader.transforms import EvalTransform
 from model.dino import mean_pairwise_cosine
 from model.vit import BACKBONE_ARCHS, create_backbone, load_pretrained_backbone
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import atomic_write_text, load_checkpoint
 from utils.evaluation.clustering import cluster_acc
 from utils.kmeans import kmeans
 from utils.plots import plot_collapse_curves
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['mean_pairwise_cosine']:7.3f}"
         )
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
     if args.curves:
         runs = {}
         for source in args.sources:
