@@ -128,7 +128,11 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
     """
     weights_only = not args.unsafe_load
     if not args.checkpoint_weights:
-        logger.warning("no --checkpoint-weights: extracting with the untrained model (a baseline, seeded by --seed)")
+        start = f"the backbone of {args.pretrained_weights}" if args.pretrained_weights else "a random backbone"
+        logger.warning(
+            "no --checkpoint-weights: extracting with an untrained FaceGCD model on %s (a baseline, seeded by --seed)",
+            start,
+        )
         torch.manual_seed(args.seed)
         model = get_method(DEFAULT_METHOD).untrained_model(args)
         return model.to(device).eval(), model.cfg, {"checkpoint": None}

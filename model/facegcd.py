@@ -415,25 +415,31 @@ def build_facegcd(
     *,
     weights_only: bool = True,
     landmark_weights: Optional[Union[str, Path]] = None,
+    checkpoint_follows: bool = False,
 ) -> FaceGCD:
     """Build the backbone, load pretrained weights (if given) and assemble the FaceGCD model.
 
     Args:
         cfg: Model configuration.
-        pretrained_weights: DINO/timm/FaceGCD checkpoint for the backbone; None = random init (with a warning).
+        pretrained_weights: DINO/timm/FaceGCD checkpoint for the backbone; None = random init (with a warning, unless
+            ``checkpoint_follows``).
         checkpoint_key: Entry of a full DINO checkpoint (`teacher` or `student`).
         weights_only: Safe loading of `pretrained_weights`; False for `--unsafe-load`.
         landmark_weights: landmark CNN weights in the reference format (`--landmark-weights`) for a model with the
             front end; None keeps its random initialisation (a checkpoint's own copy is loaded afterwards).
+        checkpoint_follows: the caller loads a checkpoint's weights into the model next.
 
     Returns:
         The model (on CPU).
     """
     backbone = create_backbone(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.img_size, depth=cfg.depth)
     if pretrained_weights is None:
-        logger.warning("no --pretrained-weights given: the backbone is randomly initialised")
+        if not checkpoint_follows:
+            logger.warning("no --pretrained-weights given: the backbone is randomly initialised")
     else:
-        load_pretrained_backbone(backbone, pretrained_weights, checkpoint_key, weights_only=weights_only)
+        load_pretrained_backbone(
+            backbone, pretrained_weights, checkpoint_key, weights_only=weights_only, reads_mosaics=cfg.landmark_cnn
+        )
     model = FaceGCD(cfg, backbone)
     if landmark_weights is not None and model.front_end is not None:
         load_landmark_weights(landmark_weights, model.front_end, weights_only=weights_only)
@@ -585,7 +591,12 @@ def load_facegcd_checkpoint(
                 )
             cnn_weights = landmark_weights
         model = build_facegcd(
-            config, pretrained, checkpoint_key, weights_only=weights_only, landmark_weights=cnn_weights
+            config,
+            pretrained,
+            checkpoint_key,
+            weights_only=weights_only,
+            landmark_weights=cnn_weights,
+            checkpoint_follows=True,
         )
         allow_missing_conditioner = pretrained is not None
         allow_missing_front_end = cnn_weights is not None

@@ -149,8 +149,14 @@ class FaceRecognizer(ShardedCentresState, MetaArch):
         if cfg.landmark_cnn:
             if not isinstance(self.backbone, ViTEmbedder):
                 raise ValueError(f"--landmark-cnn (Part fViT) needs a ViT backbone; --arch {cfg.arch} is not one")
+            if cfg.landmark_regularisation and cfg.grad_from_block:
+                raise ValueError(
+                    f"--landmark-regularisation regularises the learned landmarks; with --grad-from-block "
+                    f"{cfg.grad_from_block} the landmark CNN is frozen (it trains with --grad-from-block 0 only)"
+                )
+            # below the first trained block, as the patch embedding: frozen when the lower blocks are
             self.front_end = LandmarkFrontEnd(
-                cfg.img_size, cfg.patch_size, orientation=cfg.landmark_tiles, frozen=False
+                cfg.img_size, cfg.patch_size, orientation=cfg.landmark_tiles, frozen=bool(cfg.grad_from_block)
             )
         elif cfg.landmark_regularisation:
             raise ValueError("--landmark-regularisation needs --landmark-cnn (it regularises the learned landmarks)")
@@ -372,7 +378,13 @@ def build_recognizer(
         if isinstance(model.backbone, TransFaceViT):
             load_transface_weights(model.backbone, pretrained_weights, weights_only=weights_only)
         elif isinstance(model.backbone, ViTEmbedder):
-            load_pretrained_backbone(model.backbone.vit, pretrained_weights, checkpoint_key, weights_only=weights_only)
+            load_pretrained_backbone(
+                model.backbone.vit,
+                pretrained_weights,
+                checkpoint_key,
+                weights_only=weights_only,
+                reads_mosaics=cfg.landmark_cnn,
+            )
         else:
             load_arcface_torch_weights(model.backbone, pretrained_weights, weights_only=weights_only)
             logger.info("backbone %s from arcface_torch weights %s", cfg.arch, pretrained_weights)

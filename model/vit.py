@@ -326,7 +326,9 @@ def _resample_pos_embed(pos_embed: torch.Tensor, model: PrefixViT) -> torch.Tens
     )
 
 
-def _recognition_state_dict(obj: Any, model: PrefixViT, path: Union[str, Path]) -> Optional[dict[str, torch.Tensor]]:
+def _recognition_state_dict(
+    obj: Any, model: PrefixViT, path: Union[str, Path], reads_mosaics: bool
+) -> Optional[dict[str, torch.Tensor]]:
     """The ViT weights of a ``--method recognition`` checkpoint (its ``backbone.vit.*``), or None for other files.
 
     The embedding neck, the class centres and a Part fViT landmark CNN are not part of the backbone. The checkpoint's
@@ -356,18 +358,27 @@ def _recognition_state_dict(obj: Any, model: PrefixViT, path: Union[str, Path]) 
             f"{path} is a recognition checkpoint of --arch {arch} (width {width}) with --patch-size {patch} at "
             f"{size} px; {here}: pass the same --arch, --patch-size and --input-size"
         )
-    if stored.get("landmark_cnn"):
+    if stored.get("landmark_cnn") and not reads_mosaics:
         logger.warning(
             "%s was trained on landmark mosaics (Part fViT): its ViT expects them, so use --landmark-cnn with its "
             "landmark_cnn.pth",
             path,
+        )
+    elif reads_mosaics and not stored.get("landmark_cnn"):
+        logger.warning(
+            "%s was trained on whole images, and this --landmark-cnn model feeds its ViT landmark mosaics", path
         )
     logger.info("using the ViT of recognition checkpoint %s (--arch %s, epoch %s)", path, arch, obj.get("epoch"))
     return vit
 
 
 def load_pretrained_backbone(
-    model: PrefixViT, path: Union[str, Path], checkpoint_key: str = "teacher", *, weights_only: bool = True
+    model: PrefixViT,
+    path: Union[str, Path],
+    checkpoint_key: str = "teacher",
+    *,
+    weights_only: bool = True,
+    reads_mosaics: bool = False,
 ) -> dict[str, list[str]]:
     """Load pretrained ViT weights into the backbone (`--pretrained-weights`).
 
@@ -380,12 +391,14 @@ def load_pretrained_backbone(
         path: Checkpoint file; nothing is ever downloaded.
         checkpoint_key: Entry holding the weights in a full DINO checkpoint (`teacher` or `student`).
         weights_only: Safe loading; False (`--unsafe-load`) for trusted files holding other pickled objects.
+        reads_mosaics: the model feeds the backbone landmark mosaics (`--landmark-cnn`); a recognition checkpoint
+            trained the other way gets a warning.
 
     Returns:
         {"loaded": keys loaded, "ignored": checkpoint keys the backbone lacks}.
     """
     obj = load_checkpoint(path, weights_only=weights_only)
-    state_dict = _recognition_state_dict(obj, model, path)
+    state_dict = _recognition_state_dict(obj, model, path, reads_mosaics)
     try:
         if state_dict is None:
             state_dict = select_state_dict(obj, checkpoint_key)

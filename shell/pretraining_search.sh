@@ -19,13 +19,11 @@ RES=${RES:-results/pretraining_search}
 source "$(dirname "$0")/demo_common.sh"
 RUNS=${RUNS:-"a b c d e"}
 EPOCHS=${EPOCHS:-10}
-PRE_DATA=${PRE_DATA:-data/synthfaces_pretrain_s1_200x16}         # shared with shell/claim_table.sh's reduced scale
+PRE_DATA=${PRE_DATA:-$SSL_DATA}                                   # shared with shell/claim_table.sh's reduced scale
 PRE_DATA_LARGE=${PRE_DATA_LARGE:-data/synthfaces_pretrain_s1_500x20}  # and its full scale
 COMMON=(--method dino --dataset recognition_folders --workers 0 --no-progress --output "$OUT" "${VIT[@]}"
   --val-interval 1000 --checkpoint-select last --input-preset face)
-SSL=(--opt adamw --lr 2.5e-4 --min-lr 1e-5 --weight-decay 0.04 --weight-decay-end 0.4 --warmup-epochs 2 --batch-size 64
-  --clip-grad 3.0 --local-crops-number 4 --local-crops-size 32)
-K256=(--head-out-dim 256 --warmup-teacher-temp 0.04 --teacher-temp 0.04 --momentum-teacher 0.996)
+# SSL (the shared schedule) and SSL_LEARNS (run b's and e's prototypes and teacher) come from demo_common.sh
 
 generate() {  # generate FOLDER IDS PER_ID: a SynthFaces recognition set drawn with seed 1 (the benchmark: seed 0)
   [ -f "$1/meta.json" ] || "$PY" -m data_loader.synthface --out "$1" --ids "$2" --train-per-id "$3" --test-per-id 1 \
@@ -48,13 +46,13 @@ for r in $RUNS; do
   case $r in
     a) run a_k4096_t02 "$PRE_DATA" "$EPOCHS" --head-out-dim 4096 --warmup-teacher-temp 0.02 --teacher-temp 0.02 \
          --momentum-teacher 0.99 ;;
-    b) run b_k256_t04 "$PRE_DATA" "$EPOCHS" "${K256[@]}" ;;
+    b) run b_k256_t04 "$PRE_DATA" "$EPOCHS" "${SSL_LEARNS[@]}" ;;
     c) run c_k1024_t03_lr5 "$PRE_DATA" "$EPOCHS" --head-out-dim 1024 --warmup-teacher-temp 0.03 --teacher-temp 0.03 \
          --momentum-teacher 0.996 --lr 5e-4 ;;
     d) generate "$PRE_DATA_LARGE" 500 20
        # about as many optimiser steps as b (whole epochs, rounded up): 10,000 images instead of 3,200
-       run d_k256_t04_10k "$PRE_DATA_LARGE" $(( (EPOCHS * 3200 + 9999) / 10000 )) "${K256[@]}" ;;
-    e) run e_k256_t04_long "$PRE_DATA" $(( 3 * EPOCHS )) "${K256[@]}" ;;
+       run d_k256_t04_10k "$PRE_DATA_LARGE" $(( (EPOCHS * 3200 + 9999) / 10000 )) "${SSL_LEARNS[@]}" ;;
+    e) run e_k256_t04_long "$PRE_DATA" $(( 3 * EPOCHS )) "${SSL_LEARNS[@]}" ;;  # the DINO start (demo_common.sh)
     *) echo "error: RUNS holds '$r'; expected letters among a b c d e" >&2; exit 2 ;;
   esac
 done

@@ -254,3 +254,17 @@ def test_deeper_checkpoint_is_refused_not_truncated(make_config, tiny_backbone_t
     assert "depth 3 and 16 px patches; is the checkpoint from another --arch, --patch-size or --depth?" in str(
         err.value
     )
+
+
+def test_only_a_model_left_random_is_called_random(make_model, make_config, tmp_path, caplog):
+    from model.facegcd import load_facegcd_checkpoint
+
+    model = make_model()
+    torch.save({"state_dict": model.state_dict(), "model_config": model.cfg.to_dict()}, tmp_path / "ckpt.pth")
+    random_warning = "no --pretrained-weights given: the backbone is randomly initialised"
+    with caplog.at_level("WARNING", logger="model.facegcd"):
+        load_facegcd_checkpoint(tmp_path / "ckpt.pth", make_config())  # built, then given the checkpoint's weights
+    assert random_warning not in caplog.messages
+    with caplog.at_level("WARNING", logger="model.facegcd"):
+        build_facegcd(make_config())
+    assert caplog.messages.count(random_warning) == 1

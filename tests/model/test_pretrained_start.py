@@ -106,3 +106,21 @@ def test_recognition_checkpoint_of_an_iresnet_is_refused(tmp_path):
         CheckpointError, match=r"--arch iresnet18: a pretrained start .* must be one of its ViTs, vit_tiny"
     ):
         _facegcd(path)
+
+
+@pytest.mark.parametrize(
+    "start_mosaics, run_mosaics, warning",
+    [
+        (True, False, "trained on landmark mosaics (Part fViT): its ViT expects them, so use --landmark-cnn"),
+        (False, True, "trained on whole images, and this --landmark-cnn model feeds its ViT landmark mosaics"),
+        (True, True, None),
+        (False, False, None),
+    ],
+)
+def test_a_start_read_the_other_way_than_it_was_trained_is_named(tmp_path, caplog, start_mosaics, run_mosaics, warning):
+    path = tmp_path / "start.pth.tar"
+    _recognition_checkpoint(path, landmark_cnn=start_mosaics)
+    with caplog.at_level("WARNING", logger="model.vit"):
+        _facegcd(path, landmark_cnn=run_mosaics)
+    messages = [r.getMessage() for r in caplog.records if r.name == "model.vit"]
+    assert [m[: len(f"{path} was {warning}")] for m in messages] == ([f"{path} was {warning}"] if warning else [])

@@ -155,18 +155,20 @@ def _assert_checkpoint_gathered_in_blocks(checkpoint: dict) -> None:
     assert rank1 == {"holds_centres": False, "holds_momentum": False, "reloaded": True}  # rank 1 held no full tensor
 
 
-def test_grad_from_block_trains_only_the_later_blocks_and_the_neck():
-    torch.manual_seed(0)
-    model = FaceRecognizer(RecognitionConfig(**CONFIG, grad_from_block=11))
+def _changed_by_one_step(model: FaceRecognizer) -> set[str]:
+    """The floating-point state entries that one SGD step on a batch changes."""
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     batch = _batch()
-    model(batch["images"], batch["labels"])["loss"].backward()
+    model.train()(batch["images"], batch["labels"])["loss"].backward()
     optimizer.step()
-    after = model.state_dict()
-    changed = {
-        k for k in before if k.endswith(("weight", "bias", "token", "embed")) and not torch.equal(before[k], after[k])
-    }
+    return {k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(before[k], v)}
+
+
+def test_grad_from_block_trains_only_the_later_blocks_and_the_neck():
+    torch.manual_seed(0)
+    model = FaceRecognizer(RecognitionConfig(**CONFIG, grad_from_block=11))
+    changed = {k for k in _changed_by_one_step(model) if k.endswith(("weight", "bias", "token", "embed"))}
     # vit_tiny has 12 blocks: block 11, the neck and the class centres train; everything before block 11, the patch
     # embedding, the CLS token, the position embedding and the final norm stay as they were
     assert changed and all(k.startswith(("backbone.vit.blocks.11.", "backbone.neck.", "partial_fc.")) for k in changed)
@@ -184,3 +186,20 @@ def test_grad_from_block_trains_only_the_later_blocks_and_the_neck():
 def test_grad_from_block_outside_a_vit_is_refused(arch, first, message):
     with pytest.raises(ValueError, match=f"--grad-from-block {first}: .*{message}"):
         FaceRecognizer(RecognitionConfig(**{**CONFIG, "arch": arch}, grad_from_block=first))
+
+
+@pytest.mark.parametrize("first", [0, 11])
+def test_grad_from_block_freezes_the_landmark_cnn_below_the_first_trained_block(first):
+    torch.manual_seed(0)
+    model = FaceRecognizer(RecognitionConfig(**CONFIG, landmark_cnn=True, grad_from_block=first))
+    front_end = {k for k in _changed_by_one_step(model) if k.startswith("front_end.")}
+    # Part fViT from scratch learns its landmark CNN; fine-tuning from block 11 keeps the start's landmarks
+    assert bool(front_end) == (first == 0)
+    assert model.front_end.cnn.training == (first == 0)  # a frozen CNN keeps dropout off and BatchNorm statistics
+
+
+def test_landmark_regularisation_of_a_frozen_landmark_cnn_is_refused():
+    with pytest.raises(
+        ValueError, match="--landmark-regularisation .* --grad-from-block 11 the landmark CNN is frozen"
+    ):
+        FaceRecognizer(RecognitionConfig(**CONFIG, landmark_cnn=True, landmark_regularisation=True, grad_from_block=11))

@@ -105,8 +105,9 @@ class RecognitionMethod(Method):
             dest="grad_from_block",
             type=int,
             default=0,
-            help="registered ViTs: first trained block; the patch embedding, tokens, earlier blocks and final norm "
-            "stay frozen, as FaceGCD's --grad-from-block; 0 trains the whole backbone (default: %(default)s)",
+            help="registered ViTs: first trained block; the patch embedding, tokens, earlier blocks, final norm and a "
+            "--landmark-cnn front end stay frozen, as FaceGCD's --grad-from-block; 0 trains the whole backbone "
+            "(default: %(default)s)",
         )
         group.add_argument(
             "--landmark-regularisation",
