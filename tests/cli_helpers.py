@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import importlib.util
 import io
+import json
 import logging
 import os
 import signal
@@ -18,6 +19,8 @@ import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import Mapping, Sequence
+
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,6 +71,16 @@ def tiny_facegcd_args(data: str, out: str | os.PathLike, experiment: str, *extra
         "--no-progress",
         *extra,
     ]
+
+
+def log_records(run: str | os.PathLike) -> list[dict]:
+    """The per-epoch records of a training run's ``log.jsonl``."""
+    return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    """A checkpoint as the scripts load it (on the CPU, ``weights_only``)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_worker(path: str | os.PathLike) -> ModuleType:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import ROOT, script_env
+from cli_helpers import ROOT, load_state, log_records, script_env
 from data_loader.protocol_writers import write_synthface_ijb
 
 KILLER = os.path.join(ROOT, "tests", "_kill_at_write.py")
@@ -50,21 +50,13 @@ def _coreset_args(data: str, recognizer: Path, out: Path, experiment: str, *extr
     ]
 
 
-def _state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-
-
 def test_coreset_training_validates_and_verify_scores_the_aggregator(tiny_faces, recognizer, ijb, tmp_path, run_script):
     extra = ["--cache-augmentations", "3", "--val-targets", str(ijb)]
     run_script("train.py", _coreset_args(tiny_faces, recognizer, tmp_path, "cs", *extra))
     run = tmp_path / "cs"
-    records = _records(run)
+    records = log_records(run)
     assert [r["epoch"] for r in records] == [0, 1] and "train_gamma" in records[1]
-    ckpt = _state(run / "last.pth.tar")
+    ckpt = load_state(run / "last.pth.tar")
     assert not any(k.startswith("recognizer.") for k in ckpt["state_dict"])  # the frozen recognizer is not saved
     assert ckpt["state_dict"]["partial_fc.weight"].shape == (4, 64) and "aggregator.gamma" in ckpt["state_dict"]
     stored = ckpt["model_config"]["recognizer"]
@@ -101,9 +93,9 @@ def test_coreset_resumes_exactly_after_a_kill(tiny_faces, recognizer, tmp_path, 
     proc = subprocess.run([sys.executable, KILLER, "last.pth.tar", "train.py", *args], cwd=ROOT, env=script_env())
     assert proc.returncode == -signal.SIGKILL
     last = tmp_path / "cut" / "last.pth.tar"
-    assert _state(last)["epoch"] == 0
+    assert load_state(last)["epoch"] == 0
     run_script("train.py", args + ["--resume", str(last)])
-    full, resumed = _state(tmp_path / "full" / "last.pth.tar"), _state(last)
+    full, resumed = load_state(tmp_path / "full" / "last.pth.tar"), load_state(last)
     assert full["state_dict"].keys() == resumed["state_dict"].keys()
     for key in full["state_dict"]:
         torch.testing.assert_close(resumed["state_dict"][key], full["state_dict"][key], rtol=0, atol=0, msg=key)
@@ -120,17 +112,17 @@ def test_two_processes_train_as_one(tiny_faces, recognizer, tmp_path, run_script
     run_script("train.py", _coreset_args(tiny_faces, recognizer, tmp_path, "one", *common))
     two = _coreset_args(tiny_faces, recognizer, tmp_path, "two", *common, "--batch-size", "2")
     run_script("train.py", two, nproc=2)
-    one, both = _state(tmp_path / "one" / "last.pth.tar"), _state(tmp_path / "two" / "last.pth.tar")
+    one, both = load_state(tmp_path / "one" / "last.pth.tar"), load_state(tmp_path / "two" / "last.pth.tar")
     for key in one["state_dict"]:
         torch.testing.assert_close(both["state_dict"][key], one["state_dict"][key], rtol=1e-5, atol=1e-6, msg=key)
-    assert [r["train_loss"] for r in _records(tmp_path / "two")] == pytest.approx(
-        [r["train_loss"] for r in _records(tmp_path / "one")], rel=1e-5
+    assert [r["train_loss"] for r in log_records(tmp_path / "two")] == pytest.approx(
+        [r["train_loss"] for r in log_records(tmp_path / "one")], rel=1e-5
     )
 
 
 def _other_file(recognizer: Path, tmp_path: Path, **changes) -> Path:
     """A copy of the recognizer checkpoint with other bytes (and optionally other stored settings)."""
-    ckpt = _state(recognizer)
+    ckpt = load_state(recognizer)
     ckpt["note"] = "another file"
     ckpt["model_config"].update(changes)
     path = tmp_path / "other.pth.tar"
@@ -153,7 +145,7 @@ def test_bad_input_fails_with_one_clear_message(tiny_faces, recognizer, ijb, tmp
     assert proc.returncode == 2 and "recognizer_sha256" in proc.stderr, proc.stderr[-2000:]
 
     # verification refuses a recognizer that is not the recorded one (embedding size, then file contents)
-    ckpt = _state(last)
+    ckpt = load_state(last)
     ckpt["model_config"]["recognizer"]["embedding_size"] = 128
     torch.save(ckpt, tmp_path / "wrong_size.pth.tar")
     out = ["--output", str(tmp_path / "v"), "-j", "0"]
@@ -163,7 +155,7 @@ def test_bad_input_fails_with_one_clear_message(tiny_faces, recognizer, ijb, tmp
         check=False,
     )
     assert proc.returncode == 2 and "embedding_size 64 (recorded: 128)" in proc.stderr, proc.stderr[-2000:]
-    ckpt = _state(last)
+    ckpt = load_state(last)
     ckpt["model_config"]["recognizer"]["path"] = str(other)
     torch.save(ckpt, tmp_path / "moved.pth.tar")
     proc = run_script(

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+from cli_helpers import load_state
 from data_loader.protocol_writers import write_synthface_pair_set
 from data_loader.recognition import labelled_training_set
 from data_loader.sampler import ShuffleSampler
@@ -125,16 +126,12 @@ def _toy_args(data: str, out: Path, experiment: str, *extra: str) -> list[str]:
     ]
 
 
-def _state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def test_a_method_defined_in_a_test_trains_resumes_extracts_clusters_and_verifies(
     toy_method, tiny_faces, tmp_path, run_script, monkeypatch
 ):
     run_script("train.py", _toy_args(tiny_faces, tmp_path, "full", "--toy-embedding-size", "6"))
     run = tmp_path / "full"
-    ckpt = _state(run / "last.pth.tar")
+    ckpt = load_state(run / "last.pth.tar")
     assert ckpt["method"] == "toy_linear" and ckpt["model_config"] == {
         "method": "toy_linear",
         "img_size": 16,
@@ -162,9 +159,9 @@ def test_a_method_defined_in_a_test_trains_resumes_extracts_clusters_and_verifie
     with monkeypatch.context() as patch:
         patch.setattr(os, "replace", replace_then_stop)
         assert run_script("train.py", cut, check=False).returncode == 1
-    assert _state(tmp_path / "cut" / "last.pth.tar")["epoch"] == 0
+    assert load_state(tmp_path / "cut" / "last.pth.tar")["epoch"] == 0
     run_script("train.py", cut + ["--resume", str(tmp_path / "cut" / "last.pth.tar")])
-    resumed = _state(tmp_path / "cut" / "last.pth.tar")
+    resumed = load_state(tmp_path / "cut" / "last.pth.tar")
     for key, value in ckpt["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import TINY_MODEL_ARGS, kill_when_written, tiny_facegcd_args
+from cli_helpers import TINY_MODEL_ARGS, kill_when_written, load_state, log_records, tiny_facegcd_args
 from data_loader.protocol_writers import write_synthface_ijb, write_synthface_pair_set
 
 
@@ -54,14 +54,6 @@ def _recognition_args(data: str, out: Path, experiment: str, *extra: str) -> lis
     ]
 
 
-def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-
-
-def _state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 # Chance levels of the held-out sets below, for features that carry no identity (1000+ draws of uniform random
 # scores through the same metrics): pair-set 10-fold accuracy on 200 pairs 0.50 (99.9th percentile 0.625); IJB AUC
 # with 16 genuine of 496 template pairs 0.50 (99.9th percentile 0.717); v2 clustering accuracy of uniform random
@@ -83,7 +75,7 @@ def test_recognition_training_lowers_the_loss_and_feeds_verification_extraction_
     recipe = ["--epochs", "2", "--lr", "0.02", "--head-args", "s=16"]
     run_script("train.py", _recognition_args(tiny_faces, tmp_path, "arc", *recipe, *targets))
     run = tmp_path / "arc"
-    records = _records(run)
+    records = log_records(run)
     assert [r["epoch"] for r in records] == [0, 1]
     assert records[1]["train_loss"] < records[0]["train_loss"]
     assert "unlabelled" in records[1]["eval"] and "test" in records[1]["eval"]  # clustering validation of D_U, test
@@ -92,7 +84,7 @@ def test_recognition_training_lowers_the_loss_and_feeds_verification_extraction_
     assert verification["ijbb"]["auc"] > IJB_AUC_BOUND
     assert (run / "verification" / "ijbb_roc.png").is_file() and (run / "verification" / "ijbb_tar_at_far.md").is_file()
     best = max(r["eval"]["verification"]["synth"]["accuracy"] for r in records)
-    assert _state(run / "model_best.pth.tar")["metric"] == best  # model_best is selected on the first target
+    assert load_state(run / "model_best.pth.tar")["metric"] == best  # model_best is selected on the first target
 
     # verify.py on its own scores the last checkpoint as the last validation did
     verify_out = tmp_path / "verify"
@@ -104,7 +96,7 @@ def test_recognition_training_lowers_the_loss_and_feeds_verification_extraction_
     assert alone["synth"] == pytest.approx(verification["synth"]) and alone["ijbb"] == pytest.approx(
         verification["ijbb"]
     )
-    ckpt = _state(run / "last.pth.tar")
+    ckpt = load_state(run / "last.pth.tar")
     assert ckpt["method"] == "recognition" and ckpt["model_config"]["head"] == "arcface"
     assert ckpt["model_config"]["num_classes"] == 4  # the known identities of D_L
     assert ckpt["state_dict"]["partial_fc.weight"].shape == (4, 64)
@@ -132,9 +124,9 @@ def test_recognition_resumes_exactly_after_a_kill(tiny_faces, tmp_path, run_scri
     args = _recognition_args(tiny_faces, tmp_path, "cut", *epochs)
     last = tmp_path / "cut" / "last.pth.tar"
     kill_when_written("train.py", args, last)
-    assert _state(last)["epoch"] < 2, "the run finished before it could be interrupted"
+    assert load_state(last)["epoch"] < 2, "the run finished before it could be interrupted"
     run_script("train.py", args + ["--resume", str(last)])
-    full, resumed = _state(tmp_path / "full" / "last.pth.tar"), _state(last)
+    full, resumed = load_state(tmp_path / "full" / "last.pth.tar"), load_state(last)
     assert full["state_dict"].keys() == resumed["state_dict"].keys()
     for key in full["state_dict"]:
         torch.testing.assert_close(resumed["state_dict"][key], full["state_dict"][key], rtol=0, atol=0, msg=key)
@@ -147,13 +139,13 @@ def test_recognition_resumes_exactly_after_a_kill(tiny_faces, tmp_path, run_scri
 def test_two_process_recognition_shards_the_centres_and_resumes_on_one(tiny_faces, tmp_path, run_script):
     args = _recognition_args(tiny_faces, tmp_path, "ddp", "--epochs", "2", "--batch-size", "2")
     run_script("train.py", args, nproc=2)
-    ckpt = _state(tmp_path / "ddp" / "last.pth.tar")
+    ckpt = load_state(tmp_path / "ddp" / "last.pth.tar")
     assert ckpt["state_dict"]["partial_fc.weight"].shape == (4, 64)  # both ranks' blocks, gathered
     # the 2-process checkpoint continues on one process (each rank's block of centres and momentum re-sliced)
     one = _recognition_args(tiny_faces, tmp_path, "ddp", "--epochs", "3", "--batch-size", "2")
     run_script("train.py", one + ["--resume", str(tmp_path / "ddp" / "last.pth.tar")])
-    resumed = _state(tmp_path / "ddp" / "last.pth.tar")
-    assert resumed["epoch"] == 2 and [r["epoch"] for r in _records(tmp_path / "ddp")] == [0, 1, 2]
+    resumed = load_state(tmp_path / "ddp" / "last.pth.tar")
+    assert resumed["epoch"] == 2 and [r["epoch"] for r in log_records(tmp_path / "ddp")] == [0, 1, 2]
     centres, before = resumed["state_dict"]["partial_fc.weight"], ckpt["state_dict"]["partial_fc.weight"]
     assert centres.shape == (4, 64) and not torch.equal(centres, before)  # the one process trained all 4 centres on
 
@@ -205,9 +197,9 @@ def test_part_fvit_learns_landmarks_that_facegcd_then_uses(tiny_faces, tmp_path,
     run = tmp_path / "pfvit"
     learned = torch.load(run / "landmark_cnn.pth", weights_only=True)  # the reference key format
     assert learned and all("stn" in k or "output" in k for k in learned)
-    ckpt = _state(run / "last.pth.tar")
+    ckpt = load_state(run / "last.pth.tar")
     assert ckpt["model_config"]["landmark_cnn"] is True
-    first = _state(run / "checkpoint-0.pth.tar")["state_dict"]["front_end.cnn.output.weight"]
+    first = load_state(run / "checkpoint-0.pth.tar")["state_dict"]["front_end.cnn.output.weight"]
     assert not torch.equal(first, learned["output.weight"])  # trained end to end under the recognition loss
     assert all((run / picture).stat().st_size > 1000 for picture in ("landmarks.png", "mosaic.png"))
 
@@ -217,7 +209,7 @@ def test_part_fvit_learns_landmarks_that_facegcd_then_uses(tiny_faces, tmp_path,
     lafs = _recognition_args(tiny_faces, tmp_path, "lafs", "--epochs", "1", "--landmark_cnn", *vit)
     lafs += ["--landmark-weights", str(run / "landmark_cnn.pth"), "--landmark-regularisation"]
     run_script("train.py", lafs)
-    first = _records(tmp_path / "lafs")[0]
+    first = log_records(tmp_path / "lafs")[0]
     assert first["train_landmark_reg"] > 0.0
     assert 0.0 <= first["train_loss"] - 1000.0 * first["train_landmark_reg"] <= 154.70
 
@@ -226,5 +218,5 @@ def test_part_fvit_learns_landmarks_that_facegcd_then_uses(tiny_faces, tmp_path,
         tiny_faces, tmp_path, "facegcd", "--landmark_cnn", "--landmark-weights", str(run / "landmark_cnn.pth")
     )
     run_script("train.py", facegcd)
-    front = _state(tmp_path / "facegcd" / "last.pth.tar")["state_dict"]["front_end.cnn.output.weight"]
+    front = load_state(tmp_path / "facegcd" / "last.pth.tar")["state_dict"]["front_end.cnn.output.weight"]
     torch.testing.assert_close(front, learned["output.weight"], rtol=0, atol=0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import ROOT, script_env
+from cli_helpers import ROOT, load_state, script_env
 from data_loader.protocol_writers import write_synthface_ijb, write_synthface_pair_set
 
 KILLER = os.path.join(ROOT, "tests", "_kill_at_write.py")
@@ -67,10 +67,6 @@ def _transface_args(data: str, out: Path, experiment: str, *extra: str) -> list[
     ]
 
 
-def _state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def test_transface_trains_resumes_exactly_after_a_kill_and_verifies_and_extracts(tiny_faces, tmp_path, run_script):
     write_synthface_pair_set(tmp_path / "synth.bin", identities=6, pairs=40, progress=False)
     write_synthface_ijb(tmp_path / "ijb", "ijbb", identities=6, progress=False)
@@ -80,9 +76,9 @@ def test_transface_trains_resumes_exactly_after_a_kill_and_verifies_and_extracts
     args = _transface_args(tiny_faces, tmp_path, "cut", *epochs)
     last = tmp_path / "cut" / "last.pth.tar"
     proc = subprocess.run([sys.executable, KILLER, "last.pth.tar", "train.py", *args], cwd=ROOT, env=script_env())
-    assert proc.returncode == -signal.SIGKILL and _state(last)["epoch"] == 0
+    assert proc.returncode == -signal.SIGKILL and load_state(last)["epoch"] == 0
     run_script("train.py", args + ["--resume", str(last)])
-    full, resumed = _state(tmp_path / "full" / "last.pth.tar"), _state(last)
+    full, resumed = load_state(tmp_path / "full" / "last.pth.tar"), load_state(last)
     assert full["state_dict"].keys() == resumed["state_dict"].keys()
     for key in full["state_dict"]:
         torch.testing.assert_close(resumed["state_dict"][key], full["state_dict"][key], rtol=0, atol=0, msg=key)
@@ -134,11 +130,11 @@ def test_transface_trains_resumes_exactly_after_a_kill_and_verifies_and_extracts
 def test_two_process_transface_trains_and_resumes_on_one(tiny_faces, tmp_path, run_script):
     args = _transface_args(tiny_faces, tmp_path, "ddp", "--epochs", "1", "--batch-size", "2")
     run_script("train.py", args, nproc=2)
-    ckpt = _state(tmp_path / "ddp" / "last.pth.tar")
+    ckpt = load_state(tmp_path / "ddp" / "last.pth.tar")
     assert ckpt["state_dict"]["partial_fc.weight"].shape == (4, 32) and int(ckpt["state_dict"]["dpap.step"]) == 3
     one = _transface_args(tiny_faces, tmp_path, "ddp", "--epochs", "2", "--batch-size", "2")
     run_script("train.py", one + ["--resume", str(tmp_path / "ddp" / "last.pth.tar")])
-    resumed = _state(tmp_path / "ddp" / "last.pth.tar")
+    resumed = load_state(tmp_path / "ddp" / "last.pth.tar")
     assert resumed["epoch"] == 1 and int(resumed["state_dict"]["dpap.step"]) == 9  # 3 steps on 2 ranks, then 6
 
 
