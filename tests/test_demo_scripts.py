@@ -3,7 +3,13 @@
 import subprocess
 from pathlib import Path
 
+import pytest
+
 SHELL = Path(__file__).resolve().parents[1] / "shell"
+# demo_common.sh runs shell/setup.sh when the README's .venv is missing: never from a test
+pytestmark = pytest.mark.skipif(
+    not (SHELL.parent / ".venv" / "bin" / "python").exists(), reason="the shell demos need the README's .venv"
+)
 
 
 def _bash(script: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
