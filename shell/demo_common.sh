@@ -39,5 +39,6 @@ one_scale() {
       "Set FRESH=1 to start over, or OUT= and RES= to keep both" >&2
     exit 2
   fi
-  echo "$1" > "$OUT/scale.txt"
+  [ -f "$OUT/scale.txt" ] && return
+  echo "$1" > "$OUT/scale.txt.partial" && mv "$OUT/scale.txt.partial" "$OUT/scale.txt"  # whole or absent after a kill
 }
